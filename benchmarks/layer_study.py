@@ -1,0 +1,110 @@
+"""Per-layer study of solver hyperparameters on a real model (held-out reconstruction error).
+
+Captures the MLP inputs of a few decoder layers of the *dense* model on calibration text, fits each
+solver variant on the first 75% of tokens and reports the relative output error
+||y_pruned - y_dense||^2 / ||y_dense||^2 on the remaining 25% (held out), plus solver time.
+
+    python benchmarks/layer_study.py --layers 2 10 18 26 --sparsity 0.3 --out results/layer-study.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from spap.adapters import get_adapter
+from spap.calibration import calibration_tokens
+from spap.config import CalibrationConfig
+from spap.core import MLPStatistics, SolverConfig, prune_mlp
+from spap.core.stats import sample_token_positions
+from spap.models import load_model
+
+VARIANTS: dict[str, dict] = {
+    "magnitude": dict(method="magnitude"),
+    "wanda-sp": dict(method="wanda-sp"),
+    "flap(bias)": dict(method="flap"),
+    "fasp(ls)": dict(method="fasp"),
+    "spap score-only t=1 +ls": dict(selection="score", refit="ls"),
+    "spap penalty t=1 +ls": dict(refit="ls"),
+    "spap penalty t=0 +ls": dict(refit="ls", score_exponent=0.0),
+    "spap penalty t=0.5 +ls": dict(refit="ls", score_exponent=0.5),
+    "spap penalty a=0.1 +ls": dict(refit="ls", momentum=0.1),
+    "spap penalty a=0.6 +ls": dict(refit="ls", momentum=0.6),
+    "spap penalty rho0=0.1 +ls": dict(refit="ls", rho_init=0.1),
+    "spap penalty K=60 tau=1.15 +ls": dict(refit="ls", penalty_rounds=60, rho_growth=1.15),
+    "spap penalty +alternating": dict(),
+    "spap penalty +alternating 32k": dict(refit_tokens=32768),
+    "spap penalty +gd": dict(refit="gd"),
+}
+
+
+def capture(model, adapter, ids, layer_ids, batch_size=4):
+    store = {i: [] for i in layer_ids}
+    layers = adapter.decoder_layers(model)
+    handles = [
+        adapter.mlp_input_linear(layers[i]).register_forward_pre_hook(
+            lambda _m, args, i=i: store[i].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+        )
+        for i in layer_ids
+    ]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for s in range(0, ids.shape[0], batch_size):
+            model(input_ids=ids[s : s + batch_size], use_cache=False)
+    for h in handles:
+        h.remove()
+    return {i: torch.cat(v) for i, v in store.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 10, 18, 26])
+    ap.add_argument("--sparsity", type=float, default=0.3)
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--variants", nargs="*", default=None)
+    ap.add_argument("--out", default="results/layer-study.json")
+    args = ap.parse_args()
+    model, tok, path = load_model(args.model)
+    adapter = get_adapter(model)
+    ids = calibration_tokens(tok, CalibrationConfig(n_samples=args.n_samples, seq_len=args.seq_len))
+    xs = capture(model, adapter, ids, args.layers)
+    names = args.variants or list(VARIANTS)
+    rows = []
+    for li in args.layers:
+        x = xs[li]
+        n_train = int(0.75 * x.shape[0])
+        dense = adapter.read_mlp(adapter.decoder_layers(model)[li]).to(dtype=torch.float32)
+        k = int(round(args.sparsity * dense.width))
+        for name in names:
+            cfg = SolverConfig(**VARIANTS[name])
+            pos = sample_token_positions(n_train, cfg.refit_tokens, 0) if cfg.needs_sample else None
+            stats = MLPStatistics(dense.width, dense.hidden_size, "cpu", pos)
+            stats.update(dense, x[:n_train])
+            t0 = time.perf_counter()
+            res = prune_mlp(dense, stats, k, cfg, stats.sample_inputs())
+            sec = time.perf_counter() - t0
+            with torch.no_grad():
+                xt = x[n_train:]
+                yd = dense(xt)
+                err = float((yd - res.weights(xt)).pow(2).sum() / yd.pow(2).sum())
+                xtr = x[:n_train:4]
+                ydt = dense(xtr)
+                err_train = float((ydt - res.weights(xtr)).pow(2).sum() / ydt.pow(2).sum())
+            rows.append(dict(layer=li, variant=name, heldout_error=err, train_error=err_train, seconds=sec))
+            print(f"layer {li:3d} {name:34s} heldout {err:.4f} train {err_train:.4f} {sec:6.1f}s", flush=True)
+    print("\nmean held-out relative error over layers")
+    for name in names:
+        vals = [r["heldout_error"] for r in rows if r["variant"] == name]
+        print(f"{name:34s} {sum(vals) / len(vals):.4f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(dict(model=path, sparsity=args.sparsity, rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Calibration and evaluation text: loading, tokenising into fixed-length windows."""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import CalibrationConfig
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "bundled"
+HELDOUT_FRACTION = 0.15  # tail of the bundled text kept out of calibration for held-out perplexity
+
+
+def bundled_text(part: str = "calibration") -> str:
+    """Natsume Soseki's "Botchan" (public domain, Project Gutenberg #8868) shipped with spap.
+
+    part: "calibration" (first 85% of paragraphs) or "heldout" (last 15%).
+    """
+    if part not in ("calibration", "heldout"):
+        raise ValueError("part must be 'calibration' or 'heldout'")
+    raw = resources.files("spap").joinpath("data/botchan.txt").read_text(encoding="utf-8-sig")
+    start = raw.find("*** START OF")
+    end = raw.find("*** END OF")
+    body = raw[raw.find("\n", start) + 1 : end if end > 0 else None] if start >= 0 else raw
+    paragraphs = [p for p in re.split(r"\n\s*\n", body) if p.strip()]
+    if len(paragraphs) < 3:  # no blank lines: split by lines instead
+        paragraphs = [p for p in body.splitlines() if p.strip()]
+    cut = int(len(paragraphs) * (1 - HELDOUT_FRACTION))
+    chosen = paragraphs[:cut] if part == "calibration" else paragraphs[cut:]
+    return "\n\n".join(chosen)
+
+
+def read_text_file(path: str | Path) -> str:
+    """Text of ``path``; WikiText raw files (wiki.*.raw) get the usual "\\n\\n".join(lines) layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")
+    if re.fullmatch(r"wiki\..*\.raw", path.name):
+        return "\n\n".join(line.strip("\r") for line in text.splitlines() if line.strip())
+    return text
+
+
+def load_text(source: str) -> str:
+    """Text for ``source``: "bundled", "bundled-heldout", "hf:NAME[:CONFIG[:SPLIT]]" or a file path."""
+    if source == BUNDLED:
+        return bundled_text("calibration")
+    if source == "bundled-heldout":
+        return bundled_text("heldout")
+    if source.startswith("hf:"):
+        return _hf_dataset_text(source[3:])
+    return read_text_file(source)
+
+
+def _hf_dataset_text(spec: str) -> str:
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - depends on environment
+        raise RuntimeError("hf: calibration sources need the 'datasets' package: pip install 'spap[data]'") from exc
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "train")
+    except Exception as exc:  # noqa: BLE001 - network / hub errors vary
+        raise RuntimeError(
+            f"could not load dataset {spec!r} from the Hugging Face hub ({exc}); offline, pass a local text file "
+            "or --calib self"
+        ) from exc
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return "\n\n".join(t for t in ds[column] if t)
+
+
+def tokenize(tokenizer, text: str) -> Tensor:
+    """1-D token ids of ``text`` (including the tokenizer's own BOS, if it adds one)."""
+    return torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.long)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer prepends a BOS token when encoding."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", return_attention_mask=False)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def sample_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, bos_id: int | None = None) -> Tensor:
+    """``n_samples`` disjoint random windows (n, seq_len) of ``ids``; fewer (with a warning) if text is short.
+
+    If ``bos_id`` is given every window starts with it (seq_len - 1 text tokens follow).
+    """
+    if bos_id is not None and ids.numel() and ids[0] == bos_id:
+        ids = ids[1:]
+    body = seq_len - (bos_id is not None)
+    if ids.numel() < body:
+        log.warning("calibration text has only %d tokens; using one window of that length", ids.numel())
+        body, seq_len = ids.numel(), ids.numel() + (bos_id is not None)
+    if body <= 0:
+        raise ValueError("calibration text is empty")
+    slots = ids.numel() // body
+    if slots < n_samples:
+        log.warning(
+            "calibration text has %d tokens: only %d windows of %d tokens fit (asked for %d); using %d",
+            ids.numel(), slots, seq_len, n_samples, slots,
+        )
+        n_samples = slots
+    gen = torch.Generator().manual_seed(seed)
+    offset = int(torch.randint(0, ids.numel() - slots * body + 1, (1,), generator=gen))
+    chosen = torch.randperm(slots, generator=gen)[:n_samples].sort().values
+    rows = torch.stack([ids[offset + int(i) * body : offset + (int(i) + 1) * body] for i in chosen])
+    if bos_id is not None:
+        rows = torch.cat([torch.full((rows.shape[0], 1), bos_id, dtype=torch.long), rows], dim=1)
+    return rows
+
+
+def calibration_tokens(tokenizer, cfg: CalibrationConfig, model=None) -> Tensor:
+    """Calibration batch (n, seq_len) of token ids described by ``cfg``."""
+    if cfg.source == "self":
+        if model is None:
+            raise ValueError("calibration source 'self' needs the model")
+        return self_generated(model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed)
+    ids = tokenize(tokenizer, load_text(cfg.source))
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    return sample_windows(ids, cfg.n_samples, cfg.seq_len, cfg.seed, bos)
+
+
+@torch.no_grad()
+def self_generated(model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 32) -> Tensor:
+    """Sequences sampled from the dense model itself (temperature 1), starting from BOS (or EOS)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("tokenizer has neither BOS nor EOS token to start generation from")
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    out = []
+    for first in range(0, n_samples, batch_size):
+        b = min(batch_size, n_samples - first)
+        prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
+        seqs = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,
+        )
+        out.append(seqs[:, :seq_len].cpu())
+    return torch.cat(out)

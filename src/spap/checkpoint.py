@@ -1,0 +1,124 @@
+"""Saving pruned models as ordinary Hugging Face checkpoints (plus pruning.json) and loading them."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import remote_code
+from .adapters import get_adapter
+from .atomic import atomic_directory
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "pruning.json"
+REMOTE_CODE_FILE = "modeling_spap.py"
+
+
+def _linear_layout(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
+    return {
+        name: (m.out_features, m.in_features, m.bias is not None)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def stock_layout(config: Any, model_class: type) -> dict[str, tuple[int, int, bool]]:
+    """Linear shapes a stock ``model_class`` builds from ``config`` (on the meta device, no memory)."""
+    with torch.device("meta"):
+        reference = model_class(copy.deepcopy(config))
+    return _linear_layout(reference)
+
+
+def export_config(model: nn.Module) -> Any:
+    """A config for ``model``'s current shapes: uniform MLP width written to the stock field, and
+    ``spap_linear_shapes`` for anything the stock class would build differently."""
+    adapter = get_adapter(model)
+    config = copy.deepcopy(model.config)
+    widths = [adapter.mlp_width(layer) for layer in adapter.decoder_layers(model)]
+    setattr(config, adapter.width_attribute, max(widths))
+    for attr in ("spap_linear_shapes", "spap_module_attributes", "auto_map"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    actual = _linear_layout(model)
+    expected = stock_layout(config, _stock_class(model))
+    differing = {name: list(shape) for name, shape in actual.items() if expected.get(name) != shape}
+    missing = set(expected) - set(actual)
+    if missing:
+        raise ValueError(f"model lacks Linear modules its config describes: {sorted(missing)[:3]}")
+    attributes = getattr(model, "_spap_module_attributes", None)
+    if differing or attributes:
+        config.spap_linear_shapes = differing
+        config.spap_module_attributes = attributes or {}
+        config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.SpapForCausalLM"}
+    return config
+
+
+def _stock_class(model: nn.Module) -> type:
+    cls = type(model)
+    while cls.__name__.startswith("Spap"):
+        cls = cls.__mro__[1]
+    return cls
+
+
+def save_pruned(
+    model: nn.Module,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    report: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (+ tokenizer, + ``pruning.json``) to ``out_dir`` atomically."""
+    out_dir = Path(out_dir)
+    config = export_config(model)
+    needs_code = hasattr(config, "auto_map")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        original = model.config
+        model.config = config
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            model.config = original
+        if needs_code:
+            base = _stock_class(model).__name__
+            source = inspect.getsource(remote_code)
+            source += f"\n\nfrom transformers import {base} as _Base  # noqa: E402\n\nSpapForCausalLM = spap_model_class(_Base)\n"
+            (tmp / REMOTE_CODE_FILE).write_text(source)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    if needs_code:
+        log.info(
+            "%s: layer shapes differ from the stock config; load with spap.load_pretrained(dir) or "
+            "AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)", out_dir
+        )
+    return out_dir
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
+    """Load any checkpoint spap wrote (uniform or not) without executing code from ``path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "spap_linear_shapes", None) or getattr(config, "spap_module_attributes", None):
+        cls = remote_code.spap_model_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+        model = cls.from_pretrained(path, config=config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device)
+
+
+def read_report(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / REPORT_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found (not a spap output directory?)")
+    return json.loads(file.read_text())

@@ -1,0 +1,191 @@
+"""Command-line interface: ``spap prune``, ``spap eval`` (thin wrappers over the Python API)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ALLOCATIONS, CalibrationConfig, PruneConfig
+from .core.solver_config import METHODS, REFITS, SELECTIONS, SolverConfig
+
+log = logging.getLogger("spap")
+
+_SOLVER_HELP = {
+    "penalty_rounds": "K, penalty-loop rounds",
+    "rho_init": "rho_0 relative to mean diag(G)",
+    "rho_growth": "tau, rho multiplier per round",
+    "momentum": "alpha, soft-mask momentum",
+    "score_exponent": "t, importance exponent",
+    "ramp": "fraction of rounds over which the target count grows to k",
+    "damping": "ridge relative to mean diag(G)",
+    "refit_rounds": "final alternating-minimisation rounds",
+    "refit_grad_steps": "gradient steps on W_up/W_gate per round",
+    "refit_tokens": "calibration tokens used by the refit",
+}
+
+
+def _add_solver_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("solver (defaults: see docs/hyperparameters.md)")
+    g.add_argument("--method", default="spap", choices=METHODS)
+    g.add_argument("--selection", default=None, choices=SELECTIONS, help="override the method's selection rule")
+    g.add_argument("--refit", default=None, choices=REFITS, help="override the method's reconstruction")
+    g.add_argument("--fit-bias", default="auto", choices=["auto", "yes", "no"])
+    defaults = SolverConfig()
+    for name, text in _SOLVER_HELP.items():
+        value = getattr(defaults, name)
+        g.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"{text} (default {value})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spap", description="Structured pruning of Hugging Face causal LMs.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune MLP neurons and write a smaller checkpoint")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint dir, .gguf file or hub id (default: embedded SmolLM2-135M)")
+    p.add_argument("--sparsity", type=float, default=0.3, help="fraction of MLP neurons to remove, in [0, 1)")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    p.add_argument("--calib", default="bundled", help="bundled | self | PATH | hf:NAME[:CONFIG[:SPLIT]]")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compute-dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=None, help="JSON file with a PruneConfig (command-line flags are ignored)")
+    p.add_argument("--eval", action="store_true", help="perplexity before and after pruning")
+    p.add_argument("--ppl", nargs="*", default=None, help="text files for --eval (default: bundled held-out text)")
+    p.add_argument("--ppl-seq-len", type=int, default=2048)
+    p.add_argument("--eval-dtype", default="bfloat16", help="matmul dtype for evaluation (autocast)")
+    _add_solver_args(p)
+
+    e = sub.add_parser("eval", help="evaluate a (pruned) checkpoint")
+    e.add_argument("model", nargs="?", default=None, help="checkpoint dir (default: embedded SmolLM2-135M)")
+    e.add_argument("--ppl", nargs="*", default=None, help="text files (default: bundled held-out text)")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--dtype", default="bfloat16", help="matmul dtype (autocast); float32 for exact")
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--device", default="auto")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> PruneConfig:
+    if args.config:
+        return PruneConfig.from_json(Path(args.config).read_text())
+    solver_kwargs = {f.name: getattr(args, f.name) for f in fields(SolverConfig) if hasattr(args, f.name)}
+    return PruneConfig(
+        sparsity=args.sparsity,
+        solver=SolverConfig(**solver_kwargs),
+        calibration=CalibrationConfig(args.calib, args.n_samples, args.seq_len, args.seed),
+        allocation=args.allocation,
+        device=args.device,
+        compute_dtype=args.compute_dtype,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+
+
+def _ppl_sources(files: list[str] | None) -> list[str]:
+    sources = files or ["bundled-heldout"]
+    for src in sources:
+        if src != "bundled-heldout" and not Path(src).is_file():
+            raise FileNotFoundError(f"perplexity text not found: {src}")
+    return sources
+
+
+def _perplexities(model, tokenizer, sources: list[str], seq_len: int, dtype: str, max_windows: int | None = None) -> dict[str, Any]:
+    from .calibration import load_text
+    from .evaluation.perplexity import perplexity
+    from .runtime import resolve_dtype
+
+    out = {}
+    for src in sources:
+        result = perplexity(model, tokenizer, load_text(src), seq_len, dtype=resolve_dtype(dtype, next(model.parameters()).device), max_windows=max_windows)
+        out[src] = result.to_dict()
+        print(f"  perplexity {result.perplexity:9.3f}  ({Path(src).name}, seq_len {seq_len}, {result.n_windows} windows, {result.dtype})")
+    return out
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .checkpoint import save_pruned
+    from .models import load_model
+    from .pipeline import prune
+
+    cfg = _config_from_args(args)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    sources = _ppl_sources(args.ppl) if args.eval else []
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, path = load_model(args.model)
+    print(f"model {path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    metrics: dict[str, Any] = {}
+    if sources:
+        print("dense:")
+        metrics["dense"] = _perplexities(model, tokenizer, sources, args.ppl_seq_len, args.eval_dtype)
+    report = prune(model, tokenizer, cfg)
+    print(
+        f"pruned {cfg.sparsity:.0%} of MLP neurons with {cfg.solver.method} in {report.seconds['total']:.0f}s: "
+        f"{report.parameters_before / 1e6:.1f}M -> {report.parameters_after / 1e6:.1f}M parameters; "
+        f"peak RSS {report.memory['peak_rss_gib']:.1f} GiB"
+    )
+    if sources:
+        print("pruned:")
+        metrics["pruned"] = _perplexities(model, tokenizer, sources, args.ppl_seq_len, args.eval_dtype)
+    data = report.to_dict()
+    data["model"] = path
+    data["metrics"] = metrics
+    data["command"] = " ".join(sys.argv)
+    save_pruned(model, out, tokenizer, data, overwrite=args.overwrite)
+    print(f"wrote {out} (load with transformers' AutoModelForCausalLM.from_pretrained or spap.load_pretrained)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .runtime import resolve_device
+
+    sources = _ppl_sources(args.ppl)
+    model, tokenizer, path = load_model(args.model, device=str(resolve_device(args.device)))
+    print(f"{path}:")
+    results = {"perplexity": _perplexities(model, tokenizer, sources, args.seq_len, args.dtype, args.max_windows)}
+    _merge_json(Path(path) / "eval.json", results) if Path(path).is_dir() else None
+    return 0
+
+
+def _merge_json(file: Path, update: dict[str, Any]) -> None:
+    """Merge ``update`` into a JSON file (atomic replace)."""
+    data = json.loads(file.read_text()) if file.is_file() else {}
+    for key, value in update.items():
+        data.setdefault(key, {}).update(value) if isinstance(value, dict) else data.__setitem__(key, value)
+    data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    tmp = file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as exc:
+        print(f"spap: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

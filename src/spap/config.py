@@ -1,0 +1,85 @@
+"""Run configuration: dataclasses that round-trip to JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any
+
+from .core.solver_config import SolverConfig
+
+ALLOCATIONS = ("uniform",)
+
+
+@dataclass
+class CalibrationConfig:
+    """Where calibration tokens come from.
+
+    source: "bundled" (public-domain text shipped with spap), a path to a text file,
+            "hf:NAME[:CONFIG[:SPLIT]]" (a Hugging Face dataset, needs network and ``datasets``),
+            or "self" (text sampled from the dense model; fully offline).
+    """
+
+    source: str = "bundled"
+    n_samples: int = 128
+    seq_len: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class PruneConfig:
+    """Everything that determines a pruning run.
+
+    sparsity:       fraction of MLP neurons removed, in [0, 1).
+    allocation:     how the neuron budget is split across layers.
+    device:         "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    compute_dtype:  dtype of layer forwards during calibration: "auto" (bfloat16 where the
+                    hardware runs it fast, else float32), "float32", "bfloat16", "float16".
+                    Statistics and solves are always float32/float64.
+    batch_size:     calibration sequences per forward.
+    """
+
+    sparsity: float = 0.3
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    allocation: str = "uniform"
+    device: str = "auto"
+    compute_dtype: str = "auto"
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+        return _from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruneConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        default = known[name].default_factory() if callable(known[name].default_factory) else None  # type: ignore[misc]
+        if is_dataclass(default) and isinstance(value, dict):
+            value = _from_dict(type(default), value)
+        kwargs[name] = value
+    return cls(**kwargs)

@@ -1,0 +1,128 @@
+"""Closed-form (ridge) least squares on MLP statistics.
+
+Problem, for a kept neuron set S and optional bias b (intercept):
+
+    f(W, b) = 1/2 sum_n ||y_n - W z_{n,S} - b||^2 + 1/2 sum_{i in S} (p_i + delta) ||W[:, i]||^2
+
+with per-neuron penalties p (SPAP: p_i = rho * s_i) and damping delta.  Setting the gradient to zero
+gives W (G_SS + diag(p) + delta I) = C_S without bias; with bias the system is the same with z
+augmented by a constant 1 (no penalty on the intercept).  Solved with a Cholesky factorisation;
+if it fails the damping is raised tenfold (with a warning) until it succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .stats import MLPStatistics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuadraticLS:
+    """Sufficient statistics of a least-squares fit restricted to some neurons (float64)."""
+
+    gram: Tensor  # (m, m)
+    cross: Tensor  # (d, m)
+    z_sum: Tensor  # (m,)
+    y_sum: Tensor  # (d,)
+    y_sq: Tensor  # ()
+    count: int
+
+    @classmethod
+    def from_stats(cls, stats: MLPStatistics, keep: Tensor | None = None) -> "QuadraticLS":
+        problem = cls(stats.gram, stats.cross, stats.z_sum, stats.y_sum, stats.y_sq, stats.count)
+        return problem if keep is None else problem.restrict(keep)
+
+    @classmethod
+    def from_data(cls, z: Tensor, y: Tensor) -> "QuadraticLS":
+        z, y = z.double(), y.double()
+        return cls(z.T @ z, y.T @ z, z.sum(0), y.sum(0), y.pow(2).sum(), z.shape[0])
+
+    def restrict(self, keep: Tensor) -> "QuadraticLS":
+        keep = keep.to(self.gram.device)
+        return QuadraticLS(
+            self.gram[keep][:, keep], self.cross[:, keep], self.z_sum[keep], self.y_sum, self.y_sq, self.count
+        )
+
+    def centered(self) -> "QuadraticLS":
+        """The problem for z - mean(z), y - mean(y): a fit with a free intercept, intercept eliminated."""
+        n = max(self.count, 1)
+        zm, ym = self.z_sum / n, self.y_sum / n
+        return QuadraticLS(
+            self.gram - n * torch.outer(zm, zm),
+            self.cross - n * torch.outer(ym, zm),
+            torch.zeros_like(self.z_sum),
+            torch.zeros_like(self.y_sum),
+            self.y_sq - n * ym @ ym,
+            self.count,
+        )
+
+    @property
+    def mean_diag(self) -> float:
+        return float(self.gram.diagonal().mean()) if self.gram.numel() else 1.0
+
+    def augmented(self, fit_bias: bool) -> tuple[Tensor, Tensor]:
+        """(G, C) with z extended by a constant-1 feature when ``fit_bias``."""
+        if not fit_bias:
+            return self.gram, self.cross
+        m = self.gram.shape[0]
+        g = self.gram.new_empty(m + 1, m + 1)
+        g[:m, :m] = self.gram
+        g[:m, m] = self.z_sum
+        g[m, :m] = self.z_sum
+        g[m, m] = self.count
+        return g, torch.cat([self.cross, self.y_sum[:, None]], dim=1)
+
+    def solve(
+        self, damping: float, penalty: Tensor | None = None, fit_bias: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Minimiser (W (d, m), b (d,) or None) of f for per-neuron penalties ``penalty`` (m,)."""
+        g, c = self.augmented(fit_bias)
+        m = self.gram.shape[0]
+        diag = torch.full((g.shape[0],), float(damping), dtype=g.dtype, device=g.device)
+        if fit_bias:
+            diag[m] = 0.0
+        if penalty is not None:
+            diag[:m] += penalty.to(g)
+        w = solve_spd(g, c, diag)
+        if fit_bias:
+            return w[:, :m], w[:, m]
+        return w, None
+
+    def objective(self, w: Tensor, b: Tensor | None = None) -> float:
+        """1/2 sum_n ||y_n - W z_n - b||^2 (no penalty terms)."""
+        w = w.double()
+        val = self.y_sq - 2 * (w * self.cross).sum() + ((w @ self.gram) * w).sum()
+        if b is not None:
+            b = b.double()
+            val = val - 2 * b @ self.y_sum + 2 * b @ (w @ self.z_sum) + self.count * b @ b
+        return 0.5 * float(val)
+
+    def relative_error(self, w: Tensor, b: Tensor | None = None) -> float:
+        """sum ||y - W z - b||^2 / sum ||y||^2."""
+        return max(2 * self.objective(w, b), 0.0) / max(float(self.y_sq), 1e-30)
+
+
+def solve_spd(gram: Tensor, cross: Tensor, diag: Tensor, max_tries: int = 8) -> Tensor:
+    """W = C (G + diag(diag))^-1 for symmetric PSD G via Cholesky, raising damping on failure."""
+    if not (torch.isfinite(gram).all() and torch.isfinite(cross).all()):
+        from .stats import NonFiniteStatisticsError
+
+        raise NonFiniteStatisticsError("Gram or cross statistics contain NaN or inf")
+    extra = 0.0
+    scale = float(gram.diagonal().abs().mean()) or 1.0
+    for attempt in range(max_tries):
+        a = gram + torch.diag(diag + extra)
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            # W A = C  <=>  A W^T = C^T (A symmetric)
+            return torch.cholesky_solve(cross.T, chol).T
+        extra = scale * 10.0 ** (attempt - 8) if extra == 0.0 else extra * 10.0
+        log.warning("Gram matrix is ill-conditioned (Cholesky failed); adding damping %.3g and retrying", extra)
+    raise torch.linalg.LinAlgError("Gram matrix could not be factorised even with added damping")

@@ -1,0 +1,98 @@
+"""A framework-free view of one transformer MLP block.
+
+Notation used across ``spap.core`` (row-major, tokens are rows):
+
+* ``x``  (n, d)   MLP inputs (hidden size d), one row per calibration token.
+* ``z``  (n, m)   intermediate activations, m = MLP width ("neurons"):
+  GLU (LLaMA/Qwen/Mistral):  z = act(x W_gate^T + b_gate) * (x W_up^T + b_up)
+  plain (OPT):               z = act(x W_up^T + b_up)
+* ``y``  (n, d)   MLP output  y = z W_down^T + b_down.
+
+Pruning neuron i removes row i of W_up / W_gate (and their biases) and column i of W_down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Activation = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class MLPWeights:
+    """Weights of one MLP; ``gate`` is None for non-gated (OPT-style) MLPs.
+
+    Shapes: up, gate (m, d); down (d, m); up_bias, gate_bias (m,); down_bias (d,).
+    """
+
+    up: Tensor
+    down: Tensor
+    activation: Activation
+    gate: Tensor | None = None
+    up_bias: Tensor | None = None
+    gate_bias: Tensor | None = None
+    down_bias: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        m, d = self.up.shape
+        if self.down.shape != (d, m):
+            raise ValueError(f"down has shape {tuple(self.down.shape)}, expected {(d, m)} for up {(m, d)}")
+        if self.gate is not None and self.gate.shape != (m, d):
+            raise ValueError(f"gate has shape {tuple(self.gate.shape)}, expected {(m, d)}")
+
+    @property
+    def width(self) -> int:
+        """Number of neurons m."""
+        return self.up.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.up.shape[1]
+
+    def intermediate(self, x: Tensor) -> Tensor:
+        """z (n, m) for inputs x (n, d)."""
+        h = F.linear(x, self.up, self.up_bias)
+        if self.gate is None:
+            return self.activation(h)
+        return self.activation(F.linear(x, self.gate, self.gate_bias)) * h
+
+    def output_from_intermediate(self, z: Tensor) -> Tensor:
+        return F.linear(z, self.down, self.down_bias)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.output_from_intermediate(self.intermediate(x))
+
+    def select(self, keep: Tensor) -> "MLPWeights":
+        """The MLP restricted to neurons ``keep`` (LongTensor of indices, in order)."""
+
+        def rows(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[keep].clone()
+
+        return replace(
+            self,
+            up=rows(self.up),
+            gate=rows(self.gate),
+            up_bias=rows(self.up_bias),
+            gate_bias=rows(self.gate_bias),
+            down=self.down[:, keep].clone(),
+            down_bias=None if self.down_bias is None else self.down_bias.clone(),
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MLPWeights":
+        def cast(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return replace(
+            self,
+            up=cast(self.up),
+            down=cast(self.down),
+            gate=cast(self.gate),
+            up_bias=cast(self.up_bias),
+            gate_bias=cast(self.gate_bias),
+            down_bias=cast(self.down_bias),
+        )

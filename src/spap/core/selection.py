@@ -1,0 +1,98 @@
+"""SPAP's penalty-method neuron selection for one MLP.
+
+Mixed-integer problem (s_i = 1 marks a pruned neuron, k = number pruned):
+
+    min_{W, s}  1/2 ||Y - W Z||^2   s.t.  W diag(s) = 0,  s in {0,1}^m,  sum(s) = k.
+
+Penalty relaxation with s in [0, 1] and damping delta:
+
+    F_rho(W, s) = 1/2 ||Y - W Z||^2 + rho/2 sum_i s_i ||W[:, i]||^2 + delta/2 ||W||^2.
+
+Each of K rounds:
+  (a) W = C A^-1,  A = G + rho diag(s) + delta I       exact minimiser of F_rho over W (Cholesky);
+  (b) importance_i = ||W[:, i]||^2 / ([A^-1]_ii)^t     (score exponent t, see below);
+  (c) s <- (1 - alpha) s + alpha 1[i among the k_r lowest importances]   (soft, momentum alpha);
+  (d) rho <- tau rho.
+With t = 1, (b) is the exact increase of the (penalised) least-squares error when neuron i is
+removed and the others re-fit (the Optimal-Brain-Surgeon formula); t = 0 gives the pure column
+energy ||W[:, i]||^2, the minimiser of F_rho over s for fixed W.  k_r grows linearly from k/R to k
+over the first R = ramp * K rounds: neurons chosen early are penalised (softly removed) before
+later ones are chosen, so later choices account for them.  Without the ramp the first round's
+choice is self-reinforcing (penalised columns shrink, so their importance only falls) and the loop
+returns the one-shot choice; the ramp is our addition (measured in docs/hyperparameters.md).
+The k neurons with the largest s (ties: lowest importance) are pruned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .linalg import QuadraticLS
+from .scores import bottom_k
+from .solver_config import SolverConfig
+
+
+@dataclass
+class PenaltyTrace:
+    """Per-round record of the penalty loop (errors relative to ||Y||^2)."""
+
+    objective: list[float] = field(default_factory=list)  # ||Y - W Z||^2 / ||Y||^2
+    penalty: list[float] = field(default_factory=list)  # rho sum s_i ||W_i||^2 / ||Y||^2
+    target_size: list[int] = field(default_factory=list)  # k_r
+
+
+def compensated_importance(
+    problem: QuadraticLS, penalty: Tensor | None, damping: float, exponent: float
+) -> tuple[Tensor, Tensor]:
+    """(importance (m,), W (d, m)): ||W_i||^2 / ([A^-1]_ii)^t with A = G + diag(penalty) + damping I."""
+    m = problem.gram.shape[0]
+    diag = torch.full((m,), float(damping), dtype=problem.gram.dtype, device=problem.gram.device)
+    if penalty is not None:
+        diag = diag + penalty
+    a = problem.gram + torch.diag(diag)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:  # fall back to the robust solver's escalating damping
+        chol = torch.linalg.cholesky(a + torch.eye(m, dtype=a.dtype, device=a.device) * problem.mean_diag * 1e-2)
+    w = torch.cholesky_solve(problem.cross.T, chol).T
+    inv_diag = torch.cholesky_inverse(chol).diagonal().clamp_min(1e-300)
+    return w.pow(2).sum(0) / inv_diag.pow(exponent), w
+
+
+def penalty_select(problem: QuadraticLS, n_prune: int, cfg: SolverConfig) -> tuple[Tensor, PenaltyTrace]:
+    """Bool mask (m,) of the n_prune neurons SPAP removes, and the loop's trace.
+
+    Runs on the centred problem when the MLP has a bias, so that the intercept is never penalised.
+    """
+    m = problem.gram.shape[0]
+    trace = PenaltyTrace()
+    if n_prune <= 0:
+        return torch.zeros(m, dtype=torch.bool), trace
+    scale = problem.mean_diag
+    damping = cfg.damping * scale
+    y_sq = max(float(problem.y_sq), 1e-30)
+    s = torch.zeros(m, dtype=torch.float64, device=problem.gram.device)
+    rho = cfg.rho_init * scale
+    ramp_rounds = max(1, round(cfg.ramp * cfg.penalty_rounds))
+    importance, _ = compensated_importance(problem, None, damping, cfg.score_exponent)
+    for r in range(cfg.penalty_rounds):
+        importance, w = compensated_importance(problem, rho * s, damping, cfg.score_exponent)
+        k_r = min(n_prune, max(1, round(n_prune * (r + 1) / ramp_rounds)))
+        s = (1 - cfg.momentum) * s + cfg.momentum * bottom_k(importance, k_r).double()
+        trace.objective.append(2 * problem.objective(w) / y_sq)
+        trace.penalty.append(float(rho * (s * w.pow(2).sum(0)).sum()) / y_sq)
+        trace.target_size.append(k_r)
+        rho *= cfg.rho_growth
+    by_importance = torch.sort(importance, stable=True).indices
+    order = by_importance[torch.sort(-s[by_importance], stable=True).indices]
+    mask = torch.zeros(m, dtype=torch.bool, device=s.device)
+    mask[order[:n_prune]] = True
+    return mask, trace
+
+
+def score_select(problem: QuadraticLS, n_prune: int, cfg: SolverConfig) -> Tensor:
+    """Ablation without the penalty loop: the k lowest compensated importances of the dense fit."""
+    importance, _ = compensated_importance(problem, None, cfg.damping * problem.mean_diag, cfg.score_exponent)
+    return bottom_k(importance, n_prune)

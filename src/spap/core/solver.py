@@ -1,0 +1,135 @@
+"""Prune one MLP: select neurons, remove them, reconstruct the remaining weights."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from .linalg import QuadraticLS
+from .mlp import MLPWeights
+from .refit import alternating_refit, gradient_refit
+from .scores import bottom_k, neuron_scores
+from .selection import penalty_select, score_select
+from .solver_config import SolverConfig
+from .stats import MLPStatistics
+
+
+@dataclass
+class MLPPruneResult:
+    """Outcome for one MLP: the pruned weights (float32), kept indices and diagnostics.
+
+    ``needs_final_ls``: W_up/W_gate were refit on a token sample; the caller should collect
+    statistics of the new intermediate activations on all tokens and call ``finalize_down``.
+    """
+
+    weights: MLPWeights
+    kept: Tensor  # (m - k,) sorted indices into the original neurons
+    error_ls: float  # relative error on all calibration tokens after selection + reconstruction
+    refit_history: list[float] = field(default_factory=list)
+    penalty_objective: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    needs_final_ls: bool = False
+
+
+def resolve_fit_bias(cfg: SolverConfig, weights: MLPWeights) -> bool:
+    return cfg.fit_bias == "yes" or (cfg.fit_bias == "auto" and weights.down_bias is not None)
+
+
+def select_neurons(weights: MLPWeights, stats: MLPStatistics, n_prune: int, cfg: SolverConfig) -> tuple[Tensor, list[float]]:
+    """Bool mask (m,) of neurons to remove and the penalty-loop objective trace (empty for scores)."""
+    if cfg.method != "spap":
+        return bottom_k(neuron_scores(cfg.method, weights.down, stats), n_prune), []
+    problem = QuadraticLS.from_stats(stats)
+    if resolve_fit_bias(cfg, weights):
+        problem = problem.centered()
+    if cfg.selection_rule == "penalty":
+        mask, trace = penalty_select(problem, n_prune, cfg)
+        return mask, trace.objective
+    return score_select(problem, n_prune, cfg), []
+
+
+def least_squares_down(weights: MLPWeights, stats: MLPStatistics, cfg: SolverConfig, fit_bias: bool, keep: Tensor | None = None) -> tuple[MLPWeights, float]:
+    """Closed-form W_down (and bias if ``fit_bias``) for ``weights`` from ``stats``; relative error."""
+    full = QuadraticLS.from_stats(stats)
+    problem = full if keep is None else full.restrict(keep)
+    w, b = problem.solve(cfg.damping * full.mean_diag, fit_bias=fit_bias)
+    new = replace(weights, down=w.float().to(weights.down.device))
+    if fit_bias:
+        new = replace(new, down_bias=b.float().to(weights.down.device))
+    return new, problem.relative_error(w, b if fit_bias else _bias(new, problem))
+
+
+def prune_mlp(
+    weights: MLPWeights,
+    stats: MLPStatistics,
+    n_prune: int,
+    cfg: SolverConfig,
+    sample_x: Tensor | None = None,
+    refit_dtype: torch.dtype | None = None,
+) -> MLPPruneResult:
+    """Remove ``n_prune`` neurons from ``weights`` (float32) using calibration ``stats``.
+
+    ``sample_x`` (n, d): stored calibration inputs, required by the "alternating" and "gd" refits.
+    ``refit_dtype``: matmul dtype of the refit's gradient steps (autocast), e.g. bfloat16.
+    """
+    m = weights.width
+    if not 0 <= n_prune < m:
+        raise ValueError(f"cannot prune {n_prune} of {m} neurons (need 0 <= k < m)")
+    weights = weights.to(dtype=torch.float32)
+    timings: dict[str, float] = {}
+    if n_prune == 0:  # the dense weights are the exact optimum: change nothing
+        return MLPPruneResult(weights, torch.arange(m), 0.0, seconds=timings)
+
+    t0 = time.perf_counter()
+    pruned, penalty_trace = select_neurons(weights, stats, n_prune, cfg)
+    pruned = pruned.cpu()
+    kept = torch.nonzero(~pruned).flatten()
+    timings["select"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    fit_bias = resolve_fit_bias(cfg, weights)
+    new = weights.select(kept)
+    rule = cfg.refit_rule
+    if rule in ("ls", "alternating", "gd"):
+        new, error = least_squares_down(new, stats, cfg, fit_bias, kept)
+    else:
+        if rule == "bias":
+            comp = weights.down[:, pruned].double() @ stats.z_mean.cpu()[pruned]
+            base = torch.zeros_like(comp) if weights.down_bias is None else weights.down_bias.double()
+            new = replace(new, down_bias=(base + comp).float())
+        problem = QuadraticLS.from_stats(stats, kept)
+        error = problem.relative_error(new.down.to(problem.gram.device), _bias(new, problem))
+    timings["reconstruct"] = time.perf_counter() - t0
+
+    history: list[float] = []
+    refit = rule in ("alternating", "gd") and cfg.refit_rounds > 0
+    if refit:
+        if sample_x is None:
+            raise ValueError(f"refit {rule!r} needs stored calibration inputs (sample_x)")
+        t0 = time.perf_counter()
+        x = sample_x.float()
+        with torch.no_grad():
+            y = weights(x)
+        use_autocast = refit_dtype is not None and refit_dtype != torch.float32
+        ctx = torch.autocast(x.device.type, dtype=refit_dtype) if use_autocast else nullcontext()
+        with ctx:
+            if rule == "alternating":
+                new, history = alternating_refit(new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, fit_bias)
+            else:
+                new, history = gradient_refit(new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping)
+        timings["refit"] = time.perf_counter() - t0
+    return MLPPruneResult(new, kept, error, history, penalty_trace, timings, needs_final_ls=refit)
+
+
+def finalize_down(result: MLPPruneResult, stats: MLPStatistics, cfg: SolverConfig, fit_bias: bool) -> MLPPruneResult:
+    """Closed-form W_down on all calibration tokens for refit W_up/W_gate (statistics of the new z)."""
+    weights, error = least_squares_down(result.weights, stats, cfg, fit_bias)
+    return replace(result, weights=weights, error_ls=error, needs_final_ls=False)
+
+
+def _bias(weights: MLPWeights, problem: QuadraticLS) -> Tensor | None:
+    return None if weights.down_bias is None else weights.down_bias.to(problem.gram.device)

@@ -1,0 +1,86 @@
+"""Hyperparameters of the per-MLP solvers (pure data, JSON round-trip via dataclasses.asdict)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("spap", "magnitude", "wanda-sp", "fasp", "flap")
+SELECTIONS = ("penalty", "score")
+REFITS = ("alternating", "gd", "ls", "bias", "none")
+
+# method -> (neuron selection rule, weight reconstruction after removal)
+METHOD_DEFAULTS: dict[str, tuple[str, str]] = {
+    "spap": ("penalty", "alternating"),
+    "magnitude": ("score", "none"),
+    "wanda-sp": ("score", "none"),
+    "fasp": ("score", "ls"),
+    "flap": ("score", "bias"),
+}
+
+
+@dataclass
+class SolverConfig:
+    """How one MLP is pruned.  Defaults were chosen on SmolLM2-135M (see docs/hyperparameters.md).
+
+    method:          spap | magnitude | wanda-sp | fasp | flap.
+    selection:       override of the method's selection rule: "penalty" (SPAP loop) or "score".
+    refit:           override of the reconstruction: "alternating" (closed-form W_down + gradient
+                     steps on W_up/W_gate, repeated), "gd" (plain gradient descent on all three),
+                     "ls" (closed-form W_down only), "bias" (FLAP mean compensation), "none".
+    penalty_rounds:  K, rounds of the penalty loop.
+    rho_init:        rho_0 relative to mean(diag(G)); rho_k = rho_0 * rho_growth**k.
+    rho_growth:      tau > 1.
+    momentum:        alpha in (0, 1]: s <- (1 - alpha) s + alpha * 1[bottom-k_r importances].
+    score_exponent:  t: importance ||W[:, i]||^2 / ([A^-1]_ii)^t (t=1: compensated removal cost,
+                     t=0: column energy); see spap.core.selection.
+    ramp:            fraction of the K rounds over which the target count k_r grows to k.
+    damping:         ridge delta relative to mean(diag(G)) in every least-squares solve.
+    refit_rounds:    rounds of the final alternating minimisation.
+    refit_grad_steps: gradient steps on W_up/W_gate per refit round (Armijo backtracking).
+    refit_tokens:    calibration tokens (random subset) used by the refit.
+    fit_bias:        "auto" (refit the down bias only where the model has one), "yes", "no".
+    """
+
+    method: str = "spap"
+    selection: str | None = None
+    refit: str | None = None
+    penalty_rounds: int = 30
+    rho_init: float = 0.1
+    rho_growth: float = 1.3
+    momentum: float = 0.3
+    score_exponent: float = 1.0
+    ramp: float = 0.6
+    damping: float = 1e-2
+    refit_rounds: int = 20
+    refit_grad_steps: int = 3
+    refit_tokens: int = 8192
+    fit_bias: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.selection is not None and self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.refit is not None and self.refit not in REFITS:
+            raise ValueError(f"unknown refit {self.refit!r}; choose one of {', '.join(REFITS)}")
+        if self.fit_bias not in ("auto", "yes", "no"):
+            raise ValueError("fit_bias must be 'auto', 'yes' or 'no'")
+        if not 0 < self.momentum <= 1:
+            raise ValueError("momentum must be in (0, 1]")
+        if not 0 < self.ramp <= 1:
+            raise ValueError("ramp must be in (0, 1]")
+        if self.rho_growth < 1 or self.rho_init < 0 or self.damping < 0:
+            raise ValueError("need rho_growth >= 1, rho_init >= 0, damping >= 0")
+
+    @property
+    def selection_rule(self) -> str:
+        return self.selection or METHOD_DEFAULTS[self.method][0]
+
+    @property
+    def refit_rule(self) -> str:
+        return self.refit or METHOD_DEFAULTS[self.method][1]
+
+    @property
+    def needs_sample(self) -> bool:
+        """Whether the solver needs stored input rows (gradient-based refits)."""
+        return self.refit_rule in ("alternating", "gd") and self.refit_rounds > 0

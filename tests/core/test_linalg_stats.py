@@ -1,0 +1,91 @@
+import torch
+
+from spap.core import MLPStatistics, MLPWeights, QuadraticLS
+from spap.core.stats import sample_token_positions
+
+
+def random_mlp(d=12, m=20, gated=True, bias=False, seed=0) -> MLPWeights:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return MLPWeights(
+        up=r(m, d) / d**0.5,
+        down=r(d, m) / m**0.5,
+        activation=torch.nn.SiLU() if gated else torch.nn.ReLU(),
+        gate=r(m, d) / d**0.5 if gated else None,
+        up_bias=r(m) if bias else None,
+        down_bias=r(d) if bias else None,
+    )
+
+
+def test_streaming_statistics_equal_batch_computation():
+    mlp = random_mlp(bias=True)
+    x = torch.randn(500, 12)
+    stats = MLPStatistics(mlp.width, mlp.hidden_size, chunk_tokens=64)
+    for chunk in x.split(37):  # uneven batches, chunked inside
+        stats.update(chunk, mlp)
+    z = mlp.intermediate(x).double()
+    y = mlp(x).double()
+    torch.testing.assert_close(stats.gram, z.T @ z, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.cross, y.T @ z, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.z_sum, z.sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(stats.y_sq, y.pow(2).sum(), rtol=1e-5, atol=1e-4)
+    assert stats.count == 500
+
+
+def test_sample_rows_are_the_requested_positions():
+    mlp = random_mlp()
+    x = torch.randn(300, 12)
+    pos = sample_token_positions(300, 50, seed=3)
+    stats = MLPStatistics(mlp.width, mlp.hidden_size, sample_positions=pos)
+    for chunk in x.split(64):
+        stats.update(chunk, mlp)
+    torch.testing.assert_close(stats.sample_inputs(), x[pos])
+
+
+def test_closed_form_down_equals_lstsq():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(400, 15, generator=g, dtype=torch.float64)
+    y = torch.randn(400, 7, generator=g, dtype=torch.float64)
+    problem = QuadraticLS.from_data(z, y)
+    w, b = problem.solve(damping=0.0)
+    expected = torch.linalg.lstsq(z, y).solution.T
+    torch.testing.assert_close(w, expected, rtol=1e-8, atol=1e-10)
+    assert b is None
+    # with an intercept: lstsq on [z, 1]
+    w, b = problem.solve(damping=0.0, fit_bias=True)
+    expected = torch.linalg.lstsq(torch.cat([z, torch.ones(400, 1, dtype=z.dtype)], 1), y).solution.T
+    torch.testing.assert_close(w, expected[:, :15], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(b, expected[:, 15], rtol=1e-8, atol=1e-10)
+    # objective from statistics equals the direct sum of squares
+    direct = 0.5 * (y - z @ w.T - b).pow(2).sum()
+    assert abs(problem.objective(w, b) - float(direct)) < 1e-8 * float(y.pow(2).sum())
+
+
+def test_ridge_and_penalty_match_normal_equations():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(100, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(100, 3, generator=g, dtype=torch.float64)
+    problem = QuadraticLS.from_data(z, y)
+    penalty = torch.tensor([0.0, 5.0, 0.0, 50.0, 1.0, 0.0], dtype=torch.float64)
+    w, _ = problem.solve(damping=0.1, penalty=penalty)
+    a = z.T @ z + torch.diag(penalty + 0.1)
+    torch.testing.assert_close(w, torch.linalg.solve(a, z.T @ y).T)
+
+
+def test_centered_problem_equals_intercept_fit():
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(200, 5, generator=g, dtype=torch.float64) + 3.0
+    y = torch.randn(200, 4, generator=g, dtype=torch.float64) - 2.0
+    problem = QuadraticLS.from_data(z, y)
+    w_bias, _ = problem.solve(0.0, fit_bias=True)
+    w_centered, _ = problem.centered().solve(0.0)
+    torch.testing.assert_close(w_bias, w_centered)
+
+
+def test_singular_gram_is_regularised():
+    z = torch.randn(50, 4, dtype=torch.float64)
+    z = torch.cat([z, z[:, :1]], dim=1)  # duplicate column -> singular Gram
+    y = z @ torch.randn(5, 3, dtype=torch.float64)
+    w, _ = QuadraticLS.from_data(z, y).solve(damping=0.0)
+    assert torch.isfinite(w).all()
+    assert float((y - z @ w.T).pow(2).sum()) < 1e-6 * float(y.pow(2).sum())

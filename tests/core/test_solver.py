@@ -1,0 +1,165 @@
+import pytest
+import torch
+
+from spap.core import MLPStatistics, MLPWeights, SolverConfig, prune_mlp
+from spap.core.linalg import QuadraticLS
+from spap.core.refit import alternating_refit, gradient_refit
+from spap.core.selection import penalty_select
+
+from .test_linalg_stats import random_mlp
+
+
+def stats_for(mlp: MLPWeights, x: torch.Tensor, sample: int = 0) -> MLPStatistics:
+    pos = torch.arange(sample) if sample else None
+    stats = MLPStatistics(mlp.width, mlp.hidden_size, sample_positions=pos)
+    stats.update(x, mlp)
+    return stats
+
+
+def output_error(dense: MLPWeights, pruned: MLPWeights, x: torch.Tensor) -> float:
+    y = dense(x)
+    return float((y - pruned(x)).pow(2).sum() / y.pow(2).sum())
+
+
+@pytest.mark.parametrize("method", ["spap", "magnitude", "wanda-sp", "fasp", "flap"])
+@pytest.mark.parametrize("k", [1, 7, 19])
+def test_exactly_k_neurons_removed(method, k):
+    mlp = random_mlp(m=20)
+    x = torch.randn(300, 12)
+    res = prune_mlp(mlp, stats_for(mlp, x, 64), k, SolverConfig(method=method, refit_rounds=2), x[:64])
+    assert res.weights.width == 20 - k
+    assert res.kept.numel() == 20 - k and res.kept.unique().numel() == 20 - k
+    assert res.weights.up.shape == (20 - k, 12) and res.weights.down.shape == (12, 20 - k)
+
+
+def test_zero_sparsity_changes_nothing():
+    mlp = random_mlp()
+    x = torch.randn(100, 12)
+    res = prune_mlp(mlp, stats_for(mlp, x), 0, SolverConfig())
+    for name in ("up", "gate", "down"):
+        assert torch.equal(getattr(res.weights, name), getattr(mlp, name))
+
+
+def redundant_mlp(n_unique=10, n_copies=5, d=12, seed=0) -> tuple[MLPWeights, list[int]]:
+    """A GLU MLP whose neurons n_unique.. are exact copies of earlier ones (same up and gate rows)."""
+    base = random_mlp(d=d, m=n_unique, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    src = torch.randperm(n_unique, generator=g)[:n_copies]
+    up = torch.cat([base.up, base.up[src]])
+    gate = torch.cat([base.gate, base.gate[src]])
+    down = torch.randn(d, n_unique + n_copies, generator=g)
+    return MLPWeights(up=up, down=down, activation=base.activation, gate=gate), src.tolist()
+
+
+def test_exactly_redundant_neurons_are_removed_with_zero_error():
+    mlp, _ = redundant_mlp()
+    x = torch.randn(400, 12)
+    cfg = SolverConfig(refit="ls", damping=1e-8)
+    res = prune_mlp(mlp, stats_for(mlp, x), 5, cfg)
+    assert output_error(mlp, res.weights, x) < 1e-6
+    # one neuron of each duplicated pair was removed, so the kept rows are all distinct
+    assert torch.unique(res.weights.up, dim=0).shape[0] == 10
+    # removing any other 5 neurons loses information
+    wrong = torch.arange(5, 15)
+    w, _ = QuadraticLS.from_stats(stats_for(mlp, x), wrong).solve(1e-8)
+    assert QuadraticLS.from_stats(stats_for(mlp, x), wrong).relative_error(w) > 1e-3
+
+
+def test_one_shot_scores_fail_on_duplicates_where_the_penalty_loop_succeeds():
+    # Each member of a duplicated pair looks free to remove on its own (its twin compensates), so a
+    # one-shot ranking removes both members of some pairs; the ramped penalty loop removes one at a time.
+    mlp, _ = redundant_mlp()
+    x = torch.randn(400, 12)
+    stats = stats_for(mlp, x)
+    one_shot = prune_mlp(mlp, stats, 5, SolverConfig(selection="score", refit="ls", damping=1e-8))
+    loop = prune_mlp(mlp, stats, 5, SolverConfig(refit="ls", damping=1e-8))
+    assert loop.error_ls < 1e-6 < one_shot.error_ls
+
+
+def test_penalty_loop_is_no_worse_than_one_shot_scores_on_correlated_neurons():
+    g = torch.Generator().manual_seed(5)
+    mlp = random_mlp(d=16, m=48, seed=5)
+    # correlated inputs make neurons partially redundant
+    x = torch.randn(2000, 4, generator=g) @ torch.randn(4, 16, generator=g) + 0.3 * torch.randn(2000, 16, generator=g)
+    stats = stats_for(mlp, x)
+    errors = {}
+    for selection in ("penalty", "score"):
+        res = prune_mlp(mlp, stats, 24, SolverConfig(selection=selection, refit="ls"))
+        errors[selection] = res.error_ls
+    assert errors["penalty"] <= errors["score"] * 1.0001
+
+
+def test_penalty_trace_records_rounds_and_ramp():
+    mlp = random_mlp(m=30)
+    x = torch.randn(200, 12)
+    cfg = SolverConfig(penalty_rounds=10, ramp=0.5)
+    mask, trace = penalty_select(QuadraticLS.from_stats(stats_for(mlp, x)), 8, cfg)
+    assert int(mask.sum()) == 8
+    assert len(trace.objective) == 10
+    assert trace.target_size[-1] == 8 and trace.target_size[0] < 8
+    assert trace.target_size == sorted(trace.target_size)
+
+
+def test_alternating_refit_objective_is_non_increasing_and_improves():
+    mlp = random_mlp(d=16, m=40, seed=7)
+    x = torch.randn(600, 16)
+    y = mlp(x)
+    stats = stats_for(mlp, x)
+    start = prune_mlp(mlp, stats, 16, SolverConfig(refit="ls"))
+    new, history = alternating_refit(start.weights, x, y, rounds=8, grad_steps=3, damping_rel=1e-3, fit_bias=False)
+    assert len(history) == 8
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))
+    assert output_error(mlp, new, x) < output_error(mlp, start.weights, x)
+
+
+def test_gradient_refit_decreases_objective():
+    mlp = random_mlp(d=16, m=40, seed=8)
+    x = torch.randn(600, 16)
+    start = prune_mlp(mlp, stats_for(mlp, x), 16, SolverConfig(refit="ls"))
+    new, history = gradient_refit(start.weights, x, mlp(x), rounds=5, grad_steps=2, damping_rel=1e-3)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))
+    assert output_error(mlp, new, x) < output_error(mlp, start.weights, x)
+
+
+def test_bias_mlp_refits_bias_and_beats_no_bias():
+    mlp = random_mlp(gated=False, bias=True, seed=9)
+    x = torch.randn(500, 12) + 1.0
+    stats = stats_for(mlp, x)
+    with_bias = prune_mlp(mlp, stats, 8, SolverConfig(refit="ls", fit_bias="yes"))
+    without = prune_mlp(mlp, stats, 8, SolverConfig(refit="ls", fit_bias="no"))
+    assert with_bias.error_ls <= without.error_ls + 1e-12
+    assert not torch.equal(with_bias.weights.down_bias, mlp.down_bias)
+
+
+def test_flap_bias_compensation_matches_mean_contribution():
+    mlp = random_mlp(seed=10)
+    x = torch.randn(300, 12)
+    stats = stats_for(mlp, x)
+    res = prune_mlp(mlp, stats, 6, SolverConfig(method="flap"))
+    removed = torch.ones(mlp.width, dtype=torch.bool)
+    removed[res.kept] = False
+    expected = mlp.down[:, removed] @ mlp.intermediate(x)[:, removed].mean(0)
+    torch.testing.assert_close(res.weights.down_bias, expected, rtol=1e-4, atol=1e-5)
+    # mean output is preserved exactly
+    torch.testing.assert_close(res.weights(x).mean(0), mlp(x).mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_invalid_counts_and_config_raise():
+    mlp = random_mlp(m=10)
+    stats = stats_for(mlp, torch.randn(50, 12))
+    with pytest.raises(ValueError, match="cannot prune"):
+        prune_mlp(mlp, stats, 10, SolverConfig())
+    with pytest.raises(ValueError, match="unknown method"):
+        SolverConfig(method="nope")
+    with pytest.raises(ValueError, match="needs stored calibration inputs"):
+        prune_mlp(mlp, stats, 3, SolverConfig(refit="alternating"))
+
+
+def test_nan_activations_raise_clear_error():
+    from spap.core import NonFiniteStatisticsError
+
+    mlp = random_mlp()
+    x = torch.randn(20, 12)
+    x[3, 2] = float("nan")
+    with pytest.raises(NonFiniteStatisticsError, match="NaN"):
+        MLPStatistics(mlp.width, mlp.hidden_size).update(x, mlp)

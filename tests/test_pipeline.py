@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+import spap
+from spap.adapters import UnsupportedArchitectureError, get_adapter
+from spap.config import PruneConfig
+from spap.core import SolverConfig
+
+from .conftest import tiny_ids, tiny_model
+
+
+def fast_config(sparsity: float, **solver) -> PruneConfig:
+    solver.setdefault("refit_rounds", 3)
+    solver.setdefault("refit_tokens", 64)
+    return PruneConfig(sparsity=sparsity, compute_dtype="float32", solver=SolverConfig(**solver))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_zero_sparsity_leaves_logits_unchanged(family):
+    model, ids = tiny_model(family), tiny_ids()
+    before = logits(model, ids)
+    report = spap.prune(model, config=fast_config(0.0), calibration_ids=ids)
+    assert torch.equal(logits(model, ids), before)
+    assert all(layer.width_after == layer.width_before for layer in report.layers)
+
+
+def test_each_layer_loses_exactly_k_neurons(family):
+    model, ids = tiny_model(family), tiny_ids()
+    adapter = get_adapter(model)
+    widths = [adapter.mlp_width(layer) for layer in adapter.decoder_layers(model)]
+    report = spap.prune(model, config=fast_config(0.25), calibration_ids=ids)
+    for layer, m in zip(adapter.decoder_layers(model), widths):
+        assert adapter.mlp_width(layer) == m - round(0.25 * m)
+    assert report.widths == [m - round(0.25 * m) for m in widths]
+    assert report.parameters_after < report.parameters_before
+    assert all(0 <= layer.error < 1 for layer in report.layers)
+
+
+def test_pruned_model_beats_naive_truncation():
+    """SPAP's output error on the calibration data is far below keeping the first neurons."""
+    model, ids = tiny_model("llama"), tiny_ids(n=8, seq_len=32)
+    report = spap.prune(model, config=fast_config(0.25), calibration_ids=ids)
+    naive = spap.prune(tiny_model("llama"), config=fast_config(0.25, method="magnitude"), calibration_ids=ids)
+    assert sum(r.error for r in report.layers) < sum(r.error for r in naive.layers)
+
+
+def test_layer_errors_are_measured_against_dense_mlp():
+    model, ids = tiny_model("qwen2"), tiny_ids()
+    report = spap.prune(model, config=fast_config(0.5, refit="ls"), calibration_ids=ids)
+    for layer in report.layers:  # float32 compute: the measured error equals the statistics' error
+        assert layer.error == pytest.approx(layer.error_ls, rel=1e-3, abs=1e-6)
+
+
+def test_unknown_architecture_and_bad_sparsity_are_rejected():
+    with pytest.raises(ValueError, match="sparsity"):
+        PruneConfig(sparsity=1.0)
+    with pytest.raises(ValueError, match="sparsity"):
+        PruneConfig(sparsity=-0.1)
+
+    class Strange(torch.nn.Module):
+        config = type("C", (), {"model_type": "mamba"})()
+
+    with pytest.raises(UnsupportedArchitectureError, match="mamba"):
+        spap.prune(Strange(), config=fast_config(0.1), calibration_ids=tiny_ids())
+
+
+def test_config_round_trips_through_json():
+    cfg = PruneConfig(sparsity=0.4, solver=SolverConfig(method="fasp", refit_rounds=7))
+    again = PruneConfig.from_json(cfg.to_json())
+    assert again == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        PruneConfig.from_dict({"sparsity": 0.2, "bogus": 1})
