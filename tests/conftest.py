@@ -53,3 +53,30 @@ FAMILIES = ["llama", "qwen2", "mistral", "opt"]
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab VOCAB) trained offline on the bundled text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from spap.calibration import bundled_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False, initial_alphabet=[])
+    tok.train_from_iterator([bundled_text()[:20000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved tiny LLaMA checkpoint with a tokenizer, as a user would pass to the CLI."""
+    path = tmp_path_factory.mktemp("models") / "tiny-llama"
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama")
+    model.config.vocab_size = VOCAB
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -21,20 +21,17 @@ HELDOUT_FRACTION = 0.15  # tail of the bundled text kept out of calibration for 
 def bundled_text(part: str = "calibration") -> str:
     """Natsume Soseki's "Botchan" (public domain, Project Gutenberg #8868) shipped with spap.
 
-    part: "calibration" (first 85% of paragraphs) or "heldout" (last 15%).
+    part: "calibration" (first 85% of lines) or "heldout" (last 15%).
     """
     if part not in ("calibration", "heldout"):
         raise ValueError("part must be 'calibration' or 'heldout'")
     raw = resources.files("spap").joinpath("data/botchan.txt").read_text(encoding="utf-8-sig")
     start = raw.find("*** START OF")
-    end = raw.find("*** END OF")
-    body = raw[raw.find("\n", start) + 1 : end if end > 0 else None] if start >= 0 else raw
-    paragraphs = [p for p in re.split(r"\n\s*\n", body) if p.strip()]
-    if len(paragraphs) < 3:  # no blank lines: split by lines instead
-        paragraphs = [p for p in body.splitlines() if p.strip()]
-    cut = int(len(paragraphs) * (1 - HELDOUT_FRACTION))
-    chosen = paragraphs[:cut] if part == "calibration" else paragraphs[cut:]
-    return "\n\n".join(chosen)
+    end = raw.find("End of Project Gutenberg")
+    body = raw[raw.find("\n", start) + 1 : end if end > 0 else None]
+    lines = [line for line in body.splitlines() if line.strip()]
+    cut = int(len(lines) * (1 - HELDOUT_FRACTION))
+    return "\n".join(lines[:cut] if part == "calibration" else lines[cut:])
 
 
 def read_text_file(path: str | Path) -> str:

@@ -68,15 +68,35 @@ def _stock_class(model: nn.Module) -> type:
     return cls
 
 
+def pad_mlps_to_uniform(model: nn.Module) -> int:
+    """Zero-pad every MLP to the widest one (in place); the function computed is unchanged because a
+    padded neuron has zero input rows (act(0) * 0 = 0 for GLU, act(0 + 0) = 0 for ReLU) and a zero
+    output column.  Returns the common width."""
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    width = max(adapter.mlp_width(layer) for layer in layers)
+    for layer in layers:
+        if adapter.mlp_width(layer) < width:
+            adapter.write_mlp(layer, adapter.read_mlp(layer).padded(width))
+    return width
+
+
 def save_pruned(
     model: nn.Module,
     out_dir: str | Path,
     tokenizer: Any = None,
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
+    pad_to_uniform: bool = False,
 ) -> Path:
-    """Write ``model`` (+ tokenizer, + ``pruning.json``) to ``out_dir`` atomically."""
+    """Write ``model`` (+ tokenizer, + ``pruning.json``) to ``out_dir`` atomically.
+
+    ``pad_to_uniform`` zero-pads non-uniform MLP widths (modifies ``model``) so that stock loaders
+    (transformers without trust_remote_code, vLLM) read the checkpoint, at the cost of the padding.
+    """
     out_dir = Path(out_dir)
+    if pad_to_uniform:
+        pad_mlps_to_uniform(model)
     config = export_config(model)
     needs_code = hasattr(config, "auto_map")
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:

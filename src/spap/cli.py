@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of MLP neurons to remove, in [0, 1)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS)
+    p.add_argument("--allocation", default="auto", choices=ALLOCATIONS, help="auto: global for flap, else uniform")
+    p.add_argument("--temperature", type=float, default=1.0, help="structprune softmax temperature T")
+    p.add_argument("--min-sparsity", type=float, default=0.0, help="per-layer lower bound (non-uniform allocations)")
+    p.add_argument("--max-sparsity", type=float, default=0.9, help="per-layer upper bound (non-uniform allocations)")
+    p.add_argument("--width-multiple", type=int, default=1, help="round kept MLP widths to multiples of this")
+    p.add_argument("--pad-to-uniform", action="store_true", help="zero-pad non-uniform widths to the maximum (stock-loadable everywhere)")
     p.add_argument("--calib", default="bundled", help="bundled | self | PATH | hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
@@ -76,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--dtype", default="bfloat16", help="matmul dtype (autocast); float32 for exact")
     e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--tasks", nargs="*", default=None, help="zero-shot task files (BIG-bench .json or .jsonl)")
+    e.add_argument("--limit", type=int, default=None, help="first N examples per task")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--harness", nargs="*", default=None, metavar="TASK", help="lm-evaluation-harness task names")
     e.add_argument("--device", default="auto")
     return parser
 
@@ -89,6 +98,10 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
         solver=SolverConfig(**solver_kwargs),
         calibration=CalibrationConfig(args.calib, args.n_samples, args.seq_len, args.seed),
         allocation=args.allocation,
+        temperature=args.temperature,
+        min_sparsity=args.min_sparsity,
+        max_sparsity=args.max_sparsity,
+        width_multiple=args.width_multiple,
         device=args.device,
         compute_dtype=args.compute_dtype,
         batch_size=args.batch_size,
@@ -147,20 +160,39 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data["model"] = path
     data["metrics"] = metrics
     data["command"] = " ".join(sys.argv)
-    save_pruned(model, out, tokenizer, data, overwrite=args.overwrite)
+    save_pruned(model, out, tokenizer, data, overwrite=args.overwrite, pad_to_uniform=args.pad_to_uniform)
     print(f"wrote {out} (load with transformers' AutoModelForCausalLM.from_pretrained or spap.load_pretrained)")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.zeroshot import evaluate_task, load_task
     from .models import load_model
-    from .runtime import resolve_device
+    from .runtime import resolve_device, resolve_dtype
 
-    sources = _ppl_sources(args.ppl)
+    tasks = [load_task(t, args.limit) for t in args.tasks or []]  # fail early on missing/bad files
+    sources = _ppl_sources(args.ppl) if args.ppl is not None or not (tasks or args.harness) else []
     model, tokenizer, path = load_model(args.model, device=str(resolve_device(args.device)))
     print(f"{path}:")
-    results = {"perplexity": _perplexities(model, tokenizer, sources, args.seq_len, args.dtype, args.max_windows)}
-    _merge_json(Path(path) / "eval.json", results) if Path(path).is_dir() else None
+    results: dict[str, Any] = {}
+    if sources:
+        results["perplexity"] = _perplexities(model, tokenizer, sources, args.seq_len, args.dtype, args.max_windows)
+    if tasks:
+        dtype = resolve_dtype(args.dtype, next(model.parameters()).device)
+        results["zeroshot"] = {}
+        for name, examples in tasks:
+            r = evaluate_task(model, tokenizer, examples, name, args.batch_size, dtype=dtype)
+            results["zeroshot"][name] = r.to_dict()
+        print(f"  {'task':24s} {'n':>6s} {'acc':>7s} {'acc_norm':>9s}")
+        for r in results["zeroshot"].values():
+            print(f"  {r['task']:24s} {r['n']:6d} {r['acc']:7.4f} {r['acc_norm']:9.4f}")
+    if args.harness:
+        from .evaluation.harness import run_harness
+
+        results["harness"] = run_harness(model, tokenizer, args.harness, args.batch_size, args.limit)
+        print(json.dumps(results["harness"], indent=2))
+    if Path(path).is_dir():
+        _merge_json(Path(path) / "eval.json", results)
     return 0
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from .core.solver_config import SolverConfig
 
-ALLOCATIONS = ("uniform",)
+ALLOCATIONS = ("auto", "uniform", "structprune", "global")
 
 
 @dataclass
@@ -31,7 +31,14 @@ class PruneConfig:
     """Everything that determines a pruning run.
 
     sparsity:       fraction of MLP neurons removed, in [0, 1).
-    allocation:     how the neuron budget is split across layers.
+    allocation:     how the neuron budget is split across layers: "auto" ("global" for method
+                    "flap", else "uniform"), "uniform" (same sparsity in every
+                    layer), "structprune" (energy softmax, see spap.core.allocation) or "global"
+                    (FLAP's standardised global ranking).
+    temperature:    T of the structprune softmax (dimensionless: energies are normalised to mean 1).
+    min_sparsity, max_sparsity: per-layer bounds for non-uniform allocations.
+    width_multiple: round every kept MLP width to a multiple of this (e.g. 64 or 256, for
+                    efficient GEMM tiles); the total stays within half a multiple of the budget.
     device:         "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     compute_dtype:  dtype of layer forwards during calibration: "auto" (bfloat16 where the
                     hardware runs it fast, else float32), "float32", "bfloat16", "float16".
@@ -42,7 +49,11 @@ class PruneConfig:
     sparsity: float = 0.3
     solver: SolverConfig = field(default_factory=SolverConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    allocation: str = "uniform"
+    allocation: str = "auto"
+    temperature: float = 1.0
+    min_sparsity: float = 0.0
+    max_sparsity: float = 0.9
+    width_multiple: int = 1
     device: str = "auto"
     compute_dtype: str = "auto"
     batch_size: int = 8
@@ -55,6 +66,12 @@ class PruneConfig:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+
+    @property
+    def allocation_rule(self) -> str:
+        if self.allocation == "auto":
+            return "global" if self.solver.method == "flap" else "uniform"
+        return self.allocation
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,6 +16,10 @@ from .calibration import calibration_tokens
 from .config import PruneConfig
 from .core import MLPStatistics, MLPWeights, NonFiniteStatisticsError, prune_mlp
 from .core.solver import finalize_down, resolve_fit_bias
+from .core import allocation
+from .core.linalg import QuadraticLS
+from .core.scores import neuron_scores
+from .core.selection import score_select
 from .core.stats import sample_token_positions
 from .layerwise import LayerInputs, capture_layer_inputs, compute_copy, run_layer
 from .runtime import peak_memory, reset_peak_memory, resolve_device, resolve_dtype, versions
@@ -88,11 +92,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def uniform_allocation(widths: list[int], sparsity: float) -> list[int]:
-    """Neurons to remove per layer: round(sparsity * m_l)."""
-    return [int(round(sparsity * m)) for m in widths]
-
-
 def prune(
     model: nn.Module,
     tokenizer: Any = None,
@@ -113,9 +112,6 @@ def prune(
     reset_peak_memory(device)
     layers = adapter.decoder_layers(model)
     widths = [adapter.mlp_width(layer) for layer in layers]
-    counts = n_prune if n_prune is not None else uniform_allocation(widths, cfg.sparsity)
-    if len(counts) != len(layers) or any(not 0 <= k < m for k, m in zip(counts, widths)):
-        raise ValueError(f"invalid per-layer prune counts {counts} for widths {widths}")
     params_before = count_parameters(model)
     was_training = model.training
     model.eval()
@@ -125,8 +121,23 @@ def prune(
         if tokenizer is None:
             raise ValueError("pass a tokenizer or calibration_ids")
         calibration_ids = calibration_tokens(tokenizer, cfg.calibration, model)
+    seconds = {"calibration_data": time.perf_counter() - t0}
+    probe: list[LayerProbe] = []
+    if n_prune is not None:
+        counts = list(n_prune)
+    elif cfg.allocation_rule == "uniform":
+        counts = allocation.uniform(widths, cfg.sparsity)
+    else:
+        t0 = time.perf_counter()
+        probe = probe_layers(model, adapter, calibration_ids, cfg, device, dtype)
+        counts = allocate(cfg, widths, probe)
+        seconds["probe"] = time.perf_counter() - t0
+    counts = allocation.round_kept_to_multiple(widths, counts, cfg.width_multiple)
+    if len(counts) != len(layers) or any(not 0 <= k < m for k, m in zip(counts, widths)):
+        raise ValueError(f"invalid per-layer prune counts {counts} for widths {widths}")
+    t0 = time.perf_counter()
     inputs = capture_layer_inputs(model, layers, calibration_ids, cfg.batch_size, device, dtype)
-    seconds = {"calibration": time.perf_counter() - t0}
+    seconds["capture"] = time.perf_counter() - t0
     positions = None
     if cfg.solver.needs_sample:
         positions = sample_token_positions(inputs.n_tokens, cfg.solver.refit_tokens, cfg.seed)
@@ -156,6 +167,7 @@ def prune(
         versions=versions(),
         device=str(device),
         compute_dtype=str(dtype).replace("torch.", ""),
+        extra={"allocation": {"counts": counts, "energies": [p.energy for p in probe]}} if probe else {},
     )
 
 
@@ -227,3 +239,45 @@ def _collect(
     finally:
         hook.remove()
     return stats
+
+
+@dataclass
+class LayerProbe:
+    """Dense-model summary of one layer for global allocation."""
+
+    flap_scores: Tensor  # (m,) FLAP fluctuation scores
+    energy: float  # ||y - y_hat||^2 / ||h||^2 at the target sparsity (one-shot selection + LS)
+
+
+def probe_layers(
+    model: nn.Module, adapter: ArchitectureAdapter, ids: Tensor, cfg: PruneConfig, device: torch.device, dtype: torch.dtype
+) -> list[LayerProbe]:
+    """One dense pass, one layer in memory at a time: per-layer scores and pruning energy."""
+    layers = adapter.decoder_layers(model)
+    inputs = capture_layer_inputs(model, layers, ids, cfg.batch_size, device, dtype)
+    probes = []
+    for layer in tqdm(layers, desc="probe", unit="layer"):
+        dense = adapter.read_mlp(layer).to(device, torch.float32)
+        stats = _collect(adapter, layer, inputs, device, dtype, dense, None, None)
+        k = max(1, int(round(cfg.sparsity * dense.width)))
+        problem = QuadraticLS.from_stats(stats)
+        pruned = score_select(problem, k, cfg.solver)
+        keep = torch.nonzero(~pruned).flatten()
+        sub = problem.restrict(keep)
+        w, _ = sub.solve(cfg.solver.damping * problem.mean_diag)
+        error = 2 * sub.objective(w)
+        inputs = run_layer(compute_copy(layer, device, dtype), inputs, device, dtype)
+        hidden = sum(float(h.float().pow(2).sum()) for h in inputs.hidden)
+        probes.append(LayerProbe(neuron_scores("flap", dense.down, stats).cpu(), error / max(hidden, 1e-30)))
+    return probes
+
+
+def allocate(cfg: PruneConfig, widths: list[int], probe: list[LayerProbe]) -> list[int]:
+    """Per-layer prune counts for a global allocation rule."""
+    if cfg.allocation_rule == "global":
+        return allocation.global_ranking([p.flap_scores for p in probe], cfg.sparsity, cfg.min_sparsity, cfg.max_sparsity)
+    if cfg.allocation_rule == "structprune":
+        return allocation.energy_softmax(
+            widths, [p.energy for p in probe], cfg.sparsity, cfg.temperature, cfg.min_sparsity, cfg.max_sparsity
+        )
+    raise ValueError(f"unknown allocation {cfg.allocation!r}")

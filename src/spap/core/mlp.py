@@ -83,6 +83,23 @@ class MLPWeights:
             down_bias=None if self.down_bias is None else self.down_bias.clone(),
         )
 
+    def padded(self, width: int) -> "MLPWeights":
+        """The same function with ``width - m`` extra inert neurons (zero rows in, zero columns out).
+
+        Requires act(0) == 0 (SiLU, GELU, ReLU) for non-gated MLPs with zero bias on the padding.
+        """
+        extra = width - self.width
+        if extra < 0:
+            raise ValueError(f"cannot pad width {self.width} down to {width}")
+
+        def rows(t: Tensor | None) -> Tensor | None:
+            return None if t is None else torch.cat([t, t.new_zeros(extra, *t.shape[1:])])
+
+        down = torch.cat([self.down, self.down.new_zeros(self.down.shape[0], extra)], dim=1)
+        return replace(
+            self, up=rows(self.up), gate=rows(self.gate), up_bias=rows(self.up_bias), gate_bias=rows(self.gate_bias), down=down
+        )
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MLPWeights":
         def cast(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype)

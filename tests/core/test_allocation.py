@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from spap.core import allocation
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.77])
+@pytest.mark.parametrize("temperature", [0.05, 0.5, 1.0, 10.0])
+def test_energy_softmax_budget_is_exact_and_within_bounds(sparsity, temperature):
+    widths = [100, 120, 100, 80, 100, 64]
+    energies = [0.5, 3.0, 1.0, 0.1, 2.0, 0.7]
+    counts = allocation.energy_softmax(widths, energies, sparsity, temperature, min_sparsity=0.05, max_sparsity=0.9)
+    assert sum(counts) == round(sparsity * sum(widths))
+    for k, m in zip(counts, widths):
+        assert int(0.05 * m) <= k <= min(m - 1, -(-9 * m // 10)) and m - k >= 1
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.5, 1.0, 3.0])
+def test_more_important_layer_never_keeps_fewer_neurons(temperature):
+    g = torch.Generator().manual_seed(0)
+    energies = torch.rand(12, generator=g).tolist()
+    widths = [256] * 12
+    counts = allocation.energy_softmax(widths, energies, 0.4, temperature)
+    kept = [m - k for m, k in zip(widths, counts)]
+    for i in range(12):
+        for j in range(12):
+            if energies[i] > energies[j]:
+                assert kept[i] >= kept[j], (i, j, kept)
+
+
+def test_temperature_limits():
+    widths, energies = [100] * 4, [1.0, 2.0, 3.0, 4.0]
+    assert allocation.energy_softmax(widths, energies, 0.3, temperature=1e6) == [30] * 4  # uniform
+    greedy = allocation.energy_softmax(widths, energies, 0.3, temperature=1e-3, max_sparsity=0.9)
+    assert greedy == [90, 30, 0, 0]  # budget to the least important layers first, up to the cap
+
+
+def test_infeasible_bounds_raise():
+    with pytest.raises(ValueError, match="bounds"):
+        allocation.energy_softmax([10, 10], [1, 1], 0.5, max_sparsity=0.2)
+
+
+def test_global_ranking_standardises_per_layer():
+    # Layer 0 has huge raw scores, layer 1 tiny ones: after standardisation they are comparable.
+    s0 = torch.arange(10.0) * 1000
+    s1 = torch.arange(10.0) * 0.001
+    counts = allocation.global_ranking([s0, s1], 0.5)
+    assert counts == [5, 5] and sum(counts) == 10
+    skewed = allocation.global_ranking([torch.tensor([0.0, 1, 2, 3, 100]), torch.arange(5.0)], 0.4)
+    assert skewed == [2, 2]  # z-scores: layer 0 [-.48, -.46, -.44, -.41, 1.79], layer 1 [-1.26, -.63, 0, ...]
+
+
+def test_rounding_preserves_order_and_total():
+    values = [3.1, 3.05, 2.9, 0.95]
+    counts = allocation.round_preserving_sum(values, 10, [0] * 4, [10] * 4)
+    assert sum(counts) == 10
+    assert counts == sorted(counts, reverse=True)

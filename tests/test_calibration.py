@@ -1,0 +1,46 @@
+import logging
+
+import pytest
+import torch
+
+from spap.calibration import bundled_text, read_text_file, sample_windows
+
+
+def test_windows_are_disjoint_deterministic_and_sized():
+    ids = torch.arange(1000)
+    a = sample_windows(ids, 5, 100, seed=0)
+    b = sample_windows(ids, 5, 100, seed=0)
+    assert a.shape == (5, 100) and torch.equal(a, b)
+    assert a.flatten().unique().numel() == 500  # no overlap
+    assert all(torch.equal(row, torch.arange(row[0], row[0] + 100)) for row in a)  # contiguous text
+    assert not torch.equal(a, sample_windows(ids, 5, 100, seed=1))
+
+
+def test_short_text_gives_fewer_windows_with_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        rows = sample_windows(torch.arange(250), 8, 100, seed=0)
+    assert rows.shape == (2, 100)
+    assert "only 2 windows" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        rows = sample_windows(torch.arange(30), 8, 100, seed=0)
+    assert rows.shape == (1, 30)
+
+
+def test_bos_is_prepended_to_every_window():
+    rows = sample_windows(torch.arange(10, 1010), 3, 50, seed=0, bos_id=1)
+    assert rows.shape == (3, 50) and (rows[:, 0] == 1).all() and (rows[:, 1:] >= 10).all()
+
+
+def test_bundled_text_splits_are_disjoint():
+    calib, held = bundled_text("calibration"), bundled_text("heldout")
+    assert len(calib) > 5 * len(held) > 0
+    assert held[:200] not in calib
+    assert "Project Gutenberg" not in held
+
+
+def test_wikitext_layout_and_missing_file(tmp_path):
+    f = tmp_path / "wiki.test.raw"
+    f.write_bytes(b" = Title = \r\n\r\n Body line one .\r\n Body two .\r\n")
+    assert read_text_file(f) == " = Title = \n\n Body line one .\n\n Body two ."
+    with pytest.raises(FileNotFoundError):
+        read_text_file(tmp_path / "absent.txt")

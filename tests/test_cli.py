@@ -1,0 +1,45 @@
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from spap.cli import main
+
+
+def test_prune_command_writes_loadable_checkpoint_and_report(tiny_checkpoint, tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "pruned"
+    code = main([
+        "prune", str(tiny_checkpoint), "--sparsity", "0.25", "--out", str(out), "--calib", str(text),
+        "--n-samples", "4", "--seq-len", "32", "--compute-dtype", "float32", "--refit-rounds", "2",
+        "--refit-tokens", "32", "--eval", "--ppl", str(text), "--ppl-seq-len", "32", "--eval-dtype", "float32",
+    ])
+    assert code == 0
+    report = json.loads((out / "pruning.json").read_text())
+    assert report["widths"] == [36, 36, 36]
+    assert report["calibration_shape"] == [4, 32]
+    assert report["metrics"]["dense"][str(text)]["perplexity"] > 1
+    assert report["metrics"]["pruned"][str(text)]["seq_len"] == 32
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 36
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_eval_command_writes_eval_json(tiny_checkpoint, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to score. " * 100)
+    assert main(["eval", str(tiny_checkpoint), "--ppl", str(text), "--seq-len", "16", "--dtype", "float32"]) == 0
+    data = json.loads((tiny_checkpoint / "eval.json").read_text())
+    assert data["perplexity"][str(text)]["seq_len"] == 16
+
+
+def test_bad_input_fails_with_clear_message_and_no_output(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["prune", str(tiny_checkpoint), "--sparsity", "1.2", "--out", str(out)]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+    assert main(["prune", str(tmp_path / "missing-model"), "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["prune", str(tiny_checkpoint), "--out", str(out), "--calib", str(tmp_path / "nope.txt")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not out.exists()

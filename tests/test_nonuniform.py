@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import spap
+from spap.adapters import get_adapter
+from spap.config import PruneConfig
+from spap.core import SolverConfig
+
+from .conftest import tiny_ids, tiny_model
+from .test_pipeline import fast_config, logits
+
+
+def nonuniform(family):
+    model, ids = tiny_model(family), tiny_ids()
+    adapter = get_adapter(model)
+    widths = [adapter.mlp_width(layer) for layer in adapter.decoder_layers(model)]
+    counts = [widths[0] // 5, widths[1] // 2, 3]
+    spap.prune(model, config=fast_config(0.3), calibration_ids=ids, n_prune=counts)
+    return model, ids, [m - k for m, k in zip(widths, counts)]
+
+
+def test_nonuniform_save_load_identical_logits(family, tmp_path):
+    model, ids, kept = nonuniform(family)
+    out = spap.save_pruned(model, tmp_path / "nu")
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_spap.SpapForCausalLM"
+    assert (out / "modeling_spap.py").is_file()
+    expected = logits(model, ids)
+    assert torch.equal(logits(spap.load_pretrained(out), ids), expected)
+    # without spap: transformers' remote-code path runs the copied modeling_spap.py
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert torch.equal(logits(remote, ids), expected)
+    adapter = get_adapter(remote)
+    assert [adapter.mlp_width(layer) for layer in adapter.decoder_layers(remote)] == kept
+
+
+def test_pad_to_uniform_loads_with_stock_transformers(tmp_path):
+    model, ids, kept = nonuniform("llama")
+    expected = logits(model, ids)
+    out = spap.save_pruned(model, tmp_path / "padded", pad_to_uniform=True)
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.intermediate_size == max(kept)
+    torch.testing.assert_close(logits(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("allocation_rule", ["structprune", "global"])
+def test_global_allocations_meet_the_budget_in_the_pipeline(allocation_rule):
+    model, ids = tiny_model("llama"), tiny_ids(n=8, seq_len=32)
+    cfg = PruneConfig(
+        sparsity=0.4, allocation=allocation_rule, compute_dtype="float32", max_sparsity=0.8,
+        solver=SolverConfig(refit="ls"),
+    )
+    report = spap.prune(model, config=cfg, calibration_ids=ids)
+    removed = sum(layer.width_before - layer.width_after for layer in report.layers)
+    assert removed == round(0.4 * 3 * 48)
+    assert all(layer.width_after >= 48 - int(0.8 * 48) - 1 for layer in report.layers)
+    assert report.extra["allocation"]["counts"] == [r.width_before - r.width_after for r in report.layers]
+
+
+def test_width_multiple_rounds_kept_widths():
+    model, ids = tiny_model("llama"), tiny_ids()
+    cfg = PruneConfig(sparsity=0.3, width_multiple=8, compute_dtype="float32", solver=SolverConfig(refit="ls"))
+    report = spap.prune(model, config=cfg, calibration_ids=ids)
+    assert all(w % 8 == 0 for w in report.widths)
+    assert abs(sum(48 - w for w in report.widths) - round(0.3 * 48) * 3) <= 4
