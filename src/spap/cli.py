@@ -130,16 +130,31 @@ def _perplexities(model, tokenizer, sources: list[str], seq_len: int, dtype: str
     return out
 
 
+def _init_distributed(cfg: PruneConfig) -> bool:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; returns True on rank 0."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            cfg.device = f"cuda:{local}"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .checkpoint import save_pruned
     from .models import load_model
     from .pipeline import prune
 
     cfg = _config_from_args(args)
+    is_main = _init_distributed(cfg)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    sources = _ppl_sources(args.ppl) if args.eval else []
+    sources = _ppl_sources(args.ppl) if args.eval and is_main else []
     torch.manual_seed(cfg.seed)
     model, tokenizer, path = load_model(args.model)
     print(f"model {path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
@@ -156,6 +171,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if sources:
         print("pruned:")
         metrics["pruned"] = _perplexities(model, tokenizer, sources, args.ppl_seq_len, args.eval_dtype)
+    if not is_main:  # data-parallel workers: rank 0 writes the checkpoint
+        return 0
     data = report.to_dict()
     data["model"] = path
     data["metrics"] = metrics

@@ -11,10 +11,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adapters import ArchitectureAdapter, get_adapter
 from .calibration import calibration_tokens
 from .config import PruneConfig
-from .core import MLPStatistics, MLPWeights, NonFiniteStatisticsError, prune_mlp
+from .core import MLPPruneResult, MLPStatistics, MLPWeights, NonFiniteStatisticsError, prune_mlp
 from .core.solver import finalize_down, resolve_fit_bias
 from .core import allocation
 from .core.linalg import QuadraticLS
@@ -136,11 +137,14 @@ def prune(
     if len(counts) != len(layers) or any(not 0 <= k < m for k, m in zip(counts, widths)):
         raise ValueError(f"invalid per-layer prune counts {counts} for widths {widths}")
     t0 = time.perf_counter()
-    inputs = capture_layer_inputs(model, layers, calibration_ids, cfg.batch_size, device, dtype)
+    first, last = distributed.shard_bounds(calibration_ids.shape[0])  # data parallel: this rank's sequences
+    inputs = capture_layer_inputs(model, layers, calibration_ids[first:last], cfg.batch_size, device, dtype)
     seconds["capture"] = time.perf_counter() - t0
     positions = None
     if cfg.solver.needs_sample:
-        positions = sample_token_positions(inputs.n_tokens, cfg.solver.refit_tokens, cfg.seed)
+        seq_len = calibration_ids.shape[1]
+        positions = sample_token_positions(calibration_ids.numel(), cfg.solver.refit_tokens, cfg.seed)
+        positions = distributed.local_positions(positions, first * seq_len, last * seq_len)
 
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(layers)), desc=f"{cfg.solver.method} {cfg.sparsity:.0%}", unit="layer")
@@ -189,12 +193,13 @@ def _prune_layer(
 
     dense = adapter.read_mlp(layer).to(device, torch.float32)
     stats = _collect(adapter, layer, inputs, device, dtype, dense, None, positions)
-    result = prune_mlp(dense, stats, k, cfg.solver, stats.sample_inputs(), refit_dtype=dtype)
+    result = _on_rank0(lambda: prune_mlp(dense, stats, k, cfg.solver, stats.sample_inputs(), refit_dtype=dtype), dense, cfg)
     del stats
     adapter.write_mlp(layer, result.weights)
     if result.needs_final_ls:  # W_up/W_gate changed on a sample: refit W_down on all tokens
         stats = _collect(adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None)
-        result = finalize_down(result, stats, cfg.solver, resolve_fit_bias(cfg.solver, dense))
+        fit_bias = resolve_fit_bias(cfg.solver, dense)
+        result = _on_rank0(lambda: finalize_down(result, stats, cfg.solver, fit_bias), dense, cfg, result)
         adapter.write_mlp(layer, result.weights)
         del stats
 
@@ -205,6 +210,7 @@ def _prune_layer(
         outputs = run_layer(work, inputs, device, dtype)
     finally:
         handle.remove()
+    meter.num, meter.den = distributed.all_reduce_sum([meter.num, meter.den])
     history = result.refit_history
     report = LayerReport(
         index=index,
@@ -238,7 +244,25 @@ def _collect(
         run_layer(work, inputs, device, dtype, keep_outputs=False)
     finally:
         hook.remove()
+    distributed.all_reduce_statistics(stats)
     return stats
+
+
+def _on_rank0(
+    solve: Any, template: MLPWeights, cfg: PruneConfig, previous: MLPPruneResult | None = None
+) -> MLPPruneResult:
+    """Run ``solve`` on rank 0 only and broadcast its weights (identity without torch.distributed)."""
+    if not distributed.active():
+        return solve()
+    result = solve() if distributed.rank() == 0 else None
+    weights, kept = distributed.broadcast_weights(
+        result.weights if result else None, template, result.kept if result else None
+    )
+    if result is not None:
+        return result
+    if previous is not None:  # second solve (final least squares): keep the first one's bookkeeping
+        return MLPPruneResult(weights, previous.kept, float("nan"))
+    return MLPPruneResult(weights, kept, float("nan"), needs_final_ls=cfg.solver.needs_sample)
 
 
 @dataclass

@@ -10,12 +10,14 @@ Penalty relaxation with s in [0, 1] and damping delta:
 
 Each of K rounds:
   (a) W = C A^-1,  A = G + rho diag(s) + delta I       exact minimiser of F_rho over W (Cholesky);
-  (b) importance_i = ||W[:, i]||^2 / ([A^-1]_ii)^t     (score exponent t, see below);
+  (b) importance_i = ||W[:, i]||^2 G_ii^(1-t) / ([A^-1]_ii)^t     (score exponent t, see below);
   (c) s <- (1 - alpha) s + alpha 1[i among the k_r lowest importances]   (soft, momentum alpha);
   (d) rho <- tau rho.
 With t = 1, (b) is the exact increase of the (penalised) least-squares error when neuron i is
-removed and the others re-fit (the Optimal-Brain-Surgeon formula); t = 0 gives the pure column
-energy ||W[:, i]||^2, the minimiser of F_rho over s for fixed W.  k_r grows linearly from k/R to k
+removed and the others re-fit (the Optimal-Brain-Surgeon formula, which trusts the calibration
+covariance fully); t = 0 gives ||W[:, i]||^2 G_ii, the error increase without compensation (the
+activation-weighted column energy, a Wanda-like score).  t = 0.5 transferred best to text outside
+the calibration domain in our measurements (docs/hyperparameters.md).  k_r grows linearly from k/R to k
 over the first R = ramp * K rounds: neurons chosen early are penalised (softly removed) before
 later ones are chosen, so later choices account for them.  Without the ramp the first round's
 choice is self-reinforcing (penalised columns shrink, so their importance only falls) and the loop
@@ -47,7 +49,7 @@ class PenaltyTrace:
 def compensated_importance(
     problem: QuadraticLS, penalty: Tensor | None, damping: float, exponent: float
 ) -> tuple[Tensor, Tensor]:
-    """(importance (m,), W (d, m)): ||W_i||^2 / ([A^-1]_ii)^t with A = G + diag(penalty) + damping I."""
+    """(importance (m,), W (d, m)): ||W_i||^2 G_ii^(1-t) / ([A^-1]_ii)^t, A = G + diag(penalty) + damping I."""
     m = problem.gram.shape[0]
     diag = torch.full((m,), float(damping), dtype=problem.gram.dtype, device=problem.gram.device)
     if penalty is not None:
@@ -58,7 +60,8 @@ def compensated_importance(
         chol = torch.linalg.cholesky(a + torch.eye(m, dtype=a.dtype, device=a.device) * problem.mean_diag * 1e-2)
     w = torch.cholesky_solve(problem.cross.T, chol).T
     inv_diag = torch.cholesky_inverse(chol).diagonal().clamp_min(1e-300)
-    return w.pow(2).sum(0) / inv_diag.pow(exponent), w
+    g_diag = problem.gram.diagonal().clamp_min(1e-300)
+    return w.pow(2).sum(0) * g_diag.pow(1 - exponent) / inv_diag.pow(exponent), w
 
 
 def penalty_select(problem: QuadraticLS, n_prune: int, cfg: SolverConfig) -> tuple[Tensor, PenaltyTrace]:

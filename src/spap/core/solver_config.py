@@ -31,8 +31,8 @@ class SolverConfig:
     rho_init:        rho_0 relative to mean(diag(G)); rho_k = rho_0 * rho_growth**k.
     rho_growth:      tau > 1.
     momentum:        alpha in (0, 1]: s <- (1 - alpha) s + alpha * 1[bottom-k_r importances].
-    score_exponent:  t: importance ||W[:, i]||^2 / ([A^-1]_ii)^t (t=1: compensated removal cost,
-                     t=0: column energy); see spap.core.selection.
+    score_exponent:  t: importance ||W[:, i]||^2 G_ii^(1-t) / ([A^-1]_ii)^t (t=1: compensated
+                     removal cost, t=0: uncompensated cost); see spap.core.selection.
     ramp:            fraction of the K rounds over which the target count k_r grows to k.
     damping:         ridge delta relative to mean(diag(G)) in every least-squares solve.
     refit_rounds:    rounds of the final alternating minimisation.
@@ -48,7 +48,7 @@ class SolverConfig:
     rho_init: float = 0.1
     rho_growth: float = 1.3
     momentum: float = 0.3
-    score_exponent: float = 1.0
+    score_exponent: float = 0.5
     ramp: float = 0.6
     damping: float = 1e-2
     refit_rounds: int = 20

@@ -1,0 +1,124 @@
+"""Inference speed and memory of dense vs pruned models, measured in one process.
+
+* prefill: tokens/s of a forward pass over (batch, seq_len) prompts.
+* decode:  ms per generated token with a static KV cache, batch 1 and batched.  On CUDA the
+  single-token step is captured with torch.compile(mode="reduce-overhead") (CUDA graphs) so the
+  measurement is not launch-bound; on CPU it runs eagerly.
+* bytes per decode step: weights read once per generated token (all parameters except the input
+  embedding table, of which one row per token is read).  dense_bytes / pruned_bytes is the speedup
+  limit of memory-bound decoding; the benchmark prints how close the measured ratio gets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .perplexity import autocast_for
+
+
+@dataclass
+class SpeedResult:
+    parameters: int
+    weight_bytes: int
+    decode_bytes: int
+    prefill_tokens_per_s: float
+    decode_ms_batch1: float
+    decode_ms_batched: float
+    decode_batch: int
+    peak_gpu_gib: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in _unique_params(model))
+
+
+def decode_bytes_per_step(model: nn.Module) -> int:
+    """Bytes of weights read per decode step: everything but the input embedding (unless tied)."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    skip = 0 if tied else embedding.numel() * embedding.element_size()
+    return weight_bytes(model) - skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def prefill_throughput(model: nn.Module, batch: int, seq_len: int, repeats: int = 3, dtype: torch.dtype | None = None) -> float:
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+    with autocast_for(model, dtype):
+        model(input_ids=ids, use_cache=False)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(input_ids=ids, use_cache=False)
+        _sync(device)
+    return batch * seq_len * repeats / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def decode_latency(
+    model: nn.Module, batch: int, prompt_len: int = 64, new_tokens: int = 64, dtype: torch.dtype | None = None, graphs: bool | None = None
+) -> float:
+    """Mean milliseconds per decode step (greedy, static KV cache) after a warm-up."""
+    from transformers import StaticCache
+
+    device = next(model.parameters()).device
+    graphs = device.type == "cuda" if graphs is None else graphs
+    step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True) if graphs else model.forward
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+
+    def run(n: int) -> float:
+        cache = StaticCache(config=model.config, max_cache_len=prompt_len + n + 1)
+        with autocast_for(model, dtype):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            t0 = time.perf_counter()
+            for i in range(n):
+                pos = torch.tensor([prompt_len + i], device=device)
+                out = step(input_ids=token, past_key_values=cache, cache_position=pos, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+        return (time.perf_counter() - t0) / n * 1000
+
+    run(min(8, new_tokens))  # warm-up (and graph capture)
+    return run(new_tokens)
+
+
+def measure(model: nn.Module, prefill_batch: int = 4, prefill_len: int = 512, decode_batch: int = 16, new_tokens: int = 64, dtype: torch.dtype | None = None) -> SpeedResult:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = SpeedResult(
+        parameters=sum(p.numel() for p in _unique_params(model)),
+        weight_bytes=weight_bytes(model),
+        decode_bytes=decode_bytes_per_step(model),
+        prefill_tokens_per_s=prefill_throughput(model, prefill_batch, prefill_len, dtype=dtype),
+        decode_ms_batch1=decode_latency(model, 1, new_tokens=new_tokens, dtype=dtype),
+        decode_ms_batched=decode_latency(model, decode_batch, new_tokens=new_tokens, dtype=dtype),
+        decode_batch=decode_batch,
+    )
+    if device.type == "cuda":
+        result.peak_gpu_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
