@@ -44,6 +44,7 @@ def export_config(model: nn.Module) -> Any:
     config = copy.deepcopy(model.config)
     widths = [adapter.mlp_width(layer) for layer in adapter.decoder_layers(model)]
     setattr(config, adapter.width_attribute, max(widths))
+    _set_uniform_heads(adapter, model, config)
     for attr in ("spap_linear_shapes", "spap_module_attributes", "auto_map"):
         if hasattr(config, attr):
             delattr(config, attr)
@@ -59,6 +60,26 @@ def export_config(model: nn.Module) -> Any:
         config.spap_module_attributes = attributes or {}
         config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.SpapForCausalLM"}
     return config
+
+
+def _set_uniform_heads(adapter, model: nn.Module, config: Any) -> None:
+    """Write uniform head counts to the config when the stock config class accepts them."""
+    try:
+        shapes = {adapter.attention_shape(layer) for layer in adapter.decoder_layers(model)}
+    except NotImplementedError:
+        return
+    if len(shapes) != 1:
+        return
+    updates = adapter.head_config(*shapes.pop())
+    if not updates or all(getattr(config, k, None) == v for k, v in updates.items()):
+        return
+    try:  # e.g. LlamaConfig requires hidden_size % num_attention_heads == 0
+        type(config)(**{**config.to_dict(), **updates})
+    except Exception:  # noqa: BLE001 - transformers raises various validation errors
+        log.info("head counts %s are not a valid %s; the checkpoint uses spap's loader", updates, type(config).__name__)
+        return
+    for key, value in updates.items():
+        setattr(config, key, value)
 
 
 def _stock_class(model: nn.Module) -> type:

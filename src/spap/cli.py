@@ -55,12 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of MLP neurons to remove, in [0, 1)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--target", default="mlp", choices=["mlp", "attn", "both"], help="prune MLP neurons, attention heads or both")
+    p.add_argument("--head-sparsity", type=float, default=0.0, help="fraction of KV groups (with their query heads) removed per layer")
     p.add_argument("--allocation", default="auto", choices=ALLOCATIONS, help="auto: global for flap, else uniform")
     p.add_argument("--temperature", type=float, default=1.0, help="structprune softmax temperature T")
     p.add_argument("--min-sparsity", type=float, default=0.0, help="per-layer lower bound (non-uniform allocations)")
     p.add_argument("--max-sparsity", type=float, default=0.9, help="per-layer upper bound (non-uniform allocations)")
     p.add_argument("--width-multiple", type=int, default=1, help="round kept MLP widths to multiples of this")
     p.add_argument("--pad-to-uniform", action="store_true", help="zero-pad non-uniform widths to the maximum (stock-loadable everywhere)")
+    p.add_argument("--error-correction", type=float, default=0.0, help="beta: also correct upstream error (0..1)")
     p.add_argument("--calib", default="bundled", help="bundled | self | PATH | hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
@@ -86,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--harness", nargs="*", default=None, metavar="TASK", help="lm-evaluation-harness task names")
     e.add_argument("--device", default="auto")
+    b = sub.add_parser("bench", help="speed and memory: dense vs pruned, measured in one run")
+    b.add_argument("dense", help="dense checkpoint dir (or 'smollm2')")
+    b.add_argument("pruned", help="pruned checkpoint dir")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--dtype", default="bfloat16", help="weights are cast to this dtype for the benchmark")
+    b.add_argument("--prefill-batch", type=int, default=4)
+    b.add_argument("--prefill-len", type=int, default=512)
+    b.add_argument("--decode-batch", type=int, default=16)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--out", default=None, help="write the comparison as JSON here")
     return parser
 
 
@@ -95,6 +108,8 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     solver_kwargs = {f.name: getattr(args, f.name) for f in fields(SolverConfig) if hasattr(args, f.name)}
     return PruneConfig(
         sparsity=args.sparsity,
+        target=args.target,
+        head_sparsity=args.head_sparsity,
         solver=SolverConfig(**solver_kwargs),
         calibration=CalibrationConfig(args.calib, args.n_samples, args.seq_len, args.seed),
         allocation=args.allocation,
@@ -102,6 +117,7 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
         min_sparsity=args.min_sparsity,
         max_sparsity=args.max_sparsity,
         width_multiple=args.width_multiple,
+        error_correction=args.error_correction,
         device=args.device,
         compute_dtype=args.compute_dtype,
         batch_size=args.batch_size,
@@ -213,6 +229,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .evaluation.speed import compare, format_comparison
+    from .models import load_model
+    from .runtime import resolve_device
+
+    device = str(resolve_device(args.device))
+    dense, _, dense_path = load_model(args.dense, dtype=args.dtype, device=device)
+    pruned, _, pruned_path = load_model(args.pruned, dtype=args.dtype, device=device)
+    result = compare(
+        dense, pruned, prefill_batch=args.prefill_batch, prefill_len=args.prefill_len,
+        decode_batch=args.decode_batch, new_tokens=args.new_tokens,
+    )
+    result.update(dense_model=dense_path, pruned_model=pruned_path, device=device, dtype=args.dtype)
+    print(f"{dense_path} vs {pruned_path} on {device} ({args.dtype}):")
+    print(format_comparison(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def _merge_json(file: Path, update: dict[str, Any]) -> None:
     """Merge ``update`` into a JSON file (atomic replace)."""
     data = json.loads(file.read_text()) if file.is_file() else {}
@@ -230,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval}[args.command](args)
+        return {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as exc:
         print(f"spap: error: {exc}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ from typing import Any
 from .core.solver_config import SolverConfig
 
 ALLOCATIONS = ("auto", "uniform", "structprune", "global")
+TARGETS = ("mlp", "attn", "both")
 
 
 @dataclass
@@ -31,12 +32,18 @@ class PruneConfig:
     """Everything that determines a pruning run.
 
     sparsity:       fraction of MLP neurons removed, in [0, 1).
+    target:         what is pruned: "mlp" neurons, "attn" heads (KV groups), or "both".
+    head_sparsity:  fraction of KV groups (with their query heads) removed per layer for "attn"/"both".
     allocation:     how the neuron budget is split across layers: "auto" ("global" for method
                     "flap", else "uniform"), "uniform" (same sparsity in every
                     layer), "structprune" (energy softmax, see spap.core.allocation) or "global"
                     (FLAP's standardised global ranking).
     temperature:    T of the structprune softmax (dimensionless: energies are normalised to mean 1).
     min_sparsity, max_sparsity: per-layer bounds for non-uniform allocations.
+    error_correction: beta in [0, 1]: MLP targets become dense(x) + beta * (dense model's layer
+                    output - pruned model's layer output with the dense MLP), so each layer also
+                    corrects error accumulated upstream (0 = plain layer-wise reconstruction).
+                    Costs one more layer forward and one hidden-state buffer.
     width_multiple: round every kept MLP width to a multiple of this (e.g. 64 or 256, for
                     efficient GEMM tiles); the total stays within half a multiple of the budget.
     device:         "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
@@ -47,6 +54,8 @@ class PruneConfig:
     """
 
     sparsity: float = 0.3
+    target: str = "mlp"
+    head_sparsity: float = 0.0
     solver: SolverConfig = field(default_factory=SolverConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     allocation: str = "auto"
@@ -54,6 +63,7 @@ class PruneConfig:
     min_sparsity: float = 0.0
     max_sparsity: float = 0.9
     width_multiple: int = 1
+    error_correction: float = 0.0
     device: str = "auto"
     compute_dtype: str = "auto"
     batch_size: int = 8
@@ -62,10 +72,24 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        if not 0.0 <= self.head_sparsity < 1.0:
+            raise ValueError(f"head_sparsity must be in [0, 1), got {self.head_sparsity!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if not 0.0 <= self.error_correction <= 1.0:
+            raise ValueError("error_correction must be in [0, 1]")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+
+    @property
+    def prunes_mlp(self) -> bool:
+        return self.target in ("mlp", "both")
+
+    @property
+    def prunes_heads(self) -> bool:
+        return self.target in ("attn", "both") and self.head_sparsity > 0
 
     @property
     def allocation_rule(self) -> str:

@@ -110,3 +110,12 @@ def broadcast_weights(weights: MLPWeights | None, template: MLPWeights, kept: Te
     from dataclasses import replace
 
     return replace(template, **received), kept_buf.cpu()
+
+
+def broadcast_object(obj):
+    """Rank 0's picklable ``obj`` on every rank (identity without torch.distributed)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

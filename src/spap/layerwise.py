@@ -115,12 +115,24 @@ def compute_copy(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs, device: torch.device, dtype: torch.dtype, keep_outputs: bool = True) -> LayerInputs:
-    """Forward every batch through ``layer`` (already on device); outputs become the next layer's inputs."""
+def run_layer(
+    layer: nn.Module,
+    inputs: LayerInputs,
+    device: torch.device,
+    dtype: torch.dtype,
+    keep_outputs: bool = True,
+    on_output: Callable[[int, Tensor], None] | None = None,
+) -> LayerInputs:
+    """Forward every batch through ``layer`` (already on device); outputs become the next layer's inputs.
+
+    ``on_output(batch_index, output)`` is called after each batch (e.g. to finish per-batch statistics).
+    """
     outputs: list[Tensor] = []
-    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+    for index, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
         out = layer(hidden.to(device, dtype), **_map_tensors(kwargs, _to(device, dtype)))
         out = out[0] if isinstance(out, (tuple, list)) else out
+        if on_output is not None:
+            on_output(index, out)
         if keep_outputs:
             outputs.append(out.to("cpu", dtype))
     return LayerInputs(outputs, inputs.kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from .core import allocation
 from .core.linalg import QuadraticLS
 from .core.scores import neuron_scores
 from .core.selection import score_select
+from .core.heads import column_groups, prune_kv_groups
 from .core.stats import sample_token_positions
 from .layerwise import LayerInputs, capture_layer_inputs, compute_copy, run_layer
 from .runtime import peak_memory, reset_peak_memory, resolve_device, resolve_dtype, versions
@@ -41,6 +42,8 @@ class LayerReport:
     refit_first: float | None = None
     refit_last: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    kv_groups_kept: list[int] | None = None  # attention: KV groups kept (None: heads not pruned)
+    heads_error: float | None = None  # relative error of the attention output after head pruning
 
 
 @dataclass
@@ -134,6 +137,8 @@ def prune(
         counts = allocate(cfg, widths, probe)
         seconds["probe"] = time.perf_counter() - t0
     counts = allocation.round_kept_to_multiple(widths, counts, cfg.width_multiple)
+    if not cfg.prunes_mlp:
+        counts = [0] * len(widths)
     if len(counts) != len(layers) or any(not 0 <= k < m for k, m in zip(counts, widths)):
         raise ValueError(f"invalid per-layer prune counts {counts} for widths {widths}")
     t0 = time.perf_counter()
@@ -146,12 +151,28 @@ def prune(
         positions = sample_token_positions(calibration_ids.numel(), cfg.solver.refit_tokens, cfg.seed)
         positions = distributed.local_positions(positions, first * seq_len, last * seq_len)
 
+    dense_inputs = None
+    if cfg.error_correction > 0:
+        if not adapter.mlp_output_is_residual(model):
+            raise ValueError(f"error_correction needs layers whose MLP output is added last; {model.config.model_type} is not")
+        dense_inputs = inputs
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(layers)), desc=f"{cfg.solver.method} {cfg.sparsity:.0%}", unit="layer")
     for index, layer in bar:
         t_layer = time.perf_counter()
         try:
-            report, inputs = _prune_layer(adapter, layer, index, inputs, counts[index], cfg, device, dtype, positions)
+            dense_outputs = None
+            if dense_inputs is not None:  # the dense model's trajectory, for error correction
+                dense_outputs = run_layer(compute_copy(layer, device, dtype), dense_inputs, device, dtype)
+            head_report = None
+            if cfg.prunes_heads:
+                head_report = _prune_heads(model, adapter, layer, index, inputs, cfg, device, dtype)
+            report, inputs = _prune_layer(
+                adapter, layer, index, inputs, counts[index], cfg, device, dtype, positions, dense_outputs
+            )
+            dense_inputs = dense_outputs
+            if head_report is not None:
+                report.kv_groups_kept, report.heads_error = head_report
         except NonFiniteStatisticsError as exc:
             raise NonFiniteStatisticsError(f"layer {index}: {exc}") from exc
         report.seconds["total"] = time.perf_counter() - t_layer
@@ -185,19 +206,36 @@ def _prune_layer(
     device: torch.device,
     dtype: torch.dtype,
     positions: Tensor | None,
+    dense_outputs: LayerInputs | None = None,
 ) -> tuple[LayerReport, LayerInputs]:
+    """Prune one layer's MLP.  With ``dense_outputs`` (the dense model's outputs of this layer) the
+    targets are corrected by beta * (dense output - output of the layer with its dense MLP on the
+    pruned model's inputs), so the refit also absorbs error accumulated upstream."""
     width = adapter.mlp_width(layer)
     if k == 0:
         outputs = run_layer(compute_copy(layer, device, dtype), inputs, device, dtype)
         return LayerReport(index, width, width, list(range(width)), 0.0, 0.0), outputs
 
     dense = adapter.read_mlp(layer).to(device, torch.float32)
-    stats = _collect(adapter, layer, inputs, device, dtype, dense, None, positions)
-    result = _on_rank0(lambda: prune_mlp(dense, stats, k, cfg.solver, stats.sample_inputs(), refit_dtype=dtype), dense, cfg)
+    deltas: list[Tensor] = []
+    first_offsets = None
+    if dense_outputs is not None:
+        beta = cfg.error_correction
+
+        def first_offsets(batch: int, output: Tensor) -> Tensor:
+            deltas.append(beta * (dense_outputs.hidden[batch].to(output.device, torch.float32) - output.float()))
+            return deltas[-1]
+
+    stats = _collect(adapter, layer, inputs, device, dtype, dense, None, positions, first_offsets)
+    sample_offsets = stats.sample_offsets()
+    result = _on_rank0(
+        lambda: prune_mlp(dense, stats, k, cfg.solver, stats.sample_inputs(), dtype, sample_offsets), dense, cfg
+    )
     del stats
     adapter.write_mlp(layer, result.weights)
     if result.needs_final_ls:  # W_up/W_gate changed on a sample: refit W_down on all tokens
-        stats = _collect(adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None)
+        again = (lambda batch, _out: deltas[batch]) if deltas else None
+        stats = _collect(adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None, again)
         fit_bias = resolve_fit_bias(cfg.solver, dense)
         result = _on_rank0(lambda: finalize_down(result, stats, cfg.solver, fit_bias), dense, cfg, result)
         adapter.write_mlp(layer, result.weights)
@@ -226,6 +264,49 @@ def _prune_layer(
     return report, outputs
 
 
+def _prune_heads(
+    model: nn.Module, adapter: ArchitectureAdapter, layer: nn.Module, index: int, inputs: LayerInputs,
+    cfg: PruneConfig, device: torch.device, dtype: torch.dtype,
+) -> tuple[list[int], float]:
+    """Remove round(head_sparsity * n_kv) KV groups of ``layer`` and re-fit its output projection."""
+    n_heads, n_kv, head_dim = adapter.attention_shape(layer)
+    k = int(round(cfg.head_sparsity * n_kv))
+    if k == 0:
+        return list(range(n_kv)), 0.0
+    o = adapter.attention_output_linear(layer)
+    w_o = o.weight.detach().to(device, torch.float32)
+    b_o = None if o.bias is None else o.bias.detach().to(device, torch.float32)
+    stats = MLPStatistics(w_o.shape[1], w_o.shape[0], device)
+    work = compute_copy(layer, device, dtype)
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        a = args[0].reshape(-1, args[0].shape[-1]).to(device, torch.float32)
+        stats.add(a, torch.nn.functional.linear(a, w_o, b_o))
+
+    handle = adapter.attention_output_linear(work).register_forward_pre_hook(hook)
+    try:
+        run_layer(work, inputs, device, dtype, keep_outputs=False)
+    finally:
+        handle.remove()
+    distributed.all_reduce_statistics(stats)
+    groups = column_groups(n_heads, n_kv, head_dim)
+    result = prune_kv_groups(w_o, b_o, stats, groups, k, cfg.solver) if distributed.rank() == 0 else None
+    keep = distributed.broadcast_object(result.keep_groups if result else None)
+    weights = distributed.broadcast_object((result.o_weight, result.o_bias) if result else None)
+    attributes = adapter.keep_kv_groups(layer, keep, weights[0], weights[1])
+    if attributes:
+        name = f"{adapter.layers_prefix(model)}.{index}.{_relative_name(layer, adapter.attention_module(layer))}"
+        model.__dict__.setdefault("_spap_module_attributes", {})[name] = attributes
+    return keep, result.error if result else float("nan")
+
+
+def _relative_name(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise KeyError("module not found")
+
+
 def _collect(
     adapter: ArchitectureAdapter,
     layer: nn.Module,
@@ -235,13 +316,23 @@ def _collect(
     features: MLPWeights,
     target: MLPWeights | None,
     positions: Tensor | None,
+    offset_for: Callable[[int, Tensor], Tensor | None] | None = None,
 ) -> MLPStatistics:
-    """Run ``layer`` on all calibration inputs and accumulate statistics of its MLP inputs."""
+    """Run ``layer`` on all calibration inputs and accumulate statistics of its MLP inputs.
+
+    ``offset_for(batch, layer_output)`` may return a per-token correction added to the targets.
+    """
     stats = MLPStatistics(features.width, features.hidden_size, device, positions)
     work = compute_copy(layer, device, dtype)
-    hook = adapter.mlp_input_linear(work).register_forward_pre_hook(lambda _m, args: stats.update(args[0], features, target))
+    captured: list[Tensor] = []
+    hook = adapter.mlp_input_linear(work).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+
+    def finish(batch: int, output: Tensor) -> None:
+        offset = offset_for(batch, output) if offset_for is not None else None
+        stats.update(captured.pop(), features, target, offset)
+
     try:
-        run_layer(work, inputs, device, dtype, keep_outputs=False)
+        run_layer(work, inputs, device, dtype, keep_outputs=False, on_output=finish)
     finally:
         hook.remove()
     distributed.all_reduce_statistics(stats)

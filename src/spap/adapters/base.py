@@ -54,7 +54,6 @@ class ArchitectureAdapter(ABC):
     def write_mlp(self, layer: nn.Module, weights: MLPWeights) -> None:
         """Replace the MLP Linears by ones of the new width holding ``weights`` (cast to the layer dtype)."""
         lin = self.mlp_linears(layer)
-        ref = lin["up"].weight
         new = {
             "up": (weights.up, weights.up_bias),
             "down": (weights.down, weights.down_bias),
@@ -62,14 +61,65 @@ class ArchitectureAdapter(ABC):
         if "gate" in lin:
             new["gate"] = (weights.gate, weights.gate_bias)
         for role, (w, b) in new.items():
-            old = lin[role]
-            module = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=ref.device, dtype=ref.dtype)
-            with torch.no_grad():
-                module.weight.copy_(w)
-                if b is not None:
-                    module.bias.copy_(b)
-            parent, name = self._parent_of(layer, old)
-            setattr(parent, name, module)
+            self._replace_linear(layer, lin[role], w, b)
+
+    def mlp_output_is_residual(self, model: nn.Module) -> bool:
+        """True if every layer computes out = h + mlp(norm(h)) with nothing after the MLP."""
+        return True
+
+    # --- attention heads -------------------------------------------------------------------
+    def attention_output_linear(self, layer: nn.Module) -> nn.Linear:
+        """The attention output projection (its input is the concatenated head outputs)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support head pruning")
+
+    def attention_projections(self, layer: nn.Module) -> dict[str, nn.Linear]:
+        """q, k, v, o Linears of the layer's attention."""
+        raise NotImplementedError(f"{type(self).__name__} does not support head pruning")
+
+    def attention_shape(self, layer: nn.Module) -> tuple[int, int, int]:
+        """(query heads, KV heads, head_dim) of the layer as it is now."""
+        raise NotImplementedError(f"{type(self).__name__} does not support head pruning")
+
+    def head_attributes(self, n_heads: int, n_kv_heads: int) -> dict[str, int]:
+        """Attributes of the attention module that must follow its head counts (none by default)."""
+        return {}
+
+    def head_config(self, n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, int]:
+        """Config fields that describe uniform head counts ({} if the stock config cannot)."""
+        return {}
+
+    def keep_kv_groups(self, layer: nn.Module, keep: list[int], o_weight: torch.Tensor, o_bias: torch.Tensor | None) -> dict[str, int]:
+        """Keep only KV groups ``keep`` (rows of q/k/v, o_proj columns <- o_weight); returns module attributes set."""
+        n_heads, n_kv, head_dim = self.attention_shape(layer)
+        per_group = n_heads // n_kv
+        proj = self.attention_projections(layer)
+        q_heads = [g * per_group + j for g in keep for j in range(per_group)]
+
+        def rows(heads: list[int]) -> torch.Tensor:
+            return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+        q_rows, kv_rows = rows(q_heads), rows(keep)
+        for name, idx in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+            old = proj[name]
+            self._replace_linear(layer, old, old.weight.detach()[idx], None if old.bias is None else old.bias.detach()[idx])
+        self._replace_linear(layer, proj["o"], o_weight, o_bias)
+        attributes = self.head_attributes(len(q_heads), len(keep))
+        module = self.attention_module(layer)
+        for key, value in attributes.items():
+            setattr(module, key, value)
+        return attributes
+
+    def attention_module(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def _replace_linear(self, layer: nn.Module, old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
+        parent, name = self._parent_of(layer, old)
+        setattr(parent, name, module)
 
     def mlp_width(self, layer: nn.Module) -> int:
         return self.mlp_linears(layer)["up"].out_features

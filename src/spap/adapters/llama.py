@@ -23,3 +23,18 @@ class LlamaAdapter(ArchitectureAdapter):
 
     def mlp_activation(self, layer: nn.Module) -> nn.Module:
         return layer.mlp.act_fn
+
+    def attention_output_linear(self, layer: nn.Module) -> nn.Linear:
+        return layer.self_attn.o_proj
+
+    def attention_projections(self, layer: nn.Module) -> dict[str, nn.Linear]:
+        a = layer.self_attn
+        return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj}
+
+    def attention_shape(self, layer: nn.Module) -> tuple[int, int, int]:
+        a = layer.self_attn
+        return a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim, a.head_dim
+
+    def head_config(self, n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, int]:
+        # explicit head_dim: it no longer equals hidden_size / num_attention_heads
+        return {"num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "head_dim": head_dim}

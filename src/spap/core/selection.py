@@ -47,55 +47,75 @@ class PenaltyTrace:
 
 
 def compensated_importance(
-    problem: QuadraticLS, penalty: Tensor | None, damping: float, exponent: float
+    problem: QuadraticLS, penalty: Tensor | None, damping: float, exponent: float, groups: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(importance (m,), W (d, m)): ||W_i||^2 G_ii^(1-t) / ([A^-1]_ii)^t, A = G + diag(penalty) + damping I."""
+    """(importance per neuron or group, W (d, m)) with A = G + diag(penalty) + damping I.
+
+    Neurons: ||W_i||^2 G_ii^(1-t) / ([A^-1]_ii)^t.  Groups (column blocks g, e.g. attention heads):
+    U_g^(1-t) C_g^t with the uncompensated cost U_g = tr(W_g G_gg W_g^T) and the compensated
+    (group-OBS) cost C_g = tr(W_g [(A^-1)_gg]^-1 W_g^T); both reduce to the neuron formula for |g| = 1.
+    """
     m = problem.gram.shape[0]
     diag = torch.full((m,), float(damping), dtype=problem.gram.dtype, device=problem.gram.device)
     if penalty is not None:
         diag = diag + penalty
     a = problem.gram + torch.diag(diag)
     chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:  # fall back to the robust solver's escalating damping
+    if int(info) != 0:  # fall back to extra damping
         chol = torch.linalg.cholesky(a + torch.eye(m, dtype=a.dtype, device=a.device) * problem.mean_diag * 1e-2)
     w = torch.cholesky_solve(problem.cross.T, chol).T
-    inv_diag = torch.cholesky_inverse(chol).diagonal().clamp_min(1e-300)
-    g_diag = problem.gram.diagonal().clamp_min(1e-300)
-    return w.pow(2).sum(0) * g_diag.pow(1 - exponent) / inv_diag.pow(exponent), w
+    inv = torch.cholesky_inverse(chol)
+    if groups is None:
+        inv_diag = inv.diagonal().clamp_min(1e-300)
+        g_diag = problem.gram.diagonal().clamp_min(1e-300)
+        return w.pow(2).sum(0) * g_diag.pow(1 - exponent) / inv_diag.pow(exponent), w
+    out = []
+    for g in range(int(groups.max()) + 1):
+        idx = torch.nonzero(groups == g).flatten().to(w.device)
+        wg = w[:, idx]
+        u = ((wg.T @ wg) * problem.gram[idx][:, idx]).sum().clamp_min(1e-300)
+        c = (wg * torch.linalg.solve(inv[idx][:, idx], wg.T).T).sum().clamp_min(1e-300)
+        out.append(u.pow(1 - exponent) * c.pow(exponent))
+    return torch.stack(out), w
 
 
-def penalty_select(problem: QuadraticLS, n_prune: int, cfg: SolverConfig) -> tuple[Tensor, PenaltyTrace]:
-    """Bool mask (m,) of the n_prune neurons SPAP removes, and the loop's trace.
+def penalty_select(
+    problem: QuadraticLS, n_prune: int, cfg: SolverConfig, groups: Tensor | None = None
+) -> tuple[Tensor, PenaltyTrace]:
+    """Bool mask of the n_prune neurons (or groups, if ``groups`` maps columns to group ids) SPAP removes.
 
-    Runs on the centred problem when the MLP has a bias, so that the intercept is never penalised.
+    Callers pass the centred problem when the layer has a bias, so the intercept is never penalised.
     """
     m = problem.gram.shape[0]
+    n_units = m if groups is None else int(groups.max()) + 1
     trace = PenaltyTrace()
     if n_prune <= 0:
-        return torch.zeros(m, dtype=torch.bool), trace
+        return torch.zeros(n_units, dtype=torch.bool), trace
     scale = problem.mean_diag
     damping = cfg.damping * scale
     y_sq = max(float(problem.y_sq), 1e-30)
-    s = torch.zeros(m, dtype=torch.float64, device=problem.gram.device)
+    s = torch.zeros(n_units, dtype=torch.float64, device=problem.gram.device)
+    column_group = None if groups is None else groups.to(problem.gram.device)
     rho = cfg.rho_init * scale
     ramp_rounds = max(1, round(cfg.ramp * cfg.penalty_rounds))
-    importance, _ = compensated_importance(problem, None, damping, cfg.score_exponent)
+    importance, _ = compensated_importance(problem, None, damping, cfg.score_exponent, groups)
     for r in range(cfg.penalty_rounds):
-        importance, w = compensated_importance(problem, rho * s, damping, cfg.score_exponent)
+        penalty = rho * (s if column_group is None else s[column_group])
+        importance, w = compensated_importance(problem, penalty, damping, cfg.score_exponent, groups)
         k_r = min(n_prune, max(1, round(n_prune * (r + 1) / ramp_rounds)))
         s = (1 - cfg.momentum) * s + cfg.momentum * bottom_k(importance, k_r).double()
         trace.objective.append(2 * problem.objective(w) / y_sq)
-        trace.penalty.append(float(rho * (s * w.pow(2).sum(0)).sum()) / y_sq)
+        trace.penalty.append(float((penalty * w.pow(2).sum(0)).sum()) / y_sq)
         trace.target_size.append(k_r)
         rho *= cfg.rho_growth
     by_importance = torch.sort(importance, stable=True).indices
     order = by_importance[torch.sort(-s[by_importance], stable=True).indices]
-    mask = torch.zeros(m, dtype=torch.bool, device=s.device)
+    mask = torch.zeros(n_units, dtype=torch.bool, device=s.device)
     mask[order[:n_prune]] = True
     return mask, trace
 
 
-def score_select(problem: QuadraticLS, n_prune: int, cfg: SolverConfig) -> Tensor:
-    """Ablation without the penalty loop: the k lowest compensated importances of the dense fit."""
-    importance, _ = compensated_importance(problem, None, cfg.damping * problem.mean_diag, cfg.score_exponent)
+def score_select(problem: QuadraticLS, n_prune: int, cfg: SolverConfig, groups: Tensor | None = None) -> Tensor:
+    """Ablation without the penalty loop: the k lowest importances of the unpenalised fit."""
+    importance, _ = compensated_importance(problem, None, cfg.damping * problem.mean_diag, cfg.score_exponent, groups)
     return bottom_k(importance, n_prune)

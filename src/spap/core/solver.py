@@ -70,11 +70,14 @@ def prune_mlp(
     cfg: SolverConfig,
     sample_x: Tensor | None = None,
     refit_dtype: torch.dtype | None = None,
+    sample_offset: Tensor | None = None,
 ) -> MLPPruneResult:
     """Remove ``n_prune`` neurons from ``weights`` (float32) using calibration ``stats``.
 
     ``sample_x`` (n, d): stored calibration inputs, required by the "alternating" and "gd" refits.
     ``refit_dtype``: matmul dtype of the refit's gradient steps (autocast), e.g. bfloat16.
+    ``sample_offset`` (n, d): target correction of the sample rows (targets = dense(x) + offset),
+    matching the offsets the statistics were accumulated with.
     """
     m = weights.width
     if not 0 <= n_prune < m:
@@ -113,7 +116,7 @@ def prune_mlp(
         t0 = time.perf_counter()
         x = sample_x.float()
         with torch.no_grad():
-            y = weights(x)
+            y = weights(x) if sample_offset is None else weights(x) + sample_offset.float()
         use_autocast = refit_dtype is not None and refit_dtype != torch.float32
         ctx = torch.autocast(x.device.type, dtype=refit_dtype) if use_autocast else nullcontext()
         with ctx:

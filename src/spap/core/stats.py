@@ -47,19 +47,26 @@ class MLPStatistics:
         # Global token positions (sorted) whose inputs x are kept for refitting.
         self.sample_positions = sample_positions
         self._sample_rows: list[Tensor] = []
+        self._sample_offsets: list[Tensor] = []
 
     @property
     def width(self) -> int:
         return self.gram.shape[0]
 
-    def update(self, x: Tensor, features: MLPWeights, target: MLPWeights | None = None) -> None:
-        """Add tokens x (n, d): z from ``features``, y from ``target`` (default: the same MLP)."""
+    def update(
+        self, x: Tensor, features: MLPWeights, target: MLPWeights | None = None, offset: Tensor | None = None
+    ) -> None:
+        """Add tokens x (n, d): z from ``features``; y from ``target`` (default: the same MLP) plus
+        ``offset`` (n, d) if given (an error-correction term added to the target)."""
         x = x.reshape(-1, x.shape[-1])
-        self._keep_sample_rows(x)
+        offset = None if offset is None else offset.reshape(-1, offset.shape[-1])
+        self._keep_sample_rows(x, offset)
         for start in range(0, x.shape[0], self.chunk_tokens):
             xc = x[start : start + self.chunk_tokens].to(self.gram.device, torch.float32)
             z = features.intermediate(xc)
             y = features.output_from_intermediate(z) if target is None else target(xc)
+            if offset is not None:
+                y = y + offset[start : start + self.chunk_tokens].to(y)
             self.add(z, y)
 
     def add(self, z: Tensor, y: Tensor) -> None:
@@ -76,7 +83,7 @@ class MLPStatistics:
         self.y_sq += y.double().pow(2).sum()
         self.count += z.shape[0]
 
-    def _keep_sample_rows(self, x: Tensor) -> None:
+    def _keep_sample_rows(self, x: Tensor, offset: Tensor | None) -> None:
         if self.sample_positions is None:
             return
         lo, hi = self.count, self.count + x.shape[0]
@@ -84,12 +91,18 @@ class MLPStatistics:
         sel = pos[(pos >= lo) & (pos < hi)] - lo
         if sel.numel():
             self._sample_rows.append(x[sel.to(x.device)].detach().to("cpu", torch.float32))
+            if offset is not None:
+                self._sample_offsets.append(offset[sel.to(offset.device)].detach().to("cpu", torch.float32))
 
     def sample_inputs(self) -> Tensor | None:
         """Kept input rows (n_sample, d) in float32 on CPU, or None if no sample was requested."""
         if self.sample_positions is None or not self._sample_rows:
             return None
         return torch.cat(self._sample_rows)
+
+    def sample_offsets(self) -> Tensor | None:
+        """Target offsets of the kept rows (n_sample, d), or None if no offsets were given."""
+        return torch.cat(self._sample_offsets) if self._sample_offsets else None
 
     @property
     def z_mean(self) -> Tensor:

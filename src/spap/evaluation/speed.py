@@ -122,3 +122,37 @@ def measure(model: nn.Module, prefill_batch: int = 4, prefill_len: int = 512, de
     if device.type == "cuda":
         result.peak_gpu_gib = torch.cuda.max_memory_allocated(device) / 2**30
     return result
+
+
+def compare(dense: nn.Module, pruned: nn.Module, **kwargs) -> dict:
+    """Measure both models in one process; speedups and the memory-bound decode limit."""
+    d, p = measure(dense, **kwargs), measure(pruned, **kwargs)
+    limit = d.decode_bytes / p.decode_bytes
+    return {
+        "dense": d.to_dict(),
+        "pruned": p.to_dict(),
+        "prefill_speedup": p.prefill_tokens_per_s / d.prefill_tokens_per_s,
+        "decode_speedup_batch1": d.decode_ms_batch1 / p.decode_ms_batch1,
+        "decode_speedup_batched": d.decode_ms_batched / p.decode_ms_batched,
+        "byte_ratio_limit": limit,
+        "weight_memory_ratio": p.weight_bytes / d.weight_bytes,
+    }
+
+
+def format_comparison(c: dict) -> str:
+    d, p = c["dense"], c["pruned"]
+    lim = c["byte_ratio_limit"]
+    rows = [
+        ("parameters (M)", d["parameters"] / 1e6, p["parameters"] / 1e6, p["parameters"] / d["parameters"]),
+        ("weight memory (MiB)", d["weight_bytes"] / 2**20, p["weight_bytes"] / 2**20, c["weight_memory_ratio"]),
+        ("prefill tokens/s", d["prefill_tokens_per_s"], p["prefill_tokens_per_s"], c["prefill_speedup"]),
+        ("decode ms/token, batch 1", d["decode_ms_batch1"], p["decode_ms_batch1"], c["decode_speedup_batch1"]),
+        (f"decode ms/step, batch {d['decode_batch']}", d["decode_ms_batched"], p["decode_ms_batched"], c["decode_speedup_batched"]),
+    ]
+    lines = [f"{'':28s} {'dense':>12s} {'pruned':>12s} {'ratio':>8s}"]
+    lines += [f"{name:28s} {a:12.2f} {b:12.2f} {r:8.3f}" for name, a, b, r in rows]
+    lines.append(
+        f"byte-ratio limit (dense/pruned bytes per decode step): {lim:.3f}; decode speedup reaches "
+        f"{c['decode_speedup_batch1'] / lim:.2f} (batch 1) and {c['decode_speedup_batched'] / lim:.2f} (batched) of it"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Shared pieces of the benchmark scripts: method variants, one isolated pruning run, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # name: PruneConfig overrides; "solver" holds SolverConfig overrides
+    "dense": {},
+    "spap": {"solver": {}},
+    "spap-no-penalty": {"solver": {"selection": "score"}},
+    "spap-no-refit": {"solver": {"refit": "ls"}},
+    "spap-gd-refit": {"solver": {"refit": "gd"}},
+    "spap-structprune": {"solver": {}, "allocation": "structprune"},
+    "magnitude": {"solver": {"method": "magnitude"}},
+    "wanda-sp": {"solver": {"method": "wanda-sp"}},
+    "fasp": {"solver": {"method": "fasp"}},
+    "flap": {"solver": {"method": "flap"}},
+}
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} threads, {gpu}"
+
+
+def _run(job: dict[str, Any]) -> dict[str, Any]:
+    """One pruning + evaluation run (executed in a fresh process so peak memory is its own)."""
+    import torch
+
+    import spap
+    from spap.calibration import load_text
+    from spap.config import CalibrationConfig, PruneConfig
+    from spap.core import SolverConfig
+    from spap.evaluation.perplexity import perplexity
+    from spap.evaluation.zeroshot import evaluate_task, load_task
+    from spap.models import load_model
+
+    torch.manual_seed(job["seed"])
+    model, tokenizer, path = load_model(job["model"])
+    row: dict[str, Any] = {"variant": job["variant"], "sparsity": job["sparsity"], "model": path}
+    overrides = dict(VARIANTS[job["variant"]])
+    overrides.update(job.get("overrides", {}))
+    t0 = time.perf_counter()
+    if job["variant"] != "dense":
+        solver = SolverConfig(**{**overrides.pop("solver", {}), **job.get("solver", {})})
+        cfg = PruneConfig(
+            sparsity=job["sparsity"], solver=solver, calibration=CalibrationConfig(**job["calibration"]),
+            seed=job["seed"], **overrides,
+        )
+        report = spap.prune(model, tokenizer, cfg)
+        row.update(
+            prune_seconds=report.seconds["total"], peak_rss_gib=report.memory["peak_rss_gib"],
+            parameters=report.parameters_after, parameters_before=report.parameters_before,
+            widths=report.widths, mean_layer_error=sum(r.error for r in report.layers) / len(report.layers),
+            config=report.config, calibration_shape=report.calibration_shape,
+            allocation=report.extra.get("allocation"),
+        )
+        if job.get("save"):
+            spap.save_pruned(model, job["save"], tokenizer, report.to_dict(), overwrite=True)
+    else:
+        row.update(parameters=sum(p.numel() for p in model.parameters()), prune_seconds=0.0)
+    dtype = getattr(torch, job["eval_dtype"])
+    text = load_text(job["ppl_file"])
+    row["ppl"] = {}
+    for seq_len in job["seq_lens"]:
+        windows = job["max_tokens"] // seq_len if job.get("max_tokens") else None
+        r = perplexity(model, tokenizer, text, seq_len, dtype=dtype, max_windows=windows, progress=False)
+        row["ppl"][str(seq_len)] = r.to_dict()
+    for task in job.get("tasks", []):
+        name, examples = load_task(task, job.get("task_limit"))
+        row.setdefault("zeroshot", {})[name] = evaluate_task(model, tokenizer, examples, name, dtype=dtype, progress=False).to_dict()
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def run_isolated(job: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_run, (job,))
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
+def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    tmp.replace(path)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

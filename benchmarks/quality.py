@@ -1,0 +1,110 @@
+"""Quality sweep: WikiText-2 perplexity of every method at several sparsities, one harness.
+
+    python benchmarks/quality.py --ppl-file ../shared/data/wikitext-2-raw/wiki.test.raw \
+        --sparsities 0.1 0.2 0.3 0.4 0.5 --methods spap magnitude wanda-sp fasp flap
+
+Each (method, sparsity) runs in a fresh process (its own peak memory).  Writes
+results/quality-<model>.json (appended run by run; --resume skips finished rows), a Markdown table
+and a PNG plot of perplexity against sparsity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import VARIANTS, load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--name", default=None, help="results file tag (default: model name)")
+    ap.add_argument("--methods", nargs="+", default=["spap", "magnitude", "wanda-sp", "fasp", "flap"], choices=list(VARIANTS))
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    ap.add_argument("--calib", default="bundled")
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--ppl-file", required=True)
+    ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 128])
+    ap.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens only")
+    ap.add_argument("--eval-dtype", default="bfloat16")
+    ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot task files evaluated too")
+    ap.add_argument("--task-limit", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", default="results")
+    ap.add_argument("--resume", action="store_true")
+    return ap.parse_args()
+
+
+def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) -> str:
+    header = ["method", "sparsity", "params (M)"] + [f"ppl@{s}" for s in seq_lens] + ["prune s", "peak RSS GiB"]
+    table_rows = []
+    for r in sorted(rows, key=lambda r: (r["sparsity"], r["variant"])):
+        table_rows.append(
+            [r["variant"], f"{r['sparsity']:.0%}", f"{r['parameters'] / 1e6:.1f}"]
+            + [r["ppl"][str(s)]["perplexity"] for s in seq_lens if str(s) in r["ppl"]]
+            + [round(r.get("prune_seconds", 0)), f"{r.get('peak_rss_gib', 0):.1f}"]
+        )
+    table = markdown_table(header, table_rows)
+    out.with_suffix(".md").write_text(f"# {title}\n\n{table}\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return table
+    fig, axes = plt.subplots(1, len(seq_lens), figsize=(6 * len(seq_lens), 4.5), squeeze=False)
+    dense = {s: [r for r in rows if r["variant"] == "dense"] for s in seq_lens}
+    for ax, s in zip(axes[0], seq_lens):
+        for method in sorted({r["variant"] for r in rows if r["variant"] != "dense"}):
+            pts = sorted((r["sparsity"], r["ppl"][str(s)]["perplexity"]) for r in rows if r["variant"] == method)
+            if dense[s]:
+                pts = [(0.0, dense[s][0]["ppl"][str(s)]["perplexity"])] + pts
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_yscale("log")
+        ax.set_xlabel("MLP sparsity")
+        ax.set_ylabel(f"perplexity (seq_len {s})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    return table
+
+
+def main() -> None:
+    args = parse()
+    tag = args.name or Path(args.model).name
+    out = Path(args.out_dir) / f"quality-{tag}.json"
+    rows = load_rows(out) if args.resume else []
+    meta = {
+        "model": args.model, "machine": machine(), "ppl_file": args.ppl_file, "seq_lens": args.seq_lens,
+        "max_tokens": args.max_tokens, "eval_dtype": args.eval_dtype,
+        "calibration": {"source": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len, "seed": args.seed},
+        "command": " ".join(sys.argv),
+    }
+    jobs = [("dense", 0.0)] + [(m, s) for s in args.sparsities for m in args.methods]
+    for variant, sparsity in jobs:
+        if any(r["variant"] == variant and r["sparsity"] == sparsity for r in rows):
+            continue
+        job = {
+            "model": args.model, "variant": variant, "sparsity": sparsity, "seed": args.seed,
+            "calibration": meta["calibration"], "ppl_file": args.ppl_file, "seq_lens": args.seq_lens,
+            "max_tokens": args.max_tokens, "eval_dtype": args.eval_dtype, "tasks": args.tasks,
+            "task_limit": args.task_limit,
+        }
+        row = run_isolated(job)
+        rows.append(row)
+        save_rows(out, rows, meta)
+        ppl = ", ".join(f"ppl@{k} {v['perplexity']:.2f}" for k, v in row["ppl"].items())
+        print(f"{variant:18s} {sparsity:4.0%}  {ppl}  prune {row.get('prune_seconds', 0):.0f}s", flush=True)
+    print(write_outputs(rows, out, args.seq_lens, f"{tag}: perplexity vs MLP sparsity ({machine()})"))
+
+
+if __name__ == "__main__":
+    main()

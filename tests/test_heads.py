@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import spap
+from spap.adapters import get_adapter
+from spap.config import PruneConfig
+from spap.core import SolverConfig
+from spap.core.heads import column_groups
+
+from .conftest import tiny_ids, tiny_model
+from .test_pipeline import logits
+
+
+def head_config(target: str, head_sparsity: float, sparsity: float = 0.25) -> PruneConfig:
+    return PruneConfig(
+        sparsity=sparsity, target=target, head_sparsity=head_sparsity, compute_dtype="float32",
+        solver=SolverConfig(refit="ls"),
+    )
+
+
+def test_column_groups_follow_gqa_sharing():
+    groups = column_groups(n_heads=6, n_kv_heads=2, head_dim=4)
+    assert groups.tolist() == [0] * 12 + [1] * 12
+    with pytest.raises(ValueError):
+        column_groups(6, 4, 4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_head_groups_removed_consistently_and_reload(family, tmp_path):
+    model, ids = tiny_model(family), tiny_ids()
+    adapter = get_adapter(model)
+    n_heads, n_kv, head_dim = adapter.attention_shape(adapter.decoder_layers(model)[0])
+    report = spap.prune(model, config=head_config("both", 0.5), calibration_ids=ids)
+    for layer, rep in zip(adapter.decoder_layers(model), report.layers):
+        h, kv, hd = adapter.attention_shape(layer)
+        assert kv == n_kv - round(0.5 * n_kv) and h == kv * (n_heads // n_kv) and hd == head_dim
+        proj = adapter.attention_projections(layer)
+        assert proj["q"].out_features == h * hd == proj["o"].in_features
+        assert proj["k"].out_features == kv * hd == proj["v"].out_features
+        assert h % kv == 0  # still a valid GQA layer
+        assert len(rep.kv_groups_kept) == kv and rep.heads_error is not None
+    expected = logits(model, ids)
+    out = spap.save_pruned(model, tmp_path / "heads")
+    torch.testing.assert_close(logits(spap.load_pretrained(out), ids), expected, rtol=0, atol=0)
+    if family != "opt":  # uniform GQA head counts are expressible in the stock config
+        reloaded = AutoModelForCausalLM.from_pretrained(out)
+        assert torch.equal(logits(reloaded, ids), expected)
+        config = json.loads((out / "config.json").read_text())
+        assert config["num_key_value_heads"] == n_kv // 2 and config["head_dim"] == head_dim
+        assert "auto_map" not in config
+    else:  # OPTConfig cannot describe narrower attention: spap's class via trust_remote_code
+        reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        assert torch.equal(logits(reloaded, ids), expected)
+
+
+def test_invalid_stock_head_count_falls_back_to_shape_aware_loader(tmp_path):
+    """hidden_size % num_attention_heads != 0 after pruning: LlamaConfig rejects it, spap's class loads it."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, head_dim=8, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = tiny_ids()
+    spap.prune(model, config=head_config("attn", 0.25), calibration_ids=ids)  # 4 -> 3 heads; 32 % 3 != 0
+    out = spap.save_pruned(model, tmp_path / "odd")
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["num_attention_heads"] == 4 and "auto_map" in saved
+    assert torch.equal(logits(spap.load_pretrained(out), ids), logits(model, ids))
+
+
+def test_attention_only_target_leaves_mlp_alone():
+    model, ids = tiny_model("llama"), tiny_ids()
+    report = spap.prune(model, config=head_config("attn", 0.5), calibration_ids=ids)
+    assert report.widths == [48, 48, 48]
+    assert all(len(r.kv_groups_kept) == 1 for r in report.layers)
