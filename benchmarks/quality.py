@@ -11,6 +11,7 @@ and a PNG plot of perplexity against sparsity.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -29,25 +30,42 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--ppl-file", required=True)
-    ap.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 128])
+    ap.add_argument("--seq-lens", type=int, nargs="*", default=[2048, 128])
     ap.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens only")
     ap.add_argument("--eval-dtype", default="bfloat16")
     ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot task files evaluated too")
     ap.add_argument("--task-limit", type=int, default=None)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="PruneConfig overrides, e.g. temperature=0.5")
+    ap.add_argument("--solver-set", nargs="*", default=[], metavar="KEY=VALUE", help="SolverConfig overrides")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default="results")
     ap.add_argument("--resume", action="store_true")
     return ap.parse_args()
 
 
+def parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) -> str:
-    header = ["method", "sparsity", "params (M)"] + [f"ppl@{s}" for s in seq_lens] + ["prune s", "peak RSS GiB"]
+    tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
+    header = (["method", "sparsity", "params (M)"] + [f"ppl@{s}" for s in seq_lens]
+              + [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")] + ["prune s", "peak RSS GiB"])
     table_rows = []
     for r in sorted(rows, key=lambda r: (r["sparsity"], r["variant"])):
+        zs = r.get("zeroshot", {})
         table_rows.append(
             [r["variant"], f"{r['sparsity']:.0%}", f"{r['parameters'] / 1e6:.1f}"]
-            + [r["ppl"][str(s)]["perplexity"] for s in seq_lens if str(s) in r["ppl"]]
-            + [round(r.get("prune_seconds", 0)), f"{r.get('peak_rss_gib', 0):.1f}"]
+            + [r["ppl"][str(s)]["perplexity"] if str(s) in r["ppl"] else "" for s in seq_lens]
+            + [f"{zs[t][m]:.4f}" if t in zs else "" for t in tasks for m in ("acc", "acc_norm")]
+            + [round(r.get("prune_seconds", 0)), f"{r.get('peak_rss_gib', 0):.1f}" if "peak_rss_gib" in r else ""]
         )
     table = markdown_table(header, table_rows)
     out.with_suffix(".md").write_text(f"# {title}\n\n{table}\n")
@@ -57,6 +75,8 @@ def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return table
+    if not seq_lens:
         return table
     fig, axes = plt.subplots(1, len(seq_lens), figsize=(6 * len(seq_lens), 4.5), squeeze=False)
     dense = {s: [r for r in rows if r["variant"] == "dense"] for s in seq_lens}
@@ -86,7 +106,7 @@ def main() -> None:
         "model": args.model, "machine": machine(), "ppl_file": args.ppl_file, "seq_lens": args.seq_lens,
         "max_tokens": args.max_tokens, "eval_dtype": args.eval_dtype,
         "calibration": {"source": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len, "seed": args.seed},
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv), "overrides": parse_sets(args.set), "solver_overrides": parse_sets(args.solver_set),
     }
     jobs = [("dense", 0.0)] + [(m, s) for s in args.sparsities for m in args.methods]
     for variant, sparsity in jobs:
@@ -96,7 +116,7 @@ def main() -> None:
             "model": args.model, "variant": variant, "sparsity": sparsity, "seed": args.seed,
             "calibration": meta["calibration"], "ppl_file": args.ppl_file, "seq_lens": args.seq_lens,
             "max_tokens": args.max_tokens, "eval_dtype": args.eval_dtype, "tasks": args.tasks,
-            "task_limit": args.task_limit,
+            "task_limit": args.task_limit, "overrides": parse_sets(args.set), "solver": parse_sets(args.solver_set),
         }
         row = run_isolated(job)
         rows.append(row)

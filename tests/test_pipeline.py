@@ -74,3 +74,34 @@ def test_config_round_trips_through_json():
     assert again == cfg
     with pytest.raises(ValueError, match="unknown"):
         PruneConfig.from_dict({"sparsity": 0.2, "bogus": 1})
+
+
+def test_error_correction_brings_final_hidden_states_closer_to_dense():
+    ids = tiny_ids(n=8, seq_len=32)
+    dense = tiny_model("llama")
+    with torch.no_grad():
+        target = dense(ids, output_hidden_states=True).hidden_states[-1]
+    distances = {}
+    for beta in (0.0, 1.0):
+        model = tiny_model("llama")
+        cfg = fast_config(0.4, refit="ls")
+        cfg.error_correction = beta
+        spap.prune(model, config=cfg, calibration_ids=ids)
+        with torch.no_grad():
+            hidden = model(ids, output_hidden_states=True).hidden_states[-1]
+        distances[beta] = float((hidden - target).pow(2).sum())
+    assert distances[1.0] < distances[0.0]
+
+
+def test_error_correction_rejects_post_norm_opt():
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import tiny_config
+
+    config = tiny_config("opt")
+    config.do_layer_norm_before = False
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cfg = fast_config(0.2, refit="ls")
+    cfg.error_correction = 0.5
+    with pytest.raises(ValueError, match="error_correction"):
+        spap.prune(model, config=cfg, calibration_ids=tiny_ids())

@@ -30,6 +30,7 @@ _SOLVER_HELP = {
     "refit_rounds": "final alternating-minimisation rounds",
     "refit_grad_steps": "gradient steps on W_up/W_gate per round",
     "refit_tokens": "calibration tokens used by the refit",
+    "refit_proximal": "trust-region strength of the refit (0: off)",
 }
 
 

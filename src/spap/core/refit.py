@@ -31,6 +31,26 @@ def _objective(weights: MLPWeights, x: Tensor, y: Tensor, damping: float) -> Ten
     return 0.5 * r.pow(2).sum() + 0.5 * damping * weights.down.pow(2).sum()
 
 
+def _with_proximal(
+    loss: Callable[[MLPWeights], Tensor], start: MLPWeights, names: tuple[str, ...], strength: float, scale: float
+) -> Callable[[MLPWeights], Tensor]:
+    """loss + strength * scale * sum_p ||p - p_0||^2 / ||p_0||^2 over the fields ``names``.
+
+    ``scale`` is the initial objective, so strength = 1 means a 10% relative move of every updated
+    matrix costs 1% of the starting error: a trust region that keeps the refit near the closed-form
+    solution (0 disables it)."""
+    if strength <= 0:
+        return loss
+    anchors = {n: getattr(start, n).detach().clone() for n in names if getattr(start, n) is not None}
+    norms = {n: float(a.pow(2).sum()) or 1.0 for n, a in anchors.items()}
+
+    def regularised(w: MLPWeights) -> Tensor:
+        prox = sum((getattr(w, n) - a).pow(2).sum() / norms[n] for n, a in anchors.items())
+        return loss(w) + strength * scale * prox
+
+    return regularised
+
+
 def armijo_descent(
     weights: MLPWeights,
     names: tuple[str, ...],
@@ -71,15 +91,25 @@ def armijo_descent(
 
 
 def alternating_refit(
-    weights: MLPWeights, x: Tensor, y: Tensor, rounds: int, grad_steps: int, damping_rel: float, fit_bias: bool
+    weights: MLPWeights,
+    x: Tensor,
+    y: Tensor,
+    rounds: int,
+    grad_steps: int,
+    damping_rel: float,
+    fit_bias: bool,
+    proximal: float = 0.0,
 ) -> tuple[MLPWeights, list[float]]:
     """Alternate closed-form (W_down, b_down) and gradient steps on W_up/W_gate; returns F/F_0 history.
 
-    x, y: (n, d) float32.  History entry r is F after round r divided by 1/2 ||Y||^2.
+    x, y: (n, d) float32.  History entry r is F after round r divided by 1/2 ||Y||^2 (F includes
+    the proximal term, which depends on W_up/W_gate only, so the closed-form step stays exact).
     """
     z0 = weights.intermediate(x)
     damping = damping_rel * float(z0.pow(2).sum(0).mean())
-    loss = lambda w: _objective(w, x, y, damping)  # noqa: E731
+    base = lambda w: _objective(w, x, y, damping)  # noqa: E731
+    with torch.no_grad():
+        loss = _with_proximal(base, weights, _THETA, proximal, float(base(weights)))
     y_half = 0.5 * float(y.pow(2).sum()) or 1.0
     history: list[float] = []
     lr = None
@@ -96,11 +126,13 @@ def alternating_refit(
 
 
 def gradient_refit(
-    weights: MLPWeights, x: Tensor, y: Tensor, rounds: int, grad_steps: int, damping_rel: float
+    weights: MLPWeights, x: Tensor, y: Tensor, rounds: int, grad_steps: int, damping_rel: float, proximal: float = 0.0
 ) -> tuple[MLPWeights, list[float]]:
     """Ablation: plain backtracking gradient descent on all MLP weights, rounds * (grad_steps + 1) steps."""
     damping = damping_rel * float(weights.intermediate(x).pow(2).sum(0).mean())
-    loss = lambda w: _objective(w, x, y, damping)  # noqa: E731
+    base = lambda w: _objective(w, x, y, damping)  # noqa: E731
+    with torch.no_grad():
+        loss = _with_proximal(base, weights, _ALL, proximal, float(base(weights)))
     y_half = 0.5 * float(y.pow(2).sum()) or 1.0
     history: list[float] = []
     lr = None

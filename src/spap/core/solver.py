@@ -121,9 +121,13 @@ def prune_mlp(
         ctx = torch.autocast(x.device.type, dtype=refit_dtype) if use_autocast else nullcontext()
         with ctx:
             if rule == "alternating":
-                new, history = alternating_refit(new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, fit_bias)
+                new, history = alternating_refit(
+                    new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, fit_bias, cfg.refit_proximal
+                )
             else:
-                new, history = gradient_refit(new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping)
+                new, history = gradient_refit(
+                    new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, cfg.refit_proximal
+                )
         timings["refit"] = time.perf_counter() - t0
     return MLPPruneResult(new, kept, error, history, penalty_trace, timings, needs_final_ls=refit)
 

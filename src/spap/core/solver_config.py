@@ -38,6 +38,8 @@ class SolverConfig:
     refit_rounds:    rounds of the final alternating minimisation.
     refit_grad_steps: gradient steps on W_up/W_gate per refit round (Armijo backtracking).
     refit_tokens:    calibration tokens (random subset) used by the refit.
+    refit_proximal:  trust-region strength keeping refit weights near the closed-form start
+                     (relative units, see spap.core.refit; 0 disables).
     fit_bias:        "auto" (refit the down bias only where the model has one), "yes", "no".
     """
 
@@ -54,6 +56,7 @@ class SolverConfig:
     refit_rounds: int = 20
     refit_grad_steps: int = 3
     refit_tokens: int = 8192
+    refit_proximal: float = 0.0
     fit_bias: str = "auto"
 
     def __post_init__(self) -> None:

@@ -1,0 +1,79 @@
+"""MLP-only vs MLP + attention-head pruning at equal parameters removed.
+
+For each head fraction h (of KV groups per layer) and each MLP-only sparsity s in --sparsities, the
+MLP sparsity s' of the combined run is chosen so both remove the same number of parameters:
+    s' * P_mlp = s * P_mlp - h_eff * P_attn      (per layer, from the model's own shapes).
+
+    python benchmarks/heads.py --ppl-file ../shared/data/wikitext-2-raw/wiki.test.raw
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
+
+
+def layer_shapes(model_name: str) -> tuple[int, int, int]:
+    """(MLP params, attention params, KV groups) of one decoder layer."""
+    from spap.adapters import get_adapter
+    from spap.models import load_model
+
+    model = load_model(model_name)[0]
+    adapter = get_adapter(model)
+    layer = adapter.decoder_layers(model)[0]
+    mlp = sum(l.weight.numel() for l in adapter.mlp_linears(layer).values())
+    attn = sum(l.weight.numel() for l in adapter.attention_projections(layer).values())
+    return mlp, attn, adapter.attention_shape(layer)[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.4])
+    ap.add_argument("--kv-groups", type=int, default=1, help="KV groups removed per layer in the combined runs")
+    ap.add_argument("--ppl-file", required=True)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--calib", default="bundled")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    p_mlp, p_attn, n_kv = layer_shapes(args.model)
+    h = args.kv_groups / n_kv
+    out = Path(args.out or f"results/heads-{Path(args.model).name}.json")
+    rows = load_rows(out) if args.resume else []
+    meta = {"model": args.model, "machine": machine(), "mlp_params_per_layer": p_mlp, "attn_params_per_layer": p_attn,
+            "head_fraction": h, "command": " ".join(sys.argv)}
+    base = {"model": args.model, "seed": 0, "ppl_file": args.ppl_file, "seq_lens": [args.seq_len],
+            "max_tokens": args.max_tokens, "eval_dtype": "bfloat16",
+            "calibration": {"source": args.calib, "n_samples": 128, "seq_len": 2048, "seed": 0}}
+    jobs = []
+    for s in args.sparsities:
+        removed = s * p_mlp
+        s_comb = (removed - h * p_attn) / p_mlp
+        jobs.append(("mlp-only", s, {}, removed))
+        if s_comb >= 0:
+            jobs.append(("mlp+heads", round(s_comb, 4), {"target": "both", "head_sparsity": h}, removed))
+    for kind, s, overrides, removed in jobs:
+        if any(r["kind"] == kind and r["sparsity"] == s for r in rows):
+            continue
+        row = run_isolated({**base, "variant": "spap", "sparsity": s, "overrides": overrides})
+        row.update(kind=kind, removed_per_layer=removed, removed_fraction=removed / (p_mlp + p_attn))
+        rows.append(row)
+        save_rows(out, rows, meta)
+        print(f"{kind:10s} mlp {s:.3f} removed {removed / 1e6:.3f}M/layer ppl {row['ppl'][str(args.seq_len)]['perplexity']:.2f}", flush=True)
+    table = [[r["kind"], f"{r['sparsity']:.1%}", f"{h:.0%}" if r["kind"] != "mlp-only" else "0%",
+              f"{r['removed_fraction']:.1%}", r["ppl"][str(args.seq_len)]["perplexity"]]
+             for r in sorted(rows, key=lambda r: (r["removed_per_layer"], r["kind"]))]
+    text = markdown_table(["variant", "MLP sparsity", "KV groups removed", "layer params removed", f"ppl@{args.seq_len}"], table)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
