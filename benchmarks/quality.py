@@ -40,6 +40,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default="results")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--save-dir", default=None, help="also save each pruned model to DIR/<method>-<sparsity>")
     return ap.parse_args()
 
 
@@ -118,6 +119,8 @@ def main() -> None:
             "max_tokens": args.max_tokens, "eval_dtype": args.eval_dtype, "tasks": args.tasks,
             "task_limit": args.task_limit, "overrides": parse_sets(args.set), "solver": parse_sets(args.solver_set),
         }
+        if args.save_dir and variant != "dense":
+            job["save"] = str(Path(args.save_dir) / f"{variant}-{sparsity:g}")
         row = run_isolated(job)
         rows.append(row)
         save_rows(out, rows, meta)

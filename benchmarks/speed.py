@@ -51,7 +51,15 @@ def shrink(model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0) 
         keep = w.width - int(round(sparsity * w.width))
         adapter.write_mlp(layer, w.select(torch.arange(keep)))
         if head_fraction:
-            adapter.prune_kv_groups(layer, pruned.config, int(round(head_fraction * pruned.config.num_key_value_heads)))
+            n_heads, n_kv, head_dim = adapter.attention_shape(layer)
+            keep = list(range(n_kv - int(round(head_fraction * n_kv))))
+            columns = torch.arange(len(keep) * (n_heads // n_kv) * head_dim)
+            o = adapter.attention_output_linear(layer)
+            adapter.keep_kv_groups(layer, keep, o.weight.detach()[:, columns], o.bias)
+    if head_fraction:  # the static KV cache is sized from the config
+        n_heads, n_kv, head_dim = adapter.attention_shape(adapter.decoder_layers(pruned)[0])
+        pruned.config.num_attention_heads, pruned.config.num_key_value_heads = n_heads, n_kv
+        pruned.config.head_dim = head_dim
     return pruned
 
 
