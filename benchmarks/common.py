@@ -17,6 +17,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "spap-no-refit": {"solver": {"refit": "ls"}},
     "spap-gd-refit": {"solver": {"refit": "gd"}},
     "spap-structprune": {"solver": {}, "allocation": "structprune"},
+    "spap-no-refit-structprune": {"solver": {"refit": "ls"}, "allocation": "structprune"},
+    "spap-no-refit-global": {"solver": {"refit": "ls"}, "allocation": "global"},
     "magnitude": {"solver": {"method": "magnitude"}},
     "wanda-sp": {"solver": {"method": "wanda-sp"}},
     "fasp": {"solver": {"method": "fasp"}},

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
+from common import VARIANTS, load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
 
 
 def layer_shapes(model_name: str) -> tuple[int, int, int]:
@@ -35,6 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.4])
+    ap.add_argument("--variant", default="spap", choices=[v for v in VARIANTS if v != "dense"],
+                    help="pruning method variant used for both curves")
     ap.add_argument("--kv-groups", type=int, default=1, help="KV groups removed per layer in the combined runs")
     ap.add_argument("--ppl-file", required=True)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -48,7 +50,7 @@ def main() -> None:
     out = Path(args.out or f"results/heads-{Path(args.model).name}.json")
     rows = load_rows(out) if args.resume else []
     meta = {"model": args.model, "machine": machine(), "mlp_params_per_layer": p_mlp, "attn_params_per_layer": p_attn,
-            "head_fraction": h, "command": " ".join(sys.argv)}
+            "head_fraction": h, "variant": args.variant, "command": " ".join(sys.argv)}
     base = {"model": args.model, "seed": 0, "ppl_file": args.ppl_file, "seq_lens": [args.seq_len],
             "max_tokens": args.max_tokens, "eval_dtype": "bfloat16",
             "calibration": {"source": args.calib, "n_samples": 128, "seq_len": 2048, "seed": 0}}
@@ -62,7 +64,7 @@ def main() -> None:
     for kind, s, overrides, removed in jobs:
         if any(r["kind"] == kind and r["sparsity"] == s for r in rows):
             continue
-        row = run_isolated({**base, "variant": "spap", "sparsity": s, "overrides": overrides})
+        row = run_isolated({**base, "variant": args.variant, "sparsity": s, "overrides": overrides})
         row.update(kind=kind, removed_per_layer=removed, removed_fraction=removed / (p_mlp + p_attn))
         rows.append(row)
         save_rows(out, rows, meta)

@@ -24,6 +24,13 @@ def test_prune_command_writes_loadable_checkpoint_and_report(tiny_checkpoint, tm
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.intermediate_size == 36
     assert "perplexity" in capsys.readouterr().out
+    assert main(["plot", str(out)]) == 0
+    assert (out / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_a_directory_without_report_fails_clearly(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "pruning.json not found" in capsys.readouterr().err
 
 
 def test_eval_command_writes_eval_json(tiny_checkpoint, tmp_path):

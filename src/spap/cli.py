@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-batch", type=int, default=16)
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--out", default=None, help="write the comparison as JSON here")
+    pl = sub.add_parser("plot", help="PNG of per-layer kept widths and errors of a pruned checkpoint")
+    pl.add_argument("checkpoint", help="directory written by spap prune")
+    pl.add_argument("--out", default=None, help="PNG path (default: CHECKPOINT/layers.png)")
     return parser
 
 
@@ -250,6 +253,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plotting import plot_layers
+
+    print(f"wrote {plot_layers(args.checkpoint, args.out)}")
+    return 0
+
+
 def _merge_json(file: Path, update: dict[str, Any]) -> None:
     """Merge ``update`` into a JSON file (atomic replace)."""
     data = json.loads(file.read_text()) if file.is_file() else {}
@@ -267,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+        return {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "plot": cmd_plot}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as exc:
         print(f"spap: error: {exc}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ class LayerReport:
     kept: list[int]
     error: float  # ||y_pruned - y_dense||^2 / ||y_dense||^2 on all calibration tokens (compute dtype)
     error_ls: float  # same, from float64 statistics, after selection + closed-form reconstruction
+    error_refit: float | None = None  # same, after the final refit (None without one)
     refit_first: float | None = None
     refit_last: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -257,6 +258,7 @@ def _prune_layer(
         kept=result.kept.tolist(),
         error=meter.value,
         error_ls=result.error_ls,
+        error_refit=result.error_refit,
         refit_first=history[0] if history else None,
         refit_last=history[-1] if history else None,
         seconds=dict(result.seconds),

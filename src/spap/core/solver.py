@@ -33,6 +33,7 @@ class MLPPruneResult:
     penalty_objective: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     needs_final_ls: bool = False
+    error_refit: float | None = None  # relative error after the refit and the final closed-form W_down
 
 
 def resolve_fit_bias(cfg: SolverConfig, weights: MLPWeights) -> bool:
@@ -135,7 +136,7 @@ def prune_mlp(
 def finalize_down(result: MLPPruneResult, stats: MLPStatistics, cfg: SolverConfig, fit_bias: bool) -> MLPPruneResult:
     """Closed-form W_down on all calibration tokens for refit W_up/W_gate (statistics of the new z)."""
     weights, error = least_squares_down(result.weights, stats, cfg, fit_bias)
-    return replace(result, weights=weights, error_ls=error, needs_final_ls=False)
+    return replace(result, weights=weights, error_refit=error, needs_final_ls=False)
 
 
 def _bias(weights: MLPWeights, problem: QuadraticLS) -> Tensor | None:

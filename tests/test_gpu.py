@@ -1,0 +1,36 @@
+"""CUDA checks (skipped without a GPU; CI has none): same decisions as on CPU, layer-wise device memory."""
+
+import pytest
+import torch
+
+import spap
+from spap.evaluation.speed import compare
+
+from .conftest import tiny_ids, tiny_model
+from .test_pipeline import fast_config
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_cuda_pruning_keeps_the_same_neurons_as_cpu():
+    ids = tiny_ids(n=8, seq_len=32)
+    cpu_model, gpu_model = tiny_model("llama"), tiny_model("llama")
+    cpu = spap.prune(cpu_model, config=fast_config(0.25, refit="ls"), calibration_ids=ids)
+    cfg = fast_config(0.25, refit="ls")
+    cfg.device = "cuda"
+    gpu = spap.prune(gpu_model, config=cfg, calibration_ids=ids)
+    assert [layer.kept for layer in gpu.layers] == [layer.kept for layer in cpu.layers]
+    assert next(gpu_model.parameters()).device.type == "cpu"  # weights return to the host layer by layer
+    assert "peak_gpu_gib" in gpu.memory
+
+
+def test_cuda_speed_comparison_runs_with_graphs():
+    dense = tiny_model("llama").to("cuda", torch.bfloat16)
+    pruned = tiny_model("llama")
+    spap.prune(pruned, config=fast_config(0.5, refit="ls"), calibration_ids=tiny_ids())
+    result = compare(dense, pruned.to("cuda", torch.bfloat16), prefill_batch=2, prefill_len=32, decode_batch=2, new_tokens=8)
+    assert result["byte_ratio_limit"] > 1
+    assert result["dense"]["peak_gpu_gib"] is not None
