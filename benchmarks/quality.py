@@ -86,8 +86,12 @@ def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) 
             pts = sorted((r["sparsity"], r["ppl"][str(s)]["perplexity"]) for r in rows if r["variant"] == method)
             if dense[s]:
                 pts = [(0.0, dense[s][0]["ppl"][str(s)]["perplexity"])] + pts
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            top = 30 * dense[s][0]["ppl"][str(s)]["perplexity"] if dense[s] else float("inf")
+            label = method + (" (off scale)" if any(p[1] > top for p in pts) else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_yscale("log")
+        if dense[s]:  # a collapsed method (e.g. magnitude) would flatten every other curve
+            ax.set_ylim(0.8 * dense[s][0]["ppl"][str(s)]["perplexity"], 30 * dense[s][0]["ppl"][str(s)]["perplexity"])
         ax.set_xlabel("MLP sparsity")
         ax.set_ylabel(f"perplexity (seq_len {s})")
         ax.grid(True, which="both", alpha=0.3)
