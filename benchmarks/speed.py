@@ -43,6 +43,7 @@ def build(shape: str | None, model: str, dtype: torch.dtype, device: str) -> tor
 
 def shrink(model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0) -> torch.nn.Module:
     from spap.adapters import get_adapter
+    from spap.core.heads import column_groups
 
     pruned = copy.deepcopy(model)
     adapter = get_adapter(pruned)
@@ -53,7 +54,7 @@ def shrink(model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0) 
         if head_fraction:
             n_heads, n_kv, head_dim = adapter.attention_shape(layer)
             keep = list(range(n_kv - int(round(head_fraction * n_kv))))
-            columns = torch.arange(len(keep) * (n_heads // n_kv) * head_dim)
+            columns = torch.isin(column_groups(n_heads, n_kv, head_dim), torch.tensor(keep)).nonzero().flatten()
             o = adapter.attention_output_linear(layer)
             adapter.keep_kv_groups(layer, keep, o.weight.detach()[:, columns], o.bias)
     if head_fraction:  # the static KV cache is sized from the config

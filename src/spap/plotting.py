@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-REPORT_FILE = "pruning.json"
-
-
-def read_report(checkpoint: str | Path) -> dict[str, Any]:
-    """The pruning.json written next to a pruned checkpoint."""
-    path = Path(checkpoint) / REPORT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {checkpoint} a checkpoint written by spap prune?")
-    return json.loads(path.read_text())
+from .checkpoint import read_report
 
 
 def plot_layers(checkpoint: str | Path, out: str | Path | None = None) -> Path:

@@ -70,7 +70,7 @@ class ArchitectureAdapter(ABC):
     # --- attention heads -------------------------------------------------------------------
     def attention_output_linear(self, layer: nn.Module) -> nn.Linear:
         """The attention output projection (its input is the concatenated head outputs)."""
-        raise NotImplementedError(f"{type(self).__name__} does not support head pruning")
+        return self.attention_projections(layer)["o"]
 
     def attention_projections(self, layer: nn.Module) -> dict[str, nn.Linear]:
         """q, k, v, o Linears of the layer's attention."""

@@ -24,9 +24,6 @@ class LlamaAdapter(ArchitectureAdapter):
     def mlp_activation(self, layer: nn.Module) -> nn.Module:
         return layer.mlp.act_fn
 
-    def attention_output_linear(self, layer: nn.Module) -> nn.Linear:
-        return layer.self_attn.o_proj
-
     def attention_projections(self, layer: nn.Module) -> dict[str, nn.Linear]:
         a = layer.self_attn
         return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.o_proj}

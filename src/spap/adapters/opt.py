@@ -26,9 +26,6 @@ class OPTAdapter(ArchitectureAdapter):
     def mlp_activation(self, layer: nn.Module) -> nn.Module:
         return layer.activation_fn
 
-    def attention_output_linear(self, layer: nn.Module) -> nn.Linear:
-        return layer.self_attn.out_proj
-
     def attention_projections(self, layer: nn.Module) -> dict[str, nn.Linear]:
         a = layer.self_attn
         return {"q": a.q_proj, "k": a.k_proj, "v": a.v_proj, "o": a.out_proj}
