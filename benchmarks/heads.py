@@ -10,6 +10,7 @@ MLP sparsity s' of the combined run is chosen so both remove the same number of 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,6 +32,18 @@ def layer_shapes(model_name: str) -> tuple[int, int, int]:
     return mlp, attn, adapter.attention_shape(layer)[1]
 
 
+def reusable_rows(path: Path, base: dict, variant: str) -> dict[float, dict]:
+    """Rows of ``variant`` in a quality.py file whose calibration, eval text and token budget equal ``base``."""
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    same = all(meta.get(k) == base[k] for k in ("ppl_file", "max_tokens", "calibration"))
+    if not same:
+        print(f"--reuse {path}: settings differ from this run, nothing reused", flush=True)
+        return {}
+    return {r["sparsity"]: r for r in data["rows"]
+            if r["variant"] == variant and r.get("config", {}).get("target", "mlp") == "mlp"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -44,6 +57,8 @@ def main() -> None:
     ap.add_argument("--calib", default="bundled")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--reuse", default=None, metavar="QUALITY_JSON",
+                    help="take MLP-only rows from a quality.py results file measured with the same settings")
     args = ap.parse_args()
     p_mlp, p_attn, n_kv = layer_shapes(args.model)
     h = args.kv_groups / n_kv
@@ -54,6 +69,7 @@ def main() -> None:
     base = {"model": args.model, "seed": 0, "ppl_file": args.ppl_file, "seq_lens": [args.seq_len],
             "max_tokens": args.max_tokens, "eval_dtype": "bfloat16",
             "calibration": {"source": args.calib, "n_samples": 128, "seq_len": 2048, "seed": 0}}
+    reusable = reusable_rows(Path(args.reuse), base, args.variant) if args.reuse else {}
     jobs = []
     for s in args.sparsities:
         removed = s * p_mlp
@@ -64,18 +80,45 @@ def main() -> None:
     for kind, s, overrides, removed in jobs:
         if any(r["kind"] == kind and r["sparsity"] == s for r in rows):
             continue
-        row = run_isolated({**base, "variant": args.variant, "sparsity": s, "overrides": overrides})
+        if kind == "mlp-only" and s in reusable:
+            row = dict(reusable[s], reused_from=args.reuse)
+        else:
+            row = run_isolated({**base, "variant": args.variant, "sparsity": s, "overrides": overrides})
         row.update(kind=kind, removed_per_layer=removed, removed_fraction=removed / (p_mlp + p_attn))
         rows.append(row)
         save_rows(out, rows, meta)
         print(f"{kind:10s} mlp {s:.3f} removed {removed / 1e6:.3f}M/layer ppl {row['ppl'][str(args.seq_len)]['perplexity']:.2f}", flush=True)
-    table = [[r["kind"], f"{r['sparsity']:.1%}", f"{h:.0%}" if r["kind"] != "mlp-only" else "0%",
-              f"{r['removed_fraction']:.1%}", r["ppl"][str(args.seq_len)]["perplexity"]]
-             for r in sorted(rows, key=lambda r: (r["removed_per_layer"], r["kind"]))]
-    text = markdown_table(["variant", "MLP sparsity", "KV groups removed", "layer params removed", f"ppl@{args.seq_len}"], table)
-    out.with_suffix(".md").write_text(text + "\n")
-    print(text)
+    print(write_outputs(rows, out, args.seq_len, h))
 
+
+def write_outputs(rows: list[dict], out: Path, seq_len: int, head_fraction: float) -> str:
+    """Markdown table and PNG: perplexity vs parameters removed, one curve per kind."""
+    key = str(seq_len)
+    table = [[r["kind"], f"{r['sparsity']:.1%}", f"{head_fraction:.0%}" if r["kind"] != "mlp-only" else "0%",
+              f"{r['removed_fraction']:.1%}", f"{1 - r['parameters'] / r['parameters_before']:.1%}", r["ppl"][key]["perplexity"]]
+             for r in sorted(rows, key=lambda r: (r["removed_per_layer"], r["kind"]))]
+    header = ["variant", "MLP sparsity", "KV groups removed", "layer params removed", "model params removed", f"ppl@{seq_len}"]
+    text = markdown_table(header, table)
+    out.with_suffix(".md").write_text(text + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return text
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for kind in sorted({r["kind"] for r in rows}):
+        pts = sorted((1 - r["parameters"] / r["parameters_before"], r["ppl"][key]["perplexity"]) for r in rows if r["kind"] == kind)
+        ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
+    ax.set_yscale("log")
+    ax.set_xlabel("model parameters removed (%)")
+    ax.set_ylabel(f"perplexity (seq_len {seq_len})")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    return text
 
 if __name__ == "__main__":
     main()
