@@ -55,6 +55,16 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
+def pivot_table(rows: list[dict], seq_len: int) -> str:
+    """Methods x sparsities, perplexity at ``seq_len``; "-" where not run."""
+    sparsities = sorted({r["sparsity"] for r in rows if r["variant"] != "dense"})
+    methods = sorted({r["variant"] for r in rows if r["variant"] != "dense"})
+    cell = {(r["variant"], r["sparsity"]): r["ppl"].get(str(seq_len), {}).get("perplexity") for r in rows}
+    body = [[m, *[cell.get((m, s)) or "-" for s in sparsities]] for m in methods]
+    dense = f"dense: {cell[('dense', 0.0)]:.2f}\n\n" if ("dense", 0.0) in cell else ""
+    return dense + markdown_table(["method", *[f"{s:.0%}" for s in sparsities]], body)
+
+
 def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) -> str:
     tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
     header = (["method", "sparsity", "params (M)"] + [f"ppl@{s}" for s in seq_lens]
@@ -69,7 +79,8 @@ def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) 
             + [round(r.get("prune_seconds", 0)), f"{r.get('peak_rss_gib', 0):.1f}" if "peak_rss_gib" in r else ""]
         )
     table = markdown_table(header, table_rows)
-    out.with_suffix(".md").write_text(f"# {title}\n\n{table}\n")
+    pivots = "\n\n".join(f"## ppl@{s} by sparsity\n\n{pivot_table(rows, s)}" for s in seq_lens)
+    out.with_suffix(".md").write_text(f"# {title}\n\n{table}\n\n{pivots}\n")
     try:
         import matplotlib
 

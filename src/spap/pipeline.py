@@ -24,7 +24,7 @@ from .core.selection import score_select
 from .core.heads import column_groups, prune_kv_groups
 from .core.stats import sample_token_positions
 from .layerwise import LayerInputs, capture_layer_inputs, compute_copy, run_layer
-from .runtime import peak_memory, reset_peak_memory, resolve_device, resolve_dtype, versions
+from .runtime import peak_memory, release_host_memory, reset_peak_memory, resolve_device, resolve_dtype, versions
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,7 @@ def prune(
                 report.kv_groups_kept, report.heads_error = head_report
         except NonFiniteStatisticsError as exc:
             raise NonFiniteStatisticsError(f"layer {index}: {exc}") from exc
+        release_host_memory()
         report.seconds["total"] = time.perf_counter() - t_layer
         reports.append(report)
         bar.set_postfix(width=report.width_after, rel_err=f"{report.error:.2e}")
@@ -386,6 +387,8 @@ def probe_layers(
         inputs = run_layer(compute_copy(layer, device, dtype), inputs, device, dtype)
         hidden = sum(float(h.float().pow(2).sum()) for h in inputs.hidden)
         probes.append(LayerProbe(neuron_scores("flap", dense.down, stats).cpu(), error / max(hidden, 1e-30)))
+        del stats, problem, sub
+        release_host_memory()
     return probes
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 import platform
 import resource
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -51,6 +55,28 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return None
+
+
+def release_host_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim(0)``).
+
+    Layer-wise passes free large activation buffers every layer; glibc keeps them mapped, so without
+    this the process RSS carries the high-water mark of earlier passes (measured on SmolLM2: +0.65 GiB
+    after the allocation probe pass, none of it live tensors)."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def versions() -> dict[str, str]:
