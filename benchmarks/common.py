@@ -101,6 +101,18 @@ def save_rows(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> N
     tmp.replace(path)
 
 
+def headless_pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or None where matplotlib is not installed (plots are optional)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.2f}" if isinstance(v, float) else str(v)

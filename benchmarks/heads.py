@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import VARIANTS, load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
+from common import VARIANTS, headless_pyplot, load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
 
 
 def layer_shapes(model_name: str) -> tuple[int, int, int]:
@@ -100,12 +100,8 @@ def write_outputs(rows: list[dict], out: Path, seq_len: int, head_fraction: floa
     header = ["variant", "MLP sparsity", "KV groups removed", "layer params removed", "model params removed", f"ppl@{seq_len}"]
     text = markdown_table(header, table)
     out.with_suffix(".md").write_text(text + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = headless_pyplot()
+    if plt is None:
         return text
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for kind in sorted({r["kind"] for r in rows}):
@@ -119,6 +115,7 @@ def write_outputs(rows: list[dict], out: Path, seq_len: int, head_fraction: floa
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
     return text
+
 
 if __name__ == "__main__":
     main()

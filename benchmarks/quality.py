@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import VARIANTS, load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
+from common import VARIANTS, headless_pyplot, load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -81,14 +81,8 @@ def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) 
     table = markdown_table(header, table_rows)
     pivots = "\n\n".join(f"## ppl@{s} by sparsity\n\n{pivot_table(rows, s)}" for s in seq_lens)
     out.with_suffix(".md").write_text(f"# {title}\n\n{table}\n\n{pivots}\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return table
-    if not seq_lens:
+    plt = headless_pyplot()
+    if plt is None or not seq_lens:
         return table
     fig, axes = plt.subplots(1, len(seq_lens), figsize=(6 * len(seq_lens), 4.5), squeeze=False)
     dense = {s: [r for r in rows if r["variant"] == "dense"] for s in seq_lens}
