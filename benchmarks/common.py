@@ -26,6 +26,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+SHAPES = {  # public config values of the named models (random weights)
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True),
+}
+
+
+def shape_model(shape: str, dtype: Any, device: str = "cpu", layers: int | None = None) -> Any:
+    """Random-weight LLaMA of a named shape (``layers``: keep only the first N decoder layers)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    values = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**values), dtype=dtype).eval()
+
+
 def machine() -> str:
     import torch
 
@@ -64,13 +82,17 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
             parameters=report.parameters_after, parameters_before=report.parameters_before,
             widths=report.widths, mean_layer_error=sum(r.error for r in report.layers) / len(report.layers),
             config=report.config, calibration_shape=report.calibration_shape,
-            allocation=report.extra.get("allocation"),
+            allocation=report.extra.get("allocation"), device=report.device,
         )
+        if "peak_gpu_gib" in report.memory:
+            row["peak_gpu_gib"] = report.memory["peak_gpu_gib"]
         if job.get("save"):
             spap.save_pruned(model, job["save"], tokenizer, report.to_dict(), overwrite=True)
     else:
         row.update(parameters=sum(p.numel() for p in model.parameters()), prune_seconds=0.0)
     dtype = getattr(torch, job["eval_dtype"])
+    if torch.cuda.is_available():
+        model.to("cuda")  # pruning returns the weights to the host; evaluate where it is fast
     text = load_text(job["ppl_file"])
     row["ppl"] = {}
     for seq_len in job["seq_lens"]:

@@ -19,29 +19,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine, markdown_table  # noqa: E402
-
-SHAPES = {  # public config values of the named models (random weights)
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True),
-}
-
+from common import SHAPES, machine, markdown_table, shape_model  # noqa: E402
 
 def build(shape: str | None, model: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     if shape:
-        from transformers import AutoModelForCausalLM, LlamaConfig
-
-        with torch.device(device):
-            m = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPES[shape]), dtype=dtype)
-        return m.eval()
+        return shape_model(shape, dtype, device)
     from spap.models import load_model
 
     return load_model(model, dtype=str(dtype).replace("torch.", ""), device=device)[0]
 
 
-def shrink(model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0) -> torch.nn.Module:
+def kept_width(width: int, sparsity: float, multiple: int) -> int:
+    """(1 - sparsity) * width rounded to a multiple (GEMM tiles: odd widths run far slower on GPUs)."""
+    keep = width - int(round(sparsity * width))
+    return max(multiple, int(round(keep / multiple)) * multiple)
+
+
+def shrink(model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0, multiple: int = 1) -> torch.nn.Module:
     from spap.adapters import get_adapter
     from spap.core.heads import column_groups
 
@@ -49,7 +43,7 @@ def shrink(model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0) 
     adapter = get_adapter(pruned)
     for layer in adapter.decoder_layers(pruned):
         w = adapter.read_mlp(layer)
-        keep = w.width - int(round(sparsity * w.width))
+        keep = kept_width(w.width, sparsity, multiple)
         adapter.write_mlp(layer, w.select(torch.arange(keep)))
         if head_fraction:
             n_heads, n_kv, head_dim = adapter.attention_shape(layer)
@@ -65,7 +59,7 @@ def shrink(model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0) 
 
 
 def main() -> None:
-    from spap.evaluation.speed import compare, format_comparison
+    from spap.evaluation.speed import compare_results, format_comparison, measure
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -78,30 +72,37 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--decode-batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--width-multiple", type=int, default=64, help="round kept MLP widths to this multiple")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    dense = build(args.shape, args.model, dtype, args.device)
+    settings = dict(prefill_batch=args.prefill_batch, prefill_len=args.prefill_len,
+                    decode_batch=args.decode_batch, new_tokens=args.new_tokens)
+    tag = args.shape or Path(args.model).name
+    suffix = "-heads" if args.heads else ""
+    out = Path(args.out or f"results/speed-{tag}-{args.device.split(':')[0]}{suffix}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dense_model = build(args.shape, args.model, dtype, args.device)
+    dense = measure(dense_model, **settings)  # once: every ratio below shares this denominator
     results = []
     for s in args.sparsities:
-        pruned = shrink(dense, s, args.heads)
-        c = compare(dense, pruned, prefill_batch=args.prefill_batch, prefill_len=args.prefill_len,
-                    decode_batch=args.decode_batch, new_tokens=args.new_tokens)
+        pruned = shrink(dense_model, s, args.heads, args.width_multiple)
+        c = compare_results(dense, measure(pruned, **settings))
         c.update(sparsity=s, heads=args.heads)
         print(f"\n== MLP sparsity {s:.0%}" + (f", {args.heads:.0%} of KV groups" if args.heads else "") + " ==")
-        print(format_comparison(c))
+        print(format_comparison(c), flush=True)
         results.append(c)
         del pruned
+        meta = {"machine": machine(), "device": args.device, "dtype": args.dtype, "settings": settings, "width_multiple": args.width_multiple,
+                "torch": torch.__version__, "graphs": args.device.startswith("cuda")}
+        out.write_text(json.dumps({**meta, "results": results}, indent=2))  # after each row: partial runs keep rows
     rows = [[f"{r['sparsity']:.0%}", r["byte_ratio_limit"], r["prefill_speedup"], r["decode_speedup_batch1"],
-             r["decode_speedup_batched"], r["decode_speedup_batched"] / r["byte_ratio_limit"], r["weight_memory_ratio"]]
+             r["decode_speedup_batch1"] / r["byte_ratio_limit"], r["decode_speedup_batched"],
+             r["decode_speedup_batched"] / r["byte_ratio_limit"], r["weight_memory_ratio"]]
             for r in results]
     print()
-    print(markdown_table(["sparsity", "byte limit", "prefill x", "decode x (b=1)", f"decode x (b={args.decode_batch})",
-                          "batched / limit", "weight mem ratio"], rows))
-    tag = args.shape or Path(args.model).name
-    out = Path(args.out or f"results/speed-{tag}-{args.device.split(':')[0]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine(), "device": args.device, "dtype": args.dtype, "results": results}, indent=2))
+    print(markdown_table(["sparsity", "byte limit", "prefill x", "decode x (b=1)", "b=1 / limit",
+                          f"decode x (b={args.decode_batch})", f"b={args.decode_batch} / limit", "weight mem ratio"], rows))
     print(f"wrote {out}")
 
 

@@ -55,12 +55,15 @@ def _to(device: torch.device, dtype: torch.dtype | None = None) -> Callable[[Ten
 @contextmanager
 def non_layer_weights_on(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> Iterator[None]:
     """Temporarily move every parameter/buffer outside ``layers`` (embeddings, rotary, norms) to ``device``."""
-    inside = {id(t) for t in layers.parameters()} | {id(t) for t in layers.buffers()}
+    seen = {id(t) for t in layers.parameters()} | {id(t) for t in layers.buffers()}
     moved: list[tuple[nn.Module, str, str, torch.device]] = []
     for module in model.modules():
         for kind in ("_parameters", "_buffers"):
             for name, t in getattr(module, kind).items():
-                if t is not None and id(t) not in inside and t.device != device:
+                if t is None or id(t) in seen:  # tied weights (embedding = lm_head) are moved once
+                    continue
+                seen.add(id(t))
+                if t.device != device:
                     moved.append((module, kind, name, t.device))
                     if kind == "_parameters":
                         t.data = t.data.to(device)

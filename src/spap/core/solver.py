@@ -102,7 +102,7 @@ def prune_mlp(
         new, error = least_squares_down(new, stats, cfg, fit_bias, kept)
     else:
         if rule == "bias":
-            comp = weights.down[:, pruned].double() @ stats.z_mean.cpu()[pruned]
+            comp = weights.down[:, pruned].double() @ stats.z_mean.to(weights.down.device, torch.float64)[pruned]
             base = torch.zeros_like(comp) if weights.down_bias is None else weights.down_bias.double()
             new = replace(new, down_bias=(base + comp).float())
         problem = QuadraticLS.from_stats(stats, kept)
@@ -115,9 +115,9 @@ def prune_mlp(
         if sample_x is None:
             raise ValueError(f"refit {rule!r} needs stored calibration inputs (sample_x)")
         t0 = time.perf_counter()
-        x = sample_x.float()
+        x = sample_x.to(weights.up.device, torch.float32)  # rows are kept on the host; solve where W is
         with torch.no_grad():
-            y = weights(x) if sample_offset is None else weights(x) + sample_offset.float()
+            y = weights(x) if sample_offset is None else weights(x) + sample_offset.to(x.device, torch.float32)
         use_autocast = refit_dtype is not None and refit_dtype != torch.float32
         ctx = torch.autocast(x.device.type, dtype=refit_dtype) if use_autocast else nullcontext()
         with ctx:

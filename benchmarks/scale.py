@@ -1,0 +1,83 @@
+"""Pruning time and peak memory by model size, with one decoder layer on the accelerator at a time.
+
+Model shapes come from public configs (random weights: time and memory depend only on shapes);
+calibration tokens are random ids of the requested count.  ``--layers N`` keeps the first N
+decoder layers: per-layer time and peak accelerator memory do not depend on the layer count
+(only the host copy of the weights does), so a truncated model measures them for the full one.
+
+    python benchmarks/scale.py --shape llama3-8b --layers 4      # on a GPU machine
+    python benchmarks/scale.py --shape llama3-1b --n-samples 8 --seq-len 256 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import SHAPES, VARIANTS, machine, markdown_table, shape_model  # noqa: E402
+
+
+def run(shape: str, layers: int | None, variant: str, sparsity: float, n_samples: int, seq_len: int,
+        device: str, dtype: str, seed: int) -> dict:
+    import spap
+    from spap.config import PruneConfig
+    from spap.core import SolverConfig
+
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    model = shape_model(shape, getattr(torch, dtype), "cpu", layers)  # the pipeline keeps weights on the host
+    build_seconds = time.perf_counter() - t0
+    ids = torch.randint(0, model.config.vocab_size, (n_samples, seq_len), generator=torch.Generator().manual_seed(seed))
+    overrides = dict(VARIANTS[variant])
+    cfg = PruneConfig(sparsity=sparsity, solver=SolverConfig(**overrides.pop("solver", {})), device=device,
+                      compute_dtype=dtype, seed=seed, **overrides)
+    report = spap.prune(model, config=cfg, calibration_ids=ids)
+    per_layer = [layer.seconds["total"] for layer in report.layers]
+    return {
+        "shape": shape, "layers": model.config.num_hidden_layers, "variant": variant, "sparsity": sparsity,
+        "calibration_shape": [n_samples, seq_len], "device": report.device, "dtype": dtype,
+        "parameters_before": report.parameters_before, "parameters_after": report.parameters_after,
+        "host_weight_gib": report.parameters_before * torch.finfo(getattr(torch, dtype)).bits / 8 / 2**30,
+        "build_seconds": build_seconds, "prune_seconds": report.seconds["total"],
+        "seconds_per_layer": sum(per_layer) / len(per_layer), "layer_seconds": per_layer,
+        "memory": report.memory, "mean_layer_error": sum(r.error for r in report.layers) / len(report.layers),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", nargs="+", choices=list(SHAPES), default=["llama3-1b"])
+    ap.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers (default: all)")
+    ap.add_argument("--variant", default="spap", choices=[v for v in VARIANTS if v != "dense"])
+    ap.add_argument("--sparsity", type=float, default=0.3)
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out = Path(args.out or f"results/scale-{args.device.split(':')[0]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape in args.shape:
+        rows.append(run(shape, args.layers, args.variant, args.sparsity, args.n_samples, args.seq_len,
+                        args.device, args.dtype, args.seed))
+        out.write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "rows": rows}, indent=2))
+        print(json.dumps(rows[-1], indent=1), flush=True)
+    table = [[r["shape"], r["layers"], r["parameters_before"] / 1e9, r["host_weight_gib"], r["seconds_per_layer"],
+              r["prune_seconds"], r["memory"].get("peak_gpu_gib", "-"), r["memory"]["peak_rss_gib"]] for r in rows]
+    print(markdown_table(["shape", "layers", "params (B)", "host weights GiB", "s / layer", "total s",
+                          "peak GPU GiB", "peak host RSS GiB"], table))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
