@@ -44,10 +44,22 @@ def shape_model(shape: str, dtype: Any, device: str = "cpu", layers: int | None 
         return AutoModelForCausalLM.from_config(LlamaConfig(**values), dtype=dtype).eval()
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
+    """CPU model, threads and GPU: results from different machines must not be compared unawares."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {torch.get_num_threads()} threads, {gpu}"
 
@@ -66,7 +78,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.manual_seed(job["seed"])
     model, tokenizer, path = load_model(job["model"])
-    row: dict[str, Any] = {"variant": job["variant"], "sparsity": job["sparsity"], "model": path}
+    row: dict[str, Any] = {"variant": job["variant"], "sparsity": job["sparsity"], "model": path, "machine": machine()}
     overrides = dict(VARIANTS[job["variant"]])
     overrides.update(job.get("overrides", {}))
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ from spap.adapters import UnsupportedArchitectureError, get_adapter
 from spap.config import PruneConfig
 from spap.core import SolverConfig
 
-from .conftest import tiny_ids, tiny_model
+from .conftest import tiny_config, tiny_ids, tiny_model
 
 
 def fast_config(sparsity: float, **solver) -> PruneConfig:
@@ -116,3 +116,18 @@ def test_refit_on_all_tokens_never_increases_the_layer_error():
         assert layer.error_refit is not None
         assert layer.error_refit <= layer.error_ls * (1 + 1e-4)
     assert any(layer.error_refit < 0.99 * layer.error_ls for layer in report.layers)
+
+
+def test_unaligned_kept_widths_warn_and_rounded_ones_do_not(caplog):
+    width = tiny_config("llama").intermediate_size
+    sparsity = 0.3
+    assert (width - round(sparsity * width)) % 8  # the exact kept width is unaligned
+    with caplog.at_level("WARNING", logger="spap.pipeline"):
+        spap.prune(tiny_model("llama"), config=fast_config(sparsity, refit="ls"), calibration_ids=tiny_ids())
+    assert "not multiples of 8" in caplog.text
+    caplog.clear()
+    cfg = fast_config(sparsity, refit="ls")
+    cfg.width_multiple = 8
+    with caplog.at_level("WARNING", logger="spap.pipeline"):
+        spap.prune(tiny_model("llama"), config=cfg, calibration_ids=tiny_ids())
+    assert "not multiples" not in caplog.text

@@ -93,6 +93,18 @@ class _ErrorMeter:
         return self.num / max(self.den, 1e-30)
 
 
+def _warn_unaligned(kept_widths: list[int], multiple: int = 8) -> None:
+    """GPU GEMMs with an inner dimension that is not a multiple of 8 miss the tensor-core paths: on an
+    H100 an 8B-shaped model with 30% of its neurons removed (10,035 kept) ran slower than dense."""
+    odd = sorted({w for w in kept_widths if w % multiple})
+    if odd:
+        log.warning(
+            "kept MLP widths %s are not multiples of %d; on GPUs such widths can make the pruned model "
+            "slower than the dense one. Use --width-multiple 64 (PruneConfig.width_multiple) for GPU deployment.",
+            odd[:4], multiple,
+        )
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -142,6 +154,7 @@ def prune(
         counts = [0] * len(widths)
     if len(counts) != len(layers) or any(not 0 <= k < m for k, m in zip(counts, widths)):
         raise ValueError(f"invalid per-layer prune counts {counts} for widths {widths}")
+    _warn_unaligned([m - k for k, m in zip(counts, widths) if k])
     t0 = time.perf_counter()
     first, last = distributed.shard_bounds(calibration_ids.shape[0])  # data parallel: this rank's sequences
     inputs = capture_layer_inputs(model, layers, calibration_ids[first:last], cfg.batch_size, device, dtype)
