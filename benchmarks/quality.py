@@ -69,6 +69,8 @@ def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) 
     tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
     header = (["method", "sparsity", "params (M)"] + [f"ppl@{s}" for s in seq_lens]
               + [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")] + ["prune s", "peak RSS GiB"])
+    machines = any("machine" in r for r in rows)  # rows of one file may come from different machines
+    header += ["machine"] if machines else []
     table_rows = []
     for r in sorted(rows, key=lambda r: (r["sparsity"], r["variant"])):
         zs = r.get("zeroshot", {})
@@ -77,6 +79,7 @@ def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) 
             + [r["ppl"][str(s)]["perplexity"] if str(s) in r["ppl"] else "" for s in seq_lens]
             + [f"{zs[t][m]:.4f}" if t in zs else "" for t in tasks for m in ("acc", "acc_norm")]
             + [round(r.get("prune_seconds", 0)), f"{r.get('peak_rss_gib', 0):.1f}" if "peak_rss_gib" in r else ""]
+            + ([r.get("machine", "-")] if machines else [])
         )
     table = markdown_table(header, table_rows)
     pivots = "\n\n".join(f"## ppl@{s} by sparsity\n\n{pivot_table(rows, s)}" for s in seq_lens)
@@ -135,7 +138,7 @@ def main() -> None:
         save_rows(out, rows, meta)
         ppl = ", ".join(f"ppl@{k} {v['perplexity']:.2f}" for k, v in row["ppl"].items())
         print(f"{variant:18s} {sparsity:4.0%}  {ppl}  prune {row.get('prune_seconds', 0):.0f}s", flush=True)
-    print(write_outputs(rows, out, args.seq_lens, f"{tag}: perplexity vs MLP sparsity ({machine()})"))
+    print(write_outputs(rows, out, args.seq_lens, f"{tag}: perplexity vs MLP sparsity"))
 
 
 if __name__ == "__main__":
