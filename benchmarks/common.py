@@ -7,7 +7,7 @@ import multiprocessing as mp
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # name: PruneConfig overrides; "solver" holds SolverConfig overrides
@@ -31,6 +31,8 @@ SHAPES = {  # public config values of the named models (random weights)
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
     "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True),
+    "smoke": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,  # script checks
+                  num_key_value_heads=2, vocab_size=512),
 }
 
 
@@ -118,10 +120,11 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run_isolated(job: dict[str, Any]) -> dict[str, Any]:
+def run_isolated(job: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]] = _run) -> dict[str, Any]:
+    """``fn(job)`` in a fresh process, so peak memory (ru_maxrss, CUDA peaks) is that run's own."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_run, (job,))
+        return pool.apply(fn, (job,))
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:

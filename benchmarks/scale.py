@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import SHAPES, VARIANTS, machine, markdown_table, shape_model  # noqa: E402
+from common import SHAPES, VARIANTS, machine, markdown_table, run_isolated, shape_model  # noqa: E402
 
 
 def run(shape: str, layers: int | None, variant: str, sparsity: float, n_samples: int, seq_len: int,
@@ -51,6 +51,10 @@ def run(shape: str, layers: int | None, variant: str, sparsity: float, n_samples
     }
 
 
+def run_job(job: dict) -> dict:
+    return run(**job)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", nargs="+", choices=list(SHAPES), default=["llama3-1b"])
@@ -68,8 +72,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for shape in args.shape:
-        rows.append(run(shape, args.layers, args.variant, args.sparsity, args.n_samples, args.seq_len,
-                        args.device, args.dtype, args.seed))
+        job = dict(shape=shape, layers=args.layers, variant=args.variant, sparsity=args.sparsity,
+                   n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, dtype=args.dtype, seed=args.seed)
+        rows.append(run_isolated(job, run_job))  # own process: peak host RSS is this shape's
         out.write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "rows": rows}, indent=2))
         print(json.dumps(rows[-1], indent=1), flush=True)
     table = [[r["shape"], r["layers"], r["parameters_before"] / 1e9, r["host_weight_gib"], r["seconds_per_layer"],
