@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import SHAPES, machine, markdown_table, shape_model  # noqa: E402
 
+
 def build(shape: str | None, model: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     if shape:
         return shape_model(shape, dtype, device)
@@ -30,7 +31,11 @@ def build(shape: str | None, model: str, dtype: torch.dtype, device: str) -> tor
 
 
 def kept_width(width: int, sparsity: float, multiple: int) -> int:
-    """(1 - sparsity) * width rounded to a multiple (GEMM tiles: odd widths run far slower on GPUs)."""
+    """(1 - sparsity) * width rounded to a multiple (GEMM tiles: odd widths run far slower on GPUs).
+
+    Every layer gets the same width, as a stock config needs.  ``spap prune --width-multiple``
+    (``allocation.round_kept_to_multiple``) also keeps the model's total near the budget, which can
+    mix two widths; ``--pad-to-uniform`` then gives this benchmark's shapes."""
     keep = width - int(round(sparsity * width))
     return max(multiple, int(round(keep / multiple)) * multiple)
 
@@ -84,6 +89,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     dense_model = build(args.shape, args.model, dtype, args.device)
     dense = measure(dense_model, **settings)  # once: every ratio below shares this denominator
+    meta = {"machine": machine(), "device": args.device, "dtype": args.dtype, "settings": settings,
+            "width_multiple": args.width_multiple, "torch": torch.__version__, "graphs": args.device.startswith("cuda")}
     results = []
     for s in args.sparsities:
         pruned = shrink(dense_model, s, args.heads, args.width_multiple)
@@ -93,8 +100,6 @@ def main() -> None:
         print(format_comparison(c), flush=True)
         results.append(c)
         del pruned
-        meta = {"machine": machine(), "device": args.device, "dtype": args.dtype, "settings": settings, "width_multiple": args.width_multiple,
-                "torch": torch.__version__, "graphs": args.device.startswith("cuda")}
         out.write_text(json.dumps({**meta, "results": results}, indent=2))  # after each row: partial runs keep rows
     rows = [[f"{r['sparsity']:.0%}", r["byte_ratio_limit"], r["prefill_speedup"], r["decode_speedup_batch1"],
              r["decode_speedup_batch1"] / r["byte_ratio_limit"], r["decode_speedup_batched"],
