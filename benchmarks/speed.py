@@ -21,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import SHAPES, machine, markdown_table, shape_model  # noqa: E402
 
+from spap.core import allocation  # noqa: E402
+
 
 def build(shape: str | None, model: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     if shape:
@@ -31,13 +33,9 @@ def build(shape: str | None, model: str, dtype: torch.dtype, device: str) -> tor
 
 
 def kept_width(width: int, sparsity: float, multiple: int) -> int:
-    """(1 - sparsity) * width rounded to a multiple (GEMM tiles: odd widths run far slower on GPUs).
-
-    Every layer gets the same width, as a stock config needs.  ``spap prune --width-multiple``
-    (``allocation.round_kept_to_multiple``) also keeps the model's total near the budget, which can
-    mix two widths; ``--pad-to-uniform`` then gives this benchmark's shapes."""
-    keep = width - int(round(sparsity * width))
-    return max(multiple, int(round(keep / multiple)) * multiple)
+    """(1 - sparsity) * width rounded to a multiple, as ``spap prune --width-multiple`` keeps it under
+    uniform allocation (GEMM tiles: odd widths run far slower on GPUs)."""
+    return width - allocation.uniform([width], sparsity, multiple)[0]
 
 
 def shrink(model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0, multiple: int = 1) -> torch.nn.Module:

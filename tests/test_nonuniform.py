@@ -61,9 +61,22 @@ def test_global_allocations_meet_the_budget_in_the_pipeline(allocation_rule):
     assert report.extra["allocation"]["counts"] == [r.width_before - r.width_after for r in report.layers]
 
 
-def test_width_multiple_rounds_kept_widths():
+def test_width_multiple_under_uniform_allocation_keeps_one_stock_width(tmp_path):
     model, ids = tiny_model("llama"), tiny_ids()
     cfg = PruneConfig(sparsity=0.3, width_multiple=8, compute_dtype="float32", solver=SolverConfig(refit="ls"))
     report = spap.prune(model, config=cfg, calibration_ids=ids)
+    assert report.widths == [32] * 3  # 48 - round(0.3 * 48) = 34 -> nearest multiple of 8
+    out = spap.save_pruned(model, tmp_path / "rounded")
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 32
+
+
+def test_width_multiple_under_global_allocation_keeps_the_budget():
+    model, ids = tiny_model("llama"), tiny_ids(n=8, seq_len=32)
+    cfg = PruneConfig(
+        sparsity=0.3, allocation="structprune", width_multiple=8, compute_dtype="float32", max_sparsity=0.8,
+        solver=SolverConfig(refit="ls"),
+    )
+    report = spap.prune(model, config=cfg, calibration_ids=ids)
     assert all(w % 8 == 0 for w in report.widths)
-    assert abs(sum(48 - w for w in report.widths) - round(0.3 * 48) * 3) <= 4
+    assert abs(sum(48 - w for w in report.widths) - round(0.3 * 48 * 3)) <= 4

@@ -45,7 +45,10 @@ class PruneConfig:
                     corrects error accumulated upstream (0 = plain layer-wise reconstruction).
                     Costs one more layer forward and one hidden-state buffer.
     width_multiple: round every kept MLP width to a multiple of this (e.g. 64 or 256, for
-                    efficient GEMM tiles); the total stays within half a multiple of the budget.
+                    efficient GEMM tiles).  Uniform allocation: each layer's kept width is rounded
+                    to the nearest multiple, so all layers keep one width (stock-loadable); the
+                    sparsity moves by up to half a multiple per layer.  Non-uniform allocations:
+                    the model's total stays within half a multiple of the budget.
     device:         "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     compute_dtype:  dtype of layer forwards during calibration: "auto" (bfloat16 where the
                     hardware runs it fast, else float32), "float32", "bfloat16", "float16".

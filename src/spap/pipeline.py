@@ -143,13 +143,14 @@ def prune(
     if n_prune is not None:
         counts = list(n_prune)
     elif cfg.allocation_rule == "uniform":
-        counts = allocation.uniform(widths, cfg.sparsity)
+        counts = allocation.uniform(widths, cfg.sparsity, cfg.width_multiple)
     else:
         t0 = time.perf_counter()
         probe = probe_layers(model, adapter, calibration_ids, cfg, device, dtype)
         counts = allocate(cfg, widths, probe)
         seconds["probe"] = time.perf_counter() - t0
-    counts = allocation.round_kept_to_multiple(widths, counts, cfg.width_multiple)
+    if n_prune is not None or cfg.allocation_rule != "uniform":
+        counts = allocation.round_kept_to_multiple(widths, counts, cfg.width_multiple)
     if not cfg.prunes_mlp:
         counts = [0] * len(widths)
     if len(counts) != len(layers) or any(not 0 <= k < m for k, m in zip(counts, widths)):

@@ -55,3 +55,16 @@ def test_rounding_preserves_order_and_total():
     counts = allocation.round_preserving_sum(values, 10, [0] * 4, [10] * 4)
     assert sum(counts) == 10
     assert counts == sorted(counts, reverse=True)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.3, 0.5, 0.9])
+def test_uniform_rounding_gives_every_layer_the_same_aligned_width(sparsity):
+    widths = [1536] * 5 + [14336] * 2
+    counts = allocation.uniform(widths, sparsity, multiple=64)
+    kept = [m - k for m, k in zip(widths, counts)]
+    assert len(set(kept[:5])) == 1 and len(set(kept[5:])) == 1
+    for m, k in zip(widths, kept):
+        assert k == m or k % 64 == 0
+        assert abs(k - (m - round(sparsity * m))) <= 32
+    assert allocation.uniform([14336], 0.3, 64) == [14336 - 10048]
+    assert allocation.uniform(widths, sparsity, 1) == [round(sparsity * m) for m in widths]

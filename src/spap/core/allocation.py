@@ -42,9 +42,17 @@ def global_budget(widths: list[int], sparsity: float) -> int:
     return int(round(sparsity * sum(widths)))
 
 
-def uniform(widths: list[int], sparsity: float) -> list[int]:
-    """k_l = round(sparsity * m_l)."""
-    return [int(round(sparsity * m)) for m in widths]
+def uniform(widths: list[int], sparsity: float, multiple: int = 1) -> list[int]:
+    """k_l = round(sparsity * m_l); with ``multiple`` > 1 the kept width m_l - k_l is rounded to the
+    nearest multiple (at least one multiple, at most m_l), so layers of equal width keep equal widths
+    and a stock config (one ``intermediate_size``) can describe the result."""
+    counts = []
+    for m in widths:
+        k = int(round(sparsity * m))
+        if multiple > 1 and k > 0:
+            k = m - min(m, max(multiple, int(round((m - k) / multiple)) * multiple))
+        counts.append(k)
+    return counts
 
 
 def round_preserving_sum(values: list[float], total: int, lo: list[int], hi: list[int]) -> list[int]:
@@ -126,8 +134,9 @@ def global_ranking(
 
 
 def round_kept_to_multiple(widths: list[int], counts: list[int], multiple: int) -> list[int]:
-    """Adjust prune counts so every kept width is a multiple of ``multiple`` (or the full width),
-    keeping the total kept as close as possible to the original total."""
+    """Adjust non-uniform prune counts so every kept width is a multiple of ``multiple`` (or the full
+    width), keeping the total kept as close as possible to the original total (so layers may end up
+    with different widths; ``uniform(..., multiple)`` is the rounding for uniform allocations)."""
     if multiple <= 1:
         return list(counts)
     ideal = [m - k for m, k in zip(widths, counts)]
