@@ -44,3 +44,17 @@ def test_wikitext_layout_and_missing_file(tmp_path):
     assert read_text_file(f) == " = Title = \n\n Body line one .\n\n Body two ."
     with pytest.raises(FileNotFoundError):
         read_text_file(tmp_path / "absent.txt")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_self_generated_calibration_is_seeded_and_starts_at_bos(dtype):
+    from spap.calibration import self_generated
+
+    from .conftest import tiny_model, tiny_tokenizer
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    a = self_generated(model, tokenizer, 3, 12, seed=0, batch_size=2, dtype=dtype)
+    assert a.shape == (3, 12) and (a[:, 0] == tokenizer.bos_token_id).all()
+    assert torch.equal(a, self_generated(model, tokenizer, 3, 12, seed=0, batch_size=2, dtype=dtype))
+    assert not torch.equal(a, self_generated(model, tokenizer, 3, 12, seed=1, batch_size=2, dtype=dtype))
+    assert next(model.parameters()).dtype == torch.float32  # autocast leaves the weights alone

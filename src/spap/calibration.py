@@ -12,6 +12,8 @@ from torch import Tensor
 
 from .config import CalibrationConfig
 
+_HALF = (torch.bfloat16, torch.float16)
+
 log = logging.getLogger(__name__)
 
 BUNDLED = "bundled"
@@ -116,20 +118,26 @@ def sample_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, bos_id:
     return rows
 
 
-def calibration_tokens(tokenizer, cfg: CalibrationConfig, model=None) -> Tensor:
-    """Calibration batch (n, seq_len) of token ids described by ``cfg``."""
+def calibration_tokens(tokenizer, cfg: CalibrationConfig, model=None, dtype: torch.dtype | None = None) -> Tensor:
+    """Calibration batch (n, seq_len) of token ids described by ``cfg``.
+
+    ``dtype``: compute dtype for self-generation (bfloat16/float16 run under autocast)."""
     if cfg.source == "self":
         if model is None:
             raise ValueError("calibration source 'self' needs the model")
-        return self_generated(model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed)
+        return self_generated(model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, dtype=dtype)
     ids = tokenize(tokenizer, load_text(cfg.source))
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     return sample_windows(ids, cfg.n_samples, cfg.seq_len, cfg.seed, bos)
 
 
 @torch.no_grad()
-def self_generated(model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 32) -> Tensor:
-    """Sequences sampled from the dense model itself (temperature 1), starting from BOS (or EOS)."""
+def self_generated(
+    model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 32, dtype: torch.dtype | None = None
+) -> Tensor:
+    """Sequences sampled from the dense model itself (temperature 1), starting from BOS (or EOS).
+
+    With a 16-bit ``dtype`` the model runs under autocast (about 4x faster on CPUs with bf16 units)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("tokenizer has neither BOS nor EOS token to start generation from")
@@ -139,9 +147,10 @@ def self_generated(model, tokenizer, n_samples: int, seq_len: int, seed: int, ba
     for first in range(0, n_samples, batch_size):
         b = min(batch_size, n_samples - first)
         prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
-        seqs = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,
-        )
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype in _HALF):
+            seqs = model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,
+            )
         out.append(seqs[:, :seq_len].cpu())
     return torch.cat(out)

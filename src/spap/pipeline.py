@@ -137,7 +137,7 @@ def prune(
     if calibration_ids is None:
         if tokenizer is None:
             raise ValueError("pass a tokenizer or calibration_ids")
-        calibration_ids = calibration_tokens(tokenizer, cfg.calibration, model)
+        calibration_ids = calibration_tokens(tokenizer, cfg.calibration, model, dtype)
     seconds = {"calibration_data": time.perf_counter() - t0}
     probe: list[LayerProbe] = []
     if n_prune is not None:
