@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from .config import CalibrationConfig
-
-_HALF = (torch.bfloat16, torch.float16)
+from .runtime import autocast_for
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ def sample_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, bos_id:
 def calibration_tokens(tokenizer, cfg: CalibrationConfig, model=None, dtype: torch.dtype | None = None) -> Tensor:
     """Calibration batch (n, seq_len) of token ids described by ``cfg``.
 
-    ``dtype``: compute dtype for self-generation (bfloat16/float16 run under autocast)."""
+    ``dtype``: matmul dtype (autocast) for self-generation."""
     if cfg.source == "self":
         if model is None:
             raise ValueError("calibration source 'self' needs the model")
@@ -137,7 +136,7 @@ def self_generated(
 ) -> Tensor:
     """Sequences sampled from the dense model itself (temperature 1), starting from BOS (or EOS).
 
-    With a 16-bit ``dtype`` the model runs under autocast (about 4x faster on CPUs with bf16 units)."""
+    With ``dtype`` (e.g. the pipeline's compute dtype) the model's matmuls run under autocast."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("tokenizer has neither BOS nor EOS token to start generation from")
@@ -147,7 +146,7 @@ def self_generated(
     for first in range(0, n_samples, batch_size):
         b = min(batch_size, n_samples - first)
         prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype in _HALF):
+        with autocast_for(model, dtype):
             seqs = model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                 max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,

@@ -8,12 +8,21 @@ import gc
 import platform
 import resource
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def autocast_for(model: torch.nn.Module, dtype: torch.dtype | None):
+    """Autocast context running matmuls in ``dtype`` while weights keep their precision."""
+    param = next(model.parameters())
+    if dtype is None or dtype == param.dtype:
+        return nullcontext()
+    return torch.autocast(device_type=param.device.type, dtype=dtype)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

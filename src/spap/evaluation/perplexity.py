@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..calibration import adds_bos, tokenize
+from ..runtime import autocast_for
 
 
 @dataclass
@@ -24,14 +24,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def autocast_for(model: torch.nn.Module, dtype: torch.dtype | None):
-    """Autocast context running matmuls in ``dtype`` while weights keep their precision."""
-    param = next(model.parameters())
-    if dtype is None or dtype == param.dtype:
-        return nullcontext()
-    return torch.autocast(device_type=param.device.type, dtype=dtype)
 
 
 @torch.no_grad()

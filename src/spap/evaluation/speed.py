@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .perplexity import autocast_for
+from ..runtime import autocast_for
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..calibration import adds_bos
-from .perplexity import autocast_for
+from ..runtime import autocast_for
 
 
 @dataclass
