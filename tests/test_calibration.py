@@ -58,3 +58,21 @@ def test_self_generated_calibration_is_seeded_and_starts_at_bos(dtype):
     assert torch.equal(a, self_generated(model, tokenizer, 3, 12, seed=0, batch_size=2, dtype=dtype))
     assert not torch.equal(a, self_generated(model, tokenizer, 3, 12, seed=1, batch_size=2, dtype=dtype))
     assert next(model.parameters()).dtype == torch.float32  # autocast leaves the weights alone
+
+
+def test_token_files_are_cut_to_the_requested_shape_and_bad_files_fail(tmp_path, caplog):
+    from spap.calibration import calibration_tokens
+    from spap.config import CalibrationConfig
+
+    path = tmp_path / "ids.pt"
+    torch.save(torch.arange(60).reshape(4, 15), path)
+    ids = calibration_tokens(None, CalibrationConfig(str(path), n_samples=2, seq_len=10))
+    assert torch.equal(ids, torch.arange(60).reshape(4, 15)[:2, :10])
+    with caplog.at_level(logging.WARNING):
+        assert calibration_tokens(None, CalibrationConfig(str(path), n_samples=8, seq_len=10)).shape == (4, 10)
+    assert "asked for 8 x 10" in caplog.text
+    torch.save(torch.rand(3, 5), path)
+    with pytest.raises(ValueError, match="2-D integer tensor"):
+        calibration_tokens(None, CalibrationConfig(str(path)))
+    with pytest.raises(FileNotFoundError, match="token file"):
+        calibration_tokens(None, CalibrationConfig(str(tmp_path / "absent.pt")))

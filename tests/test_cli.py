@@ -50,3 +50,20 @@ def test_bad_input_fails_with_clear_message_and_no_output(tiny_checkpoint, tmp_p
     assert main(["prune", str(tiny_checkpoint), "--out", str(out), "--calib", str(tmp_path / "nope.txt")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_self_generated_calibration_is_saved_and_reuse_reproduces_the_pruning(tiny_checkpoint, tmp_path):
+    common = [
+        "--sparsity", "0.25", "--n-samples", "3", "--seq-len", "16", "--compute-dtype", "float32", "--refit", "ls",
+    ]
+    first, second = tmp_path / "self", tmp_path / "reused"
+    assert main(["prune", str(tiny_checkpoint), "--out", str(first), "--calib", "self", *common]) == 0
+    ids = torch.load(first / "calibration_ids.pt")
+    assert ids.shape == (3, 16) and ids.dtype == torch.long
+    reused = ["--calib", str(first / "calibration_ids.pt")]
+    assert main(["prune", str(tiny_checkpoint), "--out", str(second), *reused, *common]) == 0
+    assert not (second / "calibration_ids.pt").exists()  # only generated text is worth keeping
+    a, b = (json.loads((d / "pruning.json").read_text()) for d in (first, second))
+    assert [layer["kept"] for layer in a["layers"]] == [layer["kept"] for layer in b["layers"]]
+    wa, wb = (AutoModelForCausalLM.from_pretrained(d).model.layers[1].mlp.down_proj.weight for d in (first, second))
+    torch.testing.assert_close(wa, wb)

@@ -38,3 +38,14 @@ def test_cuda_speed_comparison_runs_with_graphs():
     result = compare(dense, pruned.to("cuda", torch.bfloat16), prefill_batch=2, prefill_len=32, decode_batch=2, new_tokens=8)
     assert result["byte_ratio_limit"] > 1
     assert result["dense"]["peak_gpu_gib"] is not None
+
+
+def test_self_generation_runs_on_the_gpu_and_returns_the_model_to_the_host():
+    from spap.calibration import self_generated
+
+    from .conftest import tiny_tokenizer
+
+    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    ids = self_generated(model, tokenizer, 3, 12, seed=0, batch_size=2, device=torch.device("cuda"))
+    assert ids.shape == (3, 12) and ids.device.type == "cpu"
+    assert {p.device.type for p in model.parameters()} == {"cpu"}

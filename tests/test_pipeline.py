@@ -131,3 +131,39 @@ def test_unaligned_kept_widths_warn_and_rounded_ones_do_not(caplog):
     with caplog.at_level("WARNING", logger="spap.pipeline"):
         spap.prune(tiny_model("llama"), config=cfg, calibration_ids=tiny_ids())
     assert "not multiples" not in caplog.text
+
+
+def test_residual_token_weights_are_inverse_mean_squares():
+    from spap.pipeline import residual_token_weights
+
+    h = torch.tensor([[[1.0, -1.0], [30.0, 40.0]]])
+    torch.testing.assert_close(residual_token_weights(h), torch.tensor([[1.0, 1 / 1250.0]]))
+
+
+@pytest.mark.parametrize("refit", ["ls", "alternating"])
+def test_token_weighting_prunes_and_changes_the_fit(refit):
+    ids = tiny_ids(n=8, seq_len=32)
+    kept, reports = {}, {}
+    for weighting in ("none", "residual"):
+        model = tiny_model("llama")
+        cfg = fast_config(0.4, refit=refit)
+        cfg.token_weighting = weighting
+        reports[weighting] = spap.prune(model, config=cfg, calibration_ids=ids)
+        kept[weighting] = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    assert reports["residual"].widths == reports["none"].widths
+    assert reports["residual"].config["token_weighting"] == "residual"
+    assert not torch.allclose(kept["residual"], kept["none"])
+    with pytest.raises(ValueError, match="token_weighting"):
+        PruneConfig(token_weighting="bogus")
+
+
+def test_token_weighting_rejects_post_norm_opt():
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("opt")
+    config.do_layer_norm_before = False
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cfg = fast_config(0.2, refit="ls")
+    cfg.token_weighting = "residual"
+    with pytest.raises(ValueError, match="token_weighting"):
+        spap.prune(model, config=cfg, calibration_ids=tiny_ids())

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -117,31 +119,92 @@ def sample_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, bos_id:
     return rows
 
 
-def calibration_tokens(tokenizer, cfg: CalibrationConfig, model=None, dtype: torch.dtype | None = None) -> Tensor:
+TOKEN_FILE_SUFFIX = ".pt"
+CALIBRATION_FILE = "calibration_ids.pt"  # written next to a checkpoint pruned with --calib self
+
+
+def load_token_file(path: str | Path, n_samples: int, seq_len: int) -> Tensor:
+    """Token ids (n, seq_len) from a ``torch.save``d 2-D integer tensor, e.g. the calibration_ids.pt a
+    ``--calib self`` run wrote: the first ``n_samples`` rows, cut to ``seq_len`` columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration token file not found: {path}")
+    ids = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.numel() == 0:
+        raise ValueError(f"{path} must hold a non-empty 2-D integer tensor of token ids (n, seq_len)")
+    if ids.shape[0] < n_samples or ids.shape[1] < seq_len:
+        log.warning(
+            "%s holds %d x %d tokens (asked for %d x %d); using %d x %d", path, *ids.shape, n_samples, seq_len,
+            min(n_samples, ids.shape[0]), min(seq_len, ids.shape[1]),
+        )
+    return ids[:n_samples, :seq_len].long()
+
+
+def calibration_tokens(
+    tokenizer, cfg: CalibrationConfig, model=None, dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> Tensor:
     """Calibration batch (n, seq_len) of token ids described by ``cfg``.
 
-    ``dtype``: matmul dtype (autocast) for self-generation."""
+    ``dtype``: matmul dtype (autocast) and ``device``: where the model runs for self-generation."""
     if cfg.source == "self":
         if model is None:
             raise ValueError("calibration source 'self' needs the model")
-        return self_generated(model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, dtype=dtype)
+        return self_generated(model, tokenizer, cfg.n_samples, cfg.seq_len, cfg.seed, dtype=dtype, device=device)
+    if cfg.source.endswith(TOKEN_FILE_SUFFIX):
+        return load_token_file(cfg.source, cfg.n_samples, cfg.seq_len)
     ids = tokenize(tokenizer, load_text(cfg.source))
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     return sample_windows(ids, cfg.n_samples, cfg.seq_len, cfg.seed, bos)
 
 
+@contextmanager
+def model_on(model, device: torch.device | None) -> Iterator[torch.device]:
+    """Run ``model`` on ``device`` for the duration (moved back afterwards); if it does not fit there
+    (CUDA out of memory), stay where it is, with a warning.  Yields the device it runs on."""
+    home = next(model.parameters()).device
+    if device is None or torch.device(device) == home:
+        yield home
+        return
+    try:
+        model.to(device)
+    except torch.cuda.OutOfMemoryError:
+        model.to(home)
+        torch.cuda.empty_cache()
+        log.warning("model does not fit on %s for self-generation; generating on %s (slow)", device, home)
+        yield home
+        return
+    try:
+        yield torch.device(device)
+    finally:
+        model.to(home)
+
+
 @torch.no_grad()
 def self_generated(
-    model, tokenizer, n_samples: int, seq_len: int, seed: int, batch_size: int = 32, dtype: torch.dtype | None = None
+    model,
+    tokenizer,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+    batch_size: int = 32,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Sequences sampled from the dense model itself (temperature 1), starting from BOS (or EOS).
 
-    With ``dtype`` (e.g. the pipeline's compute dtype) the model's matmuls run under autocast."""
+    With ``dtype`` (e.g. the pipeline's compute dtype) the model's matmuls run under autocast; with
+    ``device`` the whole model is moved there for generation (and back), falling back to where it is."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("tokenizer has neither BOS nor EOS token to start generation from")
     torch.manual_seed(seed)
-    device = next(model.parameters()).device
+    with model_on(model, device) as where:
+        return _sample(model, start, n_samples, seq_len, batch_size, dtype, where)
+
+
+def _sample(
+    model, start: int, n_samples: int, seq_len: int, batch_size: int, dtype: torch.dtype | None, device: torch.device
+) -> Tensor:
     out = []
     for first in range(0, n_samples, batch_size):
         b = min(batch_size, n_samples - first)

@@ -15,6 +15,7 @@ from torch import nn
 from . import remote_code
 from .adapters import get_adapter
 from .atomic import atomic_directory
+from .calibration import CALIBRATION_FILE
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,12 @@ def save_pruned(
     report: dict[str, Any] | None = None,
     overwrite: bool = False,
     pad_to_uniform: bool = False,
+    calibration_ids: torch.Tensor | None = None,
 ) -> Path:
     """Write ``model`` (+ tokenizer, + ``pruning.json``) to ``out_dir`` atomically.
+
+    ``calibration_ids`` (n, seq_len), if given, are saved as calibration_ids.pt (reusable with
+    ``--calib DIR/calibration_ids.pt``; worth it for self-generated calibration, which is slow).
 
     ``pad_to_uniform`` zero-pads non-uniform MLP widths (modifies ``model``) so that stock loaders
     (transformers without trust_remote_code, vLLM) read the checkpoint, at the cost of the padding.
@@ -136,6 +141,8 @@ def save_pruned(
             tokenizer.save_pretrained(tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if calibration_ids is not None:
+            torch.save(calibration_ids.cpu(), tmp / CALIBRATION_FILE)
     if needs_code:
         log.info(
             "%s: layer shapes differ from the stock config; load with spap.load_pretrained(dir) or "

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import ALLOCATIONS, CalibrationConfig, PruneConfig
+from .config import ALLOCATIONS, TOKEN_WEIGHTINGS, CalibrationConfig, PruneConfig
 from .core.solver_config import METHODS, REFITS, SELECTIONS, SolverConfig
 
 log = logging.getLogger("spap")
@@ -65,7 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width-multiple", type=int, default=1, help="round kept MLP widths to multiples of this")
     p.add_argument("--pad-to-uniform", action="store_true", help="zero-pad non-uniform widths to the maximum (stock-loadable everywhere)")
     p.add_argument("--error-correction", type=float, default=0.0, help="beta: also correct upstream error (0..1)")
-    p.add_argument("--calib", default="bundled", help="bundled | self | PATH | hf:NAME[:CONFIG[:SPLIT]]")
+    p.add_argument(
+        "--token-weighting", default="none", choices=TOKEN_WEIGHTINGS,
+        help="experimental; residual: weight each token's reconstruction error by 1/||h||^2 of the residual "
+        "stream (better for SPAP at long context, breaks fasp; docs/hyperparameters.md)",
+    )
+    p.add_argument(
+        "--calib", default="bundled",
+        help="bundled | self | text FILE | token-id FILE.pt (e.g. calibration_ids.pt of a --calib self run) | hf:NAME[:CONFIG[:SPLIT]]",
+    )
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
@@ -122,6 +130,7 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
         max_sparsity=args.max_sparsity,
         width_multiple=args.width_multiple,
         error_correction=args.error_correction,
+        token_weighting=args.token_weighting,
         device=args.device,
         compute_dtype=args.compute_dtype,
         batch_size=args.batch_size,
@@ -197,7 +206,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data["model"] = path
     data["metrics"] = metrics
     data["command"] = " ".join(sys.argv)
-    save_pruned(model, out, tokenizer, data, overwrite=args.overwrite, pad_to_uniform=args.pad_to_uniform)
+    generated = report.calibration_ids if cfg.calibration.source == "self" else None  # slow to redo: keep
+    save_pruned(
+        model, out, tokenizer, data, overwrite=args.overwrite, pad_to_uniform=args.pad_to_uniform,
+        calibration_ids=generated,
+    )
     print(f"wrote {out} (load with transformers' AutoModelForCausalLM.from_pretrained or spap.load_pretrained)")
     return 0
 

@@ -10,13 +10,15 @@ from .core.solver_config import SolverConfig
 
 ALLOCATIONS = ("auto", "uniform", "structprune", "global")
 TARGETS = ("mlp", "attn", "both")
+TOKEN_WEIGHTINGS = ("none", "residual")
 
 
 @dataclass
 class CalibrationConfig:
     """Where calibration tokens come from.
 
-    source: "bundled" (public-domain text shipped with spap), a path to a text file,
+    source: "bundled" (public-domain text shipped with spap), a path to a text file, a path to a
+            ``.pt`` file of token ids (n, seq_len) such as the calibration_ids.pt a "self" run saves,
             "hf:NAME[:CONFIG[:SPLIT]]" (a Hugging Face dataset, needs network and ``datasets``),
             or "self" (text sampled from the dense model; fully offline).
     """
@@ -44,6 +46,11 @@ class PruneConfig:
                     output - pruned model's layer output with the dense MLP), so each layer also
                     corrects error accumulated upstream (0 = plain layer-wise reconstruction).
                     Costs one more layer forward and one hidden-state buffer.
+    token_weighting: "none" (every calibration token counts the same in the MLP reconstruction) or
+                    "residual" (token n weighted by 1 / mean(h_n^2) of the layer's output residual
+                    stream h_n, i.e. the error is measured relative to what the next norm sees).
+                    Applies to every method's per-layer statistics and refit, not to the dense
+                    probes of non-uniform allocations.  See docs/hyperparameters.md.
     width_multiple: round every kept MLP width to a multiple of this (e.g. 64 or 256, for
                     efficient GEMM tiles).  Uniform allocation: each layer's kept width is rounded
                     to the nearest multiple, so all layers keep one width (stock-loadable); the
@@ -67,6 +74,7 @@ class PruneConfig:
     max_sparsity: float = 0.9
     width_multiple: int = 1
     error_correction: float = 0.0
+    token_weighting: str = "none"
     device: str = "auto"
     compute_dtype: str = "auto"
     batch_size: int = 8
@@ -83,6 +91,8 @@ class PruneConfig:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
         if not 0.0 <= self.error_correction <= 1.0:
             raise ValueError("error_correction must be in [0, 1]")
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(f"unknown token_weighting {self.token_weighting!r}; choose one of {', '.join(TOKEN_WEIGHTINGS)}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
 

@@ -55,11 +55,19 @@ def all_reduce_statistics(stats: MLPStatistics) -> None:
     count = torch.tensor([stats.count], dtype=torch.long, device=_device_for_collectives(stats.gram))
     dist.all_reduce(count)
     stats.count = int(count)
-    local = stats.sample_inputs()
     if stats.sample_positions is None:
         return
     d = stats.cross.shape[0]
-    local = torch.zeros(0, d) if local is None else local
+    local = stats.sample_inputs()
+    stats._sample_rows = _gather_rows(torch.zeros(0, d) if local is None else local)
+    weights = stats.sample_weights()
+    if weights is not None:
+        stats._sample_weights = [w[:, 0] for w in _gather_rows(weights[:, None])]
+
+
+def _gather_rows(local: Tensor) -> list[Tensor]:
+    """Every rank's rows (n_r, d), in rank order (ranks hold consecutive token ranges)."""
+    d = local.shape[1]
     device = _device_for_collectives(local)
     sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([local.shape[0]], device=device))
@@ -68,7 +76,7 @@ def all_reduce_statistics(stats: MLPStatistics) -> None:
     padded[: local.shape[0]] = local.to(device)
     gathered = [torch.zeros(longest, d, device=device) for _ in sizes]
     dist.all_gather(gathered, padded)
-    stats._sample_rows = [g[: int(s)].cpu() for g, s in zip(gathered, sizes)]
+    return [g[: int(s)].cpu() for g, s in zip(gathered, sizes)]
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -38,7 +38,7 @@ class LayerReport:
     width_after: int
     kept: list[int]
     error: float  # ||y_pruned - y_dense||^2 / ||y_dense||^2 on all calibration tokens (compute dtype)
-    error_ls: float  # same, from float64 statistics, after selection + closed-form reconstruction
+    error_ls: float  # same, from float64 statistics (token-weighted if so configured), after selection + LS
     error_refit: float | None = None  # same, after the final refit (None without one)
     refit_first: float | None = None
     refit_last: float | None = None
@@ -63,13 +63,19 @@ class PruneReport:
     device: str
     compute_dtype: str
     extra: dict[str, Any] = field(default_factory=dict)
+    calibration_ids: Tensor | None = field(default=None, repr=False)  # (n, seq_len); not serialised
 
     @property
     def widths(self) -> list[int]:
         return [layer.width_after for layer in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        ids, self.calibration_ids = self.calibration_ids, None
+        try:
+            out = asdict(self)
+        finally:
+            self.calibration_ids = ids
+        del out["calibration_ids"]
         out["widths"] = self.widths
         return out
 
@@ -137,7 +143,7 @@ def prune(
     if calibration_ids is None:
         if tokenizer is None:
             raise ValueError("pass a tokenizer or calibration_ids")
-        calibration_ids = calibration_tokens(tokenizer, cfg.calibration, model, dtype)
+        calibration_ids = calibration_tokens(tokenizer, cfg.calibration, model, dtype, device)
     seconds = {"calibration_data": time.perf_counter() - t0}
     probe: list[LayerProbe] = []
     if n_prune is not None:
@@ -166,6 +172,8 @@ def prune(
         positions = sample_token_positions(calibration_ids.numel(), cfg.solver.refit_tokens, cfg.seed)
         positions = distributed.local_positions(positions, first * seq_len, last * seq_len)
 
+    if cfg.token_weighting != "none" and not adapter.mlp_output_is_residual(model):
+        raise ValueError(f"token_weighting needs layers whose MLP output is added last; {model.config.model_type} is not")
     dense_inputs = None
     if cfg.error_correction > 0:
         if not adapter.mlp_output_is_residual(model):
@@ -209,6 +217,7 @@ def prune(
         device=str(device),
         compute_dtype=str(dtype).replace("torch.", ""),
         extra={"allocation": {"counts": counts, "energies": [p.energy for p in probe]}} if probe else {},
+        calibration_ids=calibration_ids,
     )
 
 
@@ -242,16 +251,27 @@ def _prune_layer(
             deltas.append(beta * (dense_outputs.hidden[batch].to(output.device, torch.float32) - output.float()))
             return deltas[-1]
 
-    stats = _collect(adapter, layer, inputs, device, dtype, dense, None, positions, first_offsets)
-    sample_offsets = stats.sample_offsets()
+    token_weights: list[Tensor] = []
+    first_weights = None
+    if cfg.token_weighting == "residual":
+
+        def first_weights(_batch: int, output: Tensor) -> Tensor:
+            token_weights.append(residual_token_weights(output))
+            return token_weights[-1]
+
+    stats = _collect(adapter, layer, inputs, device, dtype, dense, None, positions, first_offsets, first_weights)
+    sample_x, sample_offsets, sample_weights = stats.sample_inputs(), stats.sample_offsets(), stats.sample_weights()
     result = _on_rank0(
-        lambda: prune_mlp(dense, stats, k, cfg.solver, stats.sample_inputs(), dtype, sample_offsets), dense, cfg
+        lambda: prune_mlp(dense, stats, k, cfg.solver, sample_x, dtype, sample_offsets, sample_weights), dense, cfg
     )
     del stats
     adapter.write_mlp(layer, result.weights)
     if result.needs_final_ls:  # W_up/W_gate changed on a sample: refit W_down on all tokens
         again = (lambda batch, _out: deltas[batch]) if deltas else None
-        stats = _collect(adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None, again)
+        weights_again = (lambda batch, _out: token_weights[batch]) if token_weights else None
+        stats = _collect(
+            adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None, again, weights_again
+        )
         fit_bias = resolve_fit_bias(cfg.solver, dense)
         result = _on_rank0(lambda: finalize_down(result, stats, cfg.solver, fit_bias), dense, cfg, result)
         adapter.write_mlp(layer, result.weights)
@@ -334,10 +354,12 @@ def _collect(
     target: MLPWeights | None,
     positions: Tensor | None,
     offset_for: Callable[[int, Tensor], Tensor | None] | None = None,
+    weight_for: Callable[[int, Tensor], Tensor | None] | None = None,
 ) -> MLPStatistics:
     """Run ``layer`` on all calibration inputs and accumulate statistics of its MLP inputs.
 
-    ``offset_for(batch, layer_output)`` may return a per-token correction added to the targets.
+    ``offset_for(batch, layer_output)`` may return a per-token correction added to the targets,
+    ``weight_for(batch, layer_output)`` per-token weights (B, S) of the least-squares terms.
     """
     stats = MLPStatistics(features.width, features.hidden_size, device, positions)
     work = compute_copy(layer, device, dtype)
@@ -346,7 +368,8 @@ def _collect(
 
     def finish(batch: int, output: Tensor) -> None:
         offset = offset_for(batch, output) if offset_for is not None else None
-        stats.update(captured.pop(), features, target, offset)
+        weight = weight_for(batch, output) if weight_for is not None else None
+        stats.update(captured.pop(), features, target, offset, weight)
 
     try:
         run_layer(work, inputs, device, dtype, keep_outputs=False, on_output=finish)
@@ -354,6 +377,16 @@ def _collect(
         hook.remove()
     distributed.all_reduce_statistics(stats)
     return stats
+
+
+def residual_token_weights(layer_output: Tensor) -> Tensor:
+    """w_n = 1 / mean_j h_nj^2 for the layer's output residual stream h (B, S, d) -> (B, S), float32.
+
+    Every consumer of the residual stream normalises it per token (the next layer's RMSNorm/LayerNorm,
+    the final norm), so an MLP error e_n matters through ||e_n|| / ||h_n||; weighting the squared
+    error by 1 / ||h_n||^2 stops the few tokens with massive activations from dominating the fit."""
+    ms = layer_output.float().pow(2).mean(-1)
+    return 1.0 / ms.clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def _on_rank0(

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from spap.core import MLPStatistics, MLPWeights, QuadraticLS
@@ -89,3 +90,47 @@ def test_singular_gram_is_regularised():
     w, _ = QuadraticLS.from_data(z, y).solve(damping=0.0)
     assert torch.isfinite(w).all()
     assert float((y - z @ w.T).pow(2).sum()) < 1e-6 * float(y.pow(2).sum())
+
+
+def test_integer_token_weights_equal_repeated_tokens():
+    """w_n = 2 must give exactly the statistics of token n seen twice (also the bias terms)."""
+    mlp = random_mlp(bias=True)
+    x = torch.randn(120, 12)
+    weight = torch.randint(0, 4, (120,)).float()
+    weighted = MLPStatistics(mlp.width, mlp.hidden_size, chunk_tokens=50)
+    for xs, ws in zip(x.split(37), weight.split(37)):
+        weighted.update(xs, mlp, weight=ws)
+    repeated = MLPStatistics(mlp.width, mlp.hidden_size)
+    repeated.update(x.repeat_interleave(weight.long(), dim=0), mlp)
+    for a, b in zip(weighted.state_tensors(), repeated.state_tensors()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert float(weighted.mass) == float(weight.sum()) and weighted.count == 120
+    w_stats, b_stats = QuadraticLS.from_stats(weighted).solve(1e-3, fit_bias=True)
+    w_data, b_data = QuadraticLS.from_data(mlp.intermediate(x), mlp(x), weight).solve(1e-3, fit_bias=True)
+    torch.testing.assert_close(w_stats, w_data, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b_stats, b_data, rtol=1e-4, atol=1e-5)
+
+
+def test_weighted_closed_form_equals_lstsq_on_scaled_rows():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(300, 9, generator=g, dtype=torch.float64)
+    y = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    weight = torch.rand(300, generator=g, dtype=torch.float64) * 10
+    w, _ = QuadraticLS.from_data(z, y, weight).solve(damping=0.0)
+    root = weight.sqrt()[:, None]
+    torch.testing.assert_close(w, torch.linalg.lstsq(z * root, y * root).solution.T, rtol=1e-8, atol=1e-10)
+
+
+def test_sample_weights_follow_the_sample_rows_and_bad_weights_raise():
+    mlp = random_mlp()
+    x, weight = torch.randn(200, 12), torch.rand(200)
+    pos = sample_token_positions(200, 30, seed=1)
+    stats = MLPStatistics(mlp.width, mlp.hidden_size, sample_positions=pos)
+    for xs, ws in zip(x.split(64), weight.split(64)):
+        stats.update(xs, mlp, weight=ws)
+    torch.testing.assert_close(stats.sample_weights(), weight[pos])
+    assert MLPStatistics(mlp.width, mlp.hidden_size, sample_positions=pos).sample_weights() is None
+    with pytest.raises(ValueError, match="token weights"):
+        stats.update(x[:10], mlp, weight=weight[:9])
+    with pytest.raises(FloatingPointError, match="weights"):
+        stats.update(x[:2], mlp, weight=torch.tensor([1.0, float("nan")]))

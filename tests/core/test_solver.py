@@ -163,3 +163,23 @@ def test_nan_activations_raise_clear_error():
     x[3, 2] = float("nan")
     with pytest.raises(NonFiniteStatisticsError, match="NaN"):
         MLPStatistics(mlp.width, mlp.hidden_size).update(x, mlp)
+
+
+def test_weighted_refit_is_non_increasing_and_unit_weights_change_nothing():
+    mlp = random_mlp(d=16, m=40, seed=9)
+    x = torch.randn(500, 16)
+    x[:5] *= 30  # a few tokens with massive activations, as at attention sinks
+    y = mlp(x)
+    start = prune_mlp(mlp, stats_for(mlp, x), 16, SolverConfig(refit="ls")).weights
+    weight = 1 / y.pow(2).mean(-1)
+    new, history = alternating_refit(start, x, y, 6, 3, 1e-3, False, token_weight=weight)
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(history, history[1:]))
+
+    def weighted_error(w):
+        return float(((y - w(x)).pow(2).sum(-1) * weight).sum())
+
+    assert weighted_error(new) < weighted_error(start)
+    plain, h_plain = alternating_refit(start, x, y, 3, 2, 1e-3, False)
+    ones, h_ones = alternating_refit(start, x, y, 3, 2, 1e-3, False, token_weight=torch.ones(500))
+    torch.testing.assert_close(ones.up, plain.up)
+    assert h_ones == pytest.approx(h_plain)

@@ -32,17 +32,20 @@ class QuadraticLS:
     z_sum: Tensor  # (m,)
     y_sum: Tensor  # (d,)
     y_sq: Tensor  # ()
-    count: int
+    count: float  # sum of token weights (the number of tokens when unweighted)
 
     @classmethod
     def from_stats(cls, stats: MLPStatistics, keep: Tensor | None = None) -> "QuadraticLS":
-        problem = cls(stats.gram, stats.cross, stats.z_sum, stats.y_sum, stats.y_sq, stats.count)
+        problem = cls(stats.gram, stats.cross, stats.z_sum, stats.y_sum, stats.y_sq, float(stats.mass))
         return problem if keep is None else problem.restrict(keep)
 
     @classmethod
-    def from_data(cls, z: Tensor, y: Tensor) -> "QuadraticLS":
+    def from_data(cls, z: Tensor, y: Tensor, weight: Tensor | None = None) -> "QuadraticLS":
+        """Statistics of rows z (n, m), y (n, d) with optional token weights (n,)."""
         z, y = z.double(), y.double()
-        return cls(z.T @ z, y.T @ z, z.sum(0), y.sum(0), y.pow(2).sum(), z.shape[0])
+        w = torch.ones(z.shape[0], dtype=z.dtype, device=z.device) if weight is None else weight.to(z)
+        wz, wy = z * w[:, None], y * w[:, None]
+        return cls(wz.T @ z, wy.T @ z, wz.sum(0), wy.sum(0), (wy * y).sum(), float(w.sum()))
 
     def restrict(self, keep: Tensor) -> "QuadraticLS":
         keep = keep.to(self.gram.device)
@@ -52,7 +55,7 @@ class QuadraticLS:
 
     def centered(self) -> "QuadraticLS":
         """The problem for z - mean(z), y - mean(y): a fit with a free intercept, intercept eliminated."""
-        n = max(self.count, 1)
+        n = max(self.count, 1e-30)
         zm, ym = self.z_sum / n, self.y_sum / n
         return QuadraticLS(
             self.gram - n * torch.outer(zm, zm),

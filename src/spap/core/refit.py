@@ -2,9 +2,9 @@
 
 Objective on inputs X (n, d) with dense targets Y (n, d) and fixed damping delta:
 
-    F(theta, W, b) = 1/2 sum_n ||y_n - W z(x_n; theta) - b||^2 + delta/2 ||W||_F^2,
+    F(theta, W, b) = 1/2 sum_n w_n ||y_n - W z(x_n; theta) - b||^2 + delta/2 ||W||_F^2,
 
-theta = (W_up, W_gate, b_up, b_gate).  ``alternating_refit`` repeats
+theta = (W_up, W_gate, b_up, b_gate), token weights w_n (default 1).  ``alternating_refit`` repeats
   1. (W, b) <- argmin F                         closed form (Cholesky), exact;
   2. ``grad_steps`` gradient steps on theta     with Armijo backtracking (each step decreases F),
 so F is non-increasing round by round.  ``gradient_refit`` is the ablation that updates all
@@ -26,9 +26,16 @@ _THETA = ("up", "gate", "up_bias", "gate_bias")
 _ALL = _THETA + ("down", "down_bias")
 
 
-def _objective(weights: MLPWeights, x: Tensor, y: Tensor, damping: float) -> Tensor:
-    r = y - weights(x)
-    return 0.5 * r.pow(2).sum() + 0.5 * damping * weights.down.pow(2).sum()
+def _objective(weights: MLPWeights, x: Tensor, y: Tensor, damping: float, token_weight: Tensor | None) -> Tensor:
+    r2 = (y - weights(x)).pow(2)
+    fit = r2.sum() if token_weight is None else (r2 * token_weight[:, None]).sum()
+    return 0.5 * fit + 0.5 * damping * weights.down.pow(2).sum()
+
+
+def _weighted_sq_sum(a: Tensor, token_weight: Tensor | None) -> Tensor:
+    """sum_n w_n a_n^2 per column: (n, k) -> (k,)."""
+    sq = a.pow(2)
+    return sq.sum(0) if token_weight is None else (sq * token_weight[:, None]).sum(0)
 
 
 def _with_proximal(
@@ -90,6 +97,18 @@ def armijo_descent(
     return replace(weights, **{n: getattr(weights, n).detach() for n in names if getattr(weights, n) is not None}), lr
 
 
+@torch.no_grad()
+def _refit_objective(
+    weights: MLPWeights, x: Tensor, y: Tensor, damping_rel: float, proximal: float,
+    token_weight: Tensor | None, names: tuple[str, ...],
+) -> tuple[float, Callable[[MLPWeights], Tensor], float]:
+    """(delta, F with the proximal term on ``names``, 1/2 sum_n w_n ||y_n||^2) for a refit start."""
+    damping = damping_rel * float(_weighted_sq_sum(weights.intermediate(x), token_weight).mean())
+    base = lambda w: _objective(w, x, y, damping, token_weight)  # noqa: E731
+    loss = _with_proximal(base, weights, names, proximal, float(base(weights)))
+    return damping, loss, 0.5 * float(_weighted_sq_sum(y, token_weight).sum()) or 1.0
+
+
 def alternating_refit(
     weights: MLPWeights,
     x: Tensor,
@@ -99,23 +118,20 @@ def alternating_refit(
     damping_rel: float,
     fit_bias: bool,
     proximal: float = 0.0,
+    token_weight: Tensor | None = None,
 ) -> tuple[MLPWeights, list[float]]:
     """Alternate closed-form (W_down, b_down) and gradient steps on W_up/W_gate; returns F/F_0 history.
 
-    x, y: (n, d) float32.  History entry r is F after round r divided by 1/2 ||Y||^2 (F includes
-    the proximal term, which depends on W_up/W_gate only, so the closed-form step stays exact).
+    x, y: (n, d) float32; token_weight: (n,) or None.  History entry r is F after round r divided by
+    1/2 sum_n w_n ||y_n||^2 (F includes the proximal term, which depends on W_up/W_gate only, so the
+    closed-form step stays exact).
     """
-    z0 = weights.intermediate(x)
-    damping = damping_rel * float(z0.pow(2).sum(0).mean())
-    base = lambda w: _objective(w, x, y, damping)  # noqa: E731
-    with torch.no_grad():
-        loss = _with_proximal(base, weights, _THETA, proximal, float(base(weights)))
-    y_half = 0.5 * float(y.pow(2).sum()) or 1.0
+    damping, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _THETA)
     history: list[float] = []
     lr = None
     for _ in range(rounds):
         with torch.no_grad():
-            problem = QuadraticLS.from_data(weights.intermediate(x), y)
+            problem = QuadraticLS.from_data(weights.intermediate(x), y, token_weight)
             w, b = problem.solve(damping, fit_bias=fit_bias)
             bias = b.to(x) if fit_bias else weights.down_bias
             weights = replace(weights, down=w.to(x), down_bias=bias)
@@ -126,14 +142,11 @@ def alternating_refit(
 
 
 def gradient_refit(
-    weights: MLPWeights, x: Tensor, y: Tensor, rounds: int, grad_steps: int, damping_rel: float, proximal: float = 0.0
+    weights: MLPWeights, x: Tensor, y: Tensor, rounds: int, grad_steps: int, damping_rel: float,
+    proximal: float = 0.0, token_weight: Tensor | None = None,
 ) -> tuple[MLPWeights, list[float]]:
     """Ablation: plain backtracking gradient descent on all MLP weights, rounds * (grad_steps + 1) steps."""
-    damping = damping_rel * float(weights.intermediate(x).pow(2).sum(0).mean())
-    base = lambda w: _objective(w, x, y, damping)  # noqa: E731
-    with torch.no_grad():
-        loss = _with_proximal(base, weights, _ALL, proximal, float(base(weights)))
-    y_half = 0.5 * float(y.pow(2).sum()) or 1.0
+    _, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _ALL)
     history: list[float] = []
     lr = None
     for _ in range(rounds):

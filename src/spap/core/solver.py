@@ -72,13 +72,15 @@ def prune_mlp(
     sample_x: Tensor | None = None,
     refit_dtype: torch.dtype | None = None,
     sample_offset: Tensor | None = None,
+    sample_weight: Tensor | None = None,
 ) -> MLPPruneResult:
     """Remove ``n_prune`` neurons from ``weights`` (float32) using calibration ``stats``.
 
     ``sample_x`` (n, d): stored calibration inputs, required by the "alternating" and "gd" refits.
     ``refit_dtype``: matmul dtype of the refit's gradient steps (autocast), e.g. bfloat16.
     ``sample_offset`` (n, d): target correction of the sample rows (targets = dense(x) + offset),
-    matching the offsets the statistics were accumulated with.
+    matching the offsets the statistics were accumulated with; ``sample_weight`` (n,): their token
+    weights, matching the weights of the statistics (None: unweighted).
     """
     m = weights.width
     if not 0 <= n_prune < m:
@@ -116,6 +118,7 @@ def prune_mlp(
             raise ValueError(f"refit {rule!r} needs stored calibration inputs (sample_x)")
         t0 = time.perf_counter()
         x = sample_x.to(weights.up.device, torch.float32)  # rows are kept on the host; solve where W is
+        token_weight = None if sample_weight is None else sample_weight.to(x.device, torch.float32)
         with torch.no_grad():
             y = weights(x) if sample_offset is None else weights(x) + sample_offset.to(x.device, torch.float32)
         use_autocast = refit_dtype is not None and refit_dtype != torch.float32
@@ -123,11 +126,12 @@ def prune_mlp(
         with ctx:
             if rule == "alternating":
                 new, history = alternating_refit(
-                    new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, fit_bias, cfg.refit_proximal
+                    new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, fit_bias, cfg.refit_proximal,
+                    token_weight,
                 )
             else:
                 new, history = gradient_refit(
-                    new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, cfg.refit_proximal
+                    new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, cfg.refit_proximal, token_weight
                 )
         timings["refit"] = time.perf_counter() - t0
     return MLPPruneResult(new, kept, error, history, penalty_trace, timings, needs_final_ls=refit)

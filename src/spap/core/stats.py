@@ -2,13 +2,14 @@
 
 For tokens x_n (n = 1..N), intermediate z_n in R^m and dense output y_n = W_down z_n + b in R^d:
 
-    gram  G = sum_n z_n z_n^T        (m, m)
-    cross C = sum_n y_n z_n^T        (d, m)
-    z_sum   = sum_n z_n              (m,)      y_sum = sum_n y_n  (d,)
-    y_sq    = sum_n ||y_n||^2        scalar    count = N
+    gram  G = sum_n w_n z_n z_n^T    (m, m)
+    cross C = sum_n w_n y_n z_n^T    (d, m)
+    z_sum   = sum_n w_n z_n          (m,)      y_sum = sum_n w_n y_n  (d,)
+    y_sq    = sum_n w_n ||y_n||^2    scalar    mass = sum_n w_n,  count = N
 
 are everything the least-squares subproblems need: for any W (d, m) and bias b,
-sum_n ||y_n - W z_n - b||^2 = y_sq - 2<W, C> - 2 b.y_sum + <W G, W> + 2 b.W z_sum + N ||b||^2.
+sum_n w_n ||y_n - W z_n - b||^2 = y_sq - 2<W, C> - 2 b.y_sum + <W G, W> + 2 b.W z_sum + mass ||b||^2.
+Token weights w_n default to 1 (then mass = N); see ``PruneConfig.token_weighting``.
 Chunks are multiplied in float32 (or the input dtype if wider) and added to float64 accumulators, so
 the result does not depend on how tokens are batched (up to float32 rounding inside a chunk).
 """
@@ -42,48 +43,69 @@ class MLPStatistics:
         self.z_sum = torch.zeros(width, **f64)
         self.y_sum = torch.zeros(hidden_size, **f64)
         self.y_sq = torch.zeros((), **f64)
+        self.mass = torch.zeros((), **f64)
         self.count = 0
         self.chunk_tokens = chunk_tokens
         # Global token positions (sorted) whose inputs x are kept for refitting.
         self.sample_positions = sample_positions
         self._sample_rows: list[Tensor] = []
         self._sample_offsets: list[Tensor] = []
+        self._sample_weights: list[Tensor] = []
+        self.weighted = False  # set by the first update with token weights
 
     @property
     def width(self) -> int:
         return self.gram.shape[0]
 
     def update(
-        self, x: Tensor, features: MLPWeights, target: MLPWeights | None = None, offset: Tensor | None = None
+        self,
+        x: Tensor,
+        features: MLPWeights,
+        target: MLPWeights | None = None,
+        offset: Tensor | None = None,
+        weight: Tensor | None = None,
     ) -> None:
         """Add tokens x (n, d): z from ``features``; y from ``target`` (default: the same MLP) plus
-        ``offset`` (n, d) if given (an error-correction term added to the target)."""
+        ``offset`` (n, d) if given (an error-correction term added to the target); ``weight`` (n,)
+        per-token weights w_n (default 1)."""
         x = x.reshape(-1, x.shape[-1])
         offset = None if offset is None else offset.reshape(-1, offset.shape[-1])
-        self._keep_sample_rows(x, offset)
+        weight = None if weight is None else weight.reshape(-1)
+        if weight is not None and weight.shape[0] != x.shape[0]:
+            raise ValueError(f"got {weight.shape[0]} token weights for {x.shape[0]} tokens")
+        self.weighted |= weight is not None
+        self._keep_sample_rows(x, offset, weight)
         for start in range(0, x.shape[0], self.chunk_tokens):
             xc = x[start : start + self.chunk_tokens].to(self.gram.device, torch.float32)
             z = features.intermediate(xc)
             y = features.output_from_intermediate(z) if target is None else target(xc)
             if offset is not None:
                 y = y + offset[start : start + self.chunk_tokens].to(y)
-            self.add(z, y)
+            w = None if weight is None else weight[start : start + self.chunk_tokens].to(z)
+            self.add(z, y, w)
 
-    def add(self, z: Tensor, y: Tensor) -> None:
-        """Add precomputed intermediate activations z (n, m) and targets y (n, d)."""
+    def add(self, z: Tensor, y: Tensor, weight: Tensor | None = None) -> None:
+        """Add precomputed intermediate activations z (n, m), targets y (n, d), token weights (n,)."""
         if not (torch.isfinite(z).all() and torch.isfinite(y).all()):
             raise NonFiniteStatisticsError(
                 "calibration activations contain NaN or inf; check the model dtype (float16 overflow?) "
                 "and the calibration data"
             )
-        self.gram += (z.T @ z).double()
-        self.cross += (y.T @ z).double()
-        self.z_sum += z.sum(0).double()
-        self.y_sum += y.sum(0).double()
-        self.y_sq += y.double().pow(2).sum()
+        if weight is None:
+            wz, wy, mass = z, y, float(z.shape[0])
+        else:
+            if not (torch.isfinite(weight).all() and (weight >= 0).all()):
+                raise NonFiniteStatisticsError("token weights must be finite and non-negative")
+            wz, wy, mass = z * weight[:, None], y * weight[:, None], float(weight.double().sum())
+        self.gram += (wz.T @ z).double()
+        self.cross += (wy.T @ z).double()
+        self.z_sum += wz.sum(0).double()
+        self.y_sum += wy.sum(0).double()
+        self.y_sq += (wy.double() * y.double()).sum()
+        self.mass += mass
         self.count += z.shape[0]
 
-    def _keep_sample_rows(self, x: Tensor, offset: Tensor | None) -> None:
+    def _keep_sample_rows(self, x: Tensor, offset: Tensor | None, weight: Tensor | None) -> None:
         if self.sample_positions is None:
             return
         lo, hi = self.count, self.count + x.shape[0]
@@ -93,6 +115,8 @@ class MLPStatistics:
             self._sample_rows.append(x[sel.to(x.device)].detach().to("cpu", torch.float32))
             if offset is not None:
                 self._sample_offsets.append(offset[sel.to(offset.device)].detach().to("cpu", torch.float32))
+            if weight is not None:
+                self._sample_weights.append(weight[sel.to(weight.device)].detach().to("cpu", torch.float32))
 
     def sample_inputs(self) -> Tensor | None:
         """Kept input rows (n_sample, d) in float32 on CPU, or None if no sample was requested."""
@@ -104,19 +128,25 @@ class MLPStatistics:
         """Target offsets of the kept rows (n_sample, d), or None if no offsets were given."""
         return torch.cat(self._sample_offsets) if self._sample_offsets else None
 
+    def sample_weights(self) -> Tensor | None:
+        """Token weights of the kept rows (n_sample,), or None for unweighted statistics."""
+        if not self.weighted:
+            return None
+        return torch.cat(self._sample_weights) if self._sample_weights else torch.zeros(0)
+
     @property
     def z_mean(self) -> Tensor:
-        return self.z_sum / max(self.count, 1)
+        return self.z_sum / max(float(self.mass), 1e-30)
 
     @property
     def z_var(self) -> Tensor:
-        """Per-neuron variance of z over tokens (population variance)."""
-        n = max(self.count, 1)
+        """Per-neuron (weighted) variance of z over tokens (population variance)."""
+        n = max(float(self.mass), 1e-30)
         return (self.gram.diagonal() / n - self.z_mean.pow(2)).clamp_min(0)
 
     def state_tensors(self) -> list[Tensor]:
         """Tensors that are plain sums over tokens (for an all-reduce across data-parallel ranks)."""
-        return [self.gram, self.cross, self.z_sum, self.y_sum, self.y_sq]
+        return [self.gram, self.cross, self.z_sum, self.y_sum, self.y_sq, self.mass]
 
 
 def sample_token_positions(total_tokens: int, n_sample: int, seed: int) -> Tensor | None:
