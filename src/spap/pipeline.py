@@ -172,13 +172,10 @@ def prune(
         positions = sample_token_positions(calibration_ids.numel(), cfg.solver.refit_tokens, cfg.seed)
         positions = distributed.local_positions(positions, first * seq_len, last * seq_len)
 
-    if cfg.token_weighting != "none" and not adapter.mlp_output_is_residual(model):
-        raise ValueError(f"token_weighting needs layers whose MLP output is added last; {model.config.model_type} is not")
-    dense_inputs = None
-    if cfg.error_correction > 0:
-        if not adapter.mlp_output_is_residual(model):
-            raise ValueError(f"error_correction needs layers whose MLP output is added last; {model.config.model_type} is not")
-        dense_inputs = inputs
+    for option, used in (("error_correction", cfg.error_correction > 0), ("token_weighting", cfg.token_weighting != "none")):
+        if used and not adapter.mlp_output_is_residual(model):
+            raise ValueError(f"{option} needs layers whose MLP output is added last; {model.config.model_type} is not")
+    dense_inputs = inputs if cfg.error_correction > 0 else None
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(layers)), desc=f"{cfg.solver.method} {cfg.sparsity:.0%}", unit="layer")
     for index, layer in bar:
@@ -242,24 +239,16 @@ def _prune_layer(
         return LayerReport(index, width, width, list(range(width)), 0.0, 0.0), outputs
 
     dense = adapter.read_mlp(layer).to(device, torch.float32)
-    deltas: list[Tensor] = []
-    first_offsets = None
+    offsets_first = offsets_again = weights_first = weights_again = None
     if dense_outputs is not None:
         beta = cfg.error_correction
-
-        def first_offsets(batch: int, output: Tensor) -> Tensor:
-            deltas.append(beta * (dense_outputs.hidden[batch].to(output.device, torch.float32) - output.float()))
-            return deltas[-1]
-
-    token_weights: list[Tensor] = []
-    first_weights = None
+        offsets_first, offsets_again = _record_then_replay(
+            lambda batch, out: beta * (dense_outputs.hidden[batch].to(out.device, torch.float32) - out.float())
+        )
     if cfg.token_weighting == "residual":
+        weights_first, weights_again = _record_then_replay(lambda _batch, out: residual_token_weights(out))
 
-        def first_weights(_batch: int, output: Tensor) -> Tensor:
-            token_weights.append(residual_token_weights(output))
-            return token_weights[-1]
-
-    stats = _collect(adapter, layer, inputs, device, dtype, dense, None, positions, first_offsets, first_weights)
+    stats = _collect(adapter, layer, inputs, device, dtype, dense, None, positions, offsets_first, weights_first)
     sample_x, sample_offsets, sample_weights = stats.sample_inputs(), stats.sample_offsets(), stats.sample_weights()
     result = _on_rank0(
         lambda: prune_mlp(dense, stats, k, cfg.solver, sample_x, dtype, sample_offsets, sample_weights), dense, cfg
@@ -267,10 +256,8 @@ def _prune_layer(
     del stats
     adapter.write_mlp(layer, result.weights)
     if result.needs_final_ls:  # W_up/W_gate changed on a sample: refit W_down on all tokens
-        again = (lambda batch, _out: deltas[batch]) if deltas else None
-        weights_again = (lambda batch, _out: token_weights[batch]) if token_weights else None
         stats = _collect(
-            adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None, again, weights_again
+            adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None, offsets_again, weights_again
         )
         fit_bias = resolve_fit_bias(cfg.solver, dense)
         result = _on_rank0(lambda: finalize_down(result, stats, cfg.solver, fit_bias), dense, cfg, result)
@@ -377,6 +364,21 @@ def _collect(
         hook.remove()
     distributed.all_reduce_statistics(stats)
     return stats
+
+
+PerBatch = Callable[[int, Tensor], Tensor]
+
+
+def _record_then_replay(compute: PerBatch) -> tuple[PerBatch, PerBatch]:
+    """Callbacks for two passes over the calibration batches: the first computes ``compute(batch,
+    layer_output)`` and keeps it, the second returns the kept value of the same batch."""
+    kept: list[Tensor] = []
+
+    def first(batch: int, output: Tensor) -> Tensor:
+        kept.append(compute(batch, output))
+        return kept[-1]
+
+    return first, lambda batch, _output: kept[batch]
 
 
 def residual_token_weights(layer_output: Tensor) -> Tensor:

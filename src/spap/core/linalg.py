@@ -43,9 +43,12 @@ class QuadraticLS:
     def from_data(cls, z: Tensor, y: Tensor, weight: Tensor | None = None) -> "QuadraticLS":
         """Statistics of rows z (n, m), y (n, d) with optional token weights (n,)."""
         z, y = z.double(), y.double()
-        w = torch.ones(z.shape[0], dtype=z.dtype, device=z.device) if weight is None else weight.to(z)
-        wz, wy = z * w[:, None], y * w[:, None]
-        return cls(wz.T @ z, wy.T @ z, wz.sum(0), wy.sum(0), (wy * y).sum(), float(w.sum()))
+        if weight is None:
+            wz, wy, mass = z, y, float(z.shape[0])
+        else:
+            w = weight.to(z)[:, None]
+            wz, wy, mass = z * w, y * w, float(w.sum())
+        return cls(wz.T @ z, wy.T @ z, wz.sum(0), wy.sum(0), (wy * y).sum(), mass)
 
     def restrict(self, keep: Tensor) -> "QuadraticLS":
         keep = keep.to(self.gram.device)
