@@ -1,0 +1,133 @@
+"""Which layers does a solver variant help or hurt?  Prune a group of layers on dense inputs, swap
+them into the otherwise dense model, and measure perplexity plus two layer-error metrics.
+
+    python benchmarks/layer_swap.py --layers 10 11 12 13 14 15 16 17 18 19 \
+        --ppl-file ../shared/data/wikitext-2-raw/wiki.test.raw --variants '{"refit": "ls"}' '{}'
+
+Each variant is a JSON object of SolverConfig overrides plus optional "weighting": "none" | "residual"
+| "capC" (1 / min(mean h^2, C x median), the residual weighting with the top clipped), and
+"sample_first": true (the refit sample also holds every window's first token).  Every layer
+of the group is fitted on the dense model's calibration inputs (no error propagation), so the
+comparison is paired and exact.  Metrics on the evaluation text's tokens, per layer:
+  agg    = sum_n ||e_n||^2 / sum_n ||y_n||^2                 (the plain objective, relative)
+  tokrel = mean_n ||e_n||^2 / ||h_n||^2, h = layer output     (error as the next norm sees it)
+  first  = tokrel over the first token of each window only     (the attention sink)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import machine  # noqa: E402
+
+from spap.adapters import get_adapter  # noqa: E402
+from spap.calibration import calibration_tokens, load_text, tokenize  # noqa: E402
+from spap.config import CalibrationConfig  # noqa: E402
+from spap.core import MLPStatistics, SolverConfig, prune_mlp  # noqa: E402
+from spap.core.solver import finalize_down, resolve_fit_bias  # noqa: E402
+from spap.core.stats import sample_token_positions  # noqa: E402
+from spap.evaluation.perplexity import perplexity  # noqa: E402
+from spap.models import load_model  # noqa: E402
+
+
+def capture(model, adapter, ids: torch.Tensor, layer_ids: list[int]) -> tuple[dict, dict]:
+    """MLP inputs x (N, d) and layer outputs h (N, d) of the dense model at ``layer_ids``."""
+    layers = adapter.decoder_layers(model)
+    xs: dict[int, list] = {i: [] for i in layer_ids}
+    hs: dict[int, list] = {i: [] for i in layer_ids}
+    handles = []
+    for i in layer_ids:
+        handles.append(adapter.mlp_input_linear(layers[i]).register_forward_pre_hook(
+            lambda _m, a, i=i: xs[i].append(a[0].reshape(-1, a[0].shape[-1]).float())))
+        handles.append(layers[i].register_forward_hook(
+            lambda _m, _a, o, i=i: hs[i].append((o[0] if isinstance(o, tuple) else o).flatten(0, -2).float())))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for s in range(0, ids.shape[0], 4):
+            model(input_ids=ids[s : s + 4], use_cache=False)
+    for h in handles:
+        h.remove()
+    return {i: torch.cat(v) for i, v in xs.items()}, {i: torch.cat(v) for i, v in hs.items()}
+
+
+def token_weights(mode: str, h: torch.Tensor) -> torch.Tensor | None:
+    if mode == "none":
+        return None
+    ms = h.pow(2).mean(-1)
+    if mode == "residual":
+        return 1.0 / ms
+    if mode.startswith("cap"):
+        return 1.0 / torch.minimum(ms, float(mode[3:]) * ms.median())
+    raise ValueError(f"unknown weighting {mode!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: embedded SmolLM2-135M)")
+    ap.add_argument("--layers", type=int, nargs="+", required=True)
+    ap.add_argument("--variants", nargs="+", required=True, help="JSON objects, e.g. '{\"refit\": \"ls\"}'")
+    ap.add_argument("--ppl-file", required=True)
+    ap.add_argument("--sparsity", type=float, default=0.3)
+    ap.add_argument("--windows", type=int, default=16, help="evaluation windows at 2048 (and 16x as many at 128)")
+    ap.add_argument("--out", default="results/layer-swap.json")
+    args = ap.parse_args()
+    model, tok, path = load_model(args.model)
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    dense = {i: adapter.read_mlp(layers[i]).to(dtype=torch.float32) for i in args.layers}
+    text = load_text(args.ppl_file)
+    calib = calibration_tokens(tok, CalibrationConfig())
+    xs, hs = capture(model, adapter, calib, args.layers)
+    eval_ids = tokenize(tok, text)[: 8 * 2048].view(8, 2048)  # layer metrics on 8 windows of 2048
+    wx, wh = capture(model, adapter, eval_ids, args.layers)
+    rows = []
+    for spec in args.variants:
+        overrides = json.loads(spec)
+        mode = overrides.pop("weighting", "none")
+        sample_first = overrides.pop("sample_first", False)
+        cfg = SolverConfig(**overrides)
+        t0, per_layer = time.perf_counter(), {}
+        for i in args.layers:
+            x, d, w = xs[i], dense[i], token_weights(mode, hs[i])
+            pos = sample_token_positions(x.shape[0], cfg.refit_tokens, 0) if cfg.needs_sample else None
+            if pos is not None and sample_first:
+                pos = torch.cat([pos, torch.arange(0, x.shape[0], calib.shape[1])]).unique()  # sorted
+            stats = MLPStatistics(d.width, d.hidden_size, "cpu", pos)
+            stats.update(x, d, weight=w)
+            k = int(round(args.sparsity * d.width))
+            res = prune_mlp(d, stats, k, cfg, stats.sample_inputs(), torch.bfloat16, None, stats.sample_weights())
+            if res.needs_final_ls:  # as the pipeline: W_down re-fit on all tokens
+                final = MLPStatistics(res.weights.width, d.hidden_size, "cpu")
+                final.update(x, res.weights, d, weight=w)
+                res = finalize_down(res, final, cfg, resolve_fit_bias(cfg, d))
+            adapter.write_mlp(layers[i], res.weights)
+            with torch.no_grad():
+                y = d(wx[i])
+                e = (y - res.weights(wx[i])).pow(2).sum(-1)
+                rel = e / wh[i].pow(2).sum(-1)
+                per_layer[i] = dict(agg=float(e.sum() / y.pow(2).sum()), tokrel=float(rel.mean()),
+                                    first=float(rel.view(eval_ids.shape)[:, 0].mean()))
+        seconds = time.perf_counter() - t0
+        ppl = {n: perplexity(model, tok, text, n, batch_size=2 * 2048 // n, dtype=torch.bfloat16,
+                             max_windows=args.windows * 2048 // n, progress=False).perplexity for n in (2048, 128)}
+        for i in args.layers:
+            adapter.write_mlp(layers[i], dense[i])
+        mean = {m: sum(v[m] for v in per_layer.values()) / len(per_layer) for m in ("agg", "tokrel", "first")}
+        rows.append(dict(variant=spec, ppl2048=ppl[2048], ppl128=ppl[128], **mean, layers=per_layer, seconds=seconds))
+        print(f"{spec:44s} ppl@2048 {ppl[2048]:.3f} ppl@128 {ppl[128]:.3f} agg {mean['agg']:.4f} "
+              f"tokrel {mean['tokrel']:.5f} first {mean['first']:.5f} ({seconds:.0f}s)", flush=True)
+        print("    per layer (agg, tokrel, first):", {i: tuple(round(v[m], 5) for m in ("agg", "tokrel", "first")) for i, v in per_layer.items()})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(model=path, layers=args.layers, sparsity=args.sparsity, windows=args.windows, machine=machine())
+    Path(args.out).write_text(json.dumps(dict(meta, rows=rows), indent=2))
+
+
+if __name__ == "__main__":
+    main()
