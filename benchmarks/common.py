@@ -127,6 +127,33 @@ def run_isolated(job: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, A
         return pool.apply(fn, (job,))
 
 
+def capture_dense(
+    model: Any, adapter: Any, ids: Any, layer_ids: list[int], outputs: bool = False, batch_size: int = 4
+) -> tuple[dict[int, Any], dict[int, Any]]:
+    """MLP inputs x (N, d) of the dense model at ``layer_ids`` (bf16 autocast forwards, float32 on
+    CPU) and, with ``outputs``, the layers' output hidden states h (N, d); else an empty dict."""
+    import torch
+
+    layers = adapter.decoder_layers(model)
+    xs: dict[int, list] = {i: [] for i in layer_ids}
+    hs: dict[int, list] = {i: [] for i in layer_ids} if outputs else {}
+    handles = []
+    for i in layer_ids:
+        handles.append(adapter.mlp_input_linear(layers[i]).register_forward_pre_hook(
+            lambda _m, a, i=i: xs[i].append(a[0].flatten(0, -2).float().cpu())))
+        if outputs:
+            handles.append(layers[i].register_forward_hook(
+                lambda _m, _a, o, i=i: hs[i].append((o[0] if isinstance(o, tuple) else o).flatten(0, -2).float().cpu())))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for s in range(0, ids.shape[0], batch_size):
+                model(input_ids=ids[s : s + batch_size], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: torch.cat(v) for i, v in xs.items()}, {i: torch.cat(v) for i, v in hs.items()}
+
+
 def load_rows(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["rows"] if path.is_file() else []
 

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from spap.adapters import get_adapter
-from spap.calibration import calibration_tokens
-from spap.config import CalibrationConfig
-from spap.core import MLPStatistics, SolverConfig, prune_mlp
-from spap.core.stats import sample_token_positions
-from spap.models import load_model
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import capture_dense  # noqa: E402
+
+from spap.adapters import get_adapter  # noqa: E402
+from spap.calibration import calibration_tokens  # noqa: E402
+from spap.config import CalibrationConfig  # noqa: E402
+from spap.core import MLPStatistics, SolverConfig, prune_mlp  # noqa: E402
+from spap.core.stats import sample_token_positions  # noqa: E402
+from spap.models import load_model  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "magnitude": dict(method="magnitude"),
@@ -42,23 +47,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def capture(model, adapter, ids, layer_ids, batch_size=4):
-    store = {i: [] for i in layer_ids}
-    layers = adapter.decoder_layers(model)
-    handles = [
-        adapter.mlp_input_linear(layers[i]).register_forward_pre_hook(
-            lambda _m, args, i=i: store[i].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
-        )
-        for i in layer_ids
-    ]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for s in range(0, ids.shape[0], batch_size):
-            model(input_ids=ids[s : s + batch_size], use_cache=False)
-    for h in handles:
-        h.remove()
-    return {i: torch.cat(v) for i, v in store.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -72,7 +60,7 @@ def main() -> None:
     model, tok, path = load_model(args.model)
     adapter = get_adapter(model)
     ids = calibration_tokens(tok, CalibrationConfig(n_samples=args.n_samples, seq_len=args.seq_len))
-    xs = capture(model, adapter, ids, args.layers)
+    xs, _ = capture_dense(model, adapter, ids, args.layers)
     names = args.variants or list(VARIANTS)
     rows = []
     for li in args.layers:
@@ -84,7 +72,7 @@ def main() -> None:
             cfg = SolverConfig(**VARIANTS[name])
             pos = sample_token_positions(n_train, cfg.refit_tokens, 0) if cfg.needs_sample else None
             stats = MLPStatistics(dense.width, dense.hidden_size, "cpu", pos)
-            stats.update(dense, x[:n_train])
+            stats.update(x[:n_train], dense)
             t0 = time.perf_counter()
             res = prune_mlp(dense, stats, k, cfg, stats.sample_inputs())
             sec = time.perf_counter() - t0

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine  # noqa: E402
+from common import capture_dense, machine  # noqa: E402
 
 from spap.adapters import get_adapter  # noqa: E402
 from spap.calibration import calibration_tokens, load_text, tokenize  # noqa: E402
@@ -36,35 +36,19 @@ from spap.core.solver import finalize_down, resolve_fit_bias  # noqa: E402
 from spap.core.stats import sample_token_positions  # noqa: E402
 from spap.evaluation.perplexity import perplexity  # noqa: E402
 from spap.models import load_model  # noqa: E402
-
-
-def capture(model, adapter, ids: torch.Tensor, layer_ids: list[int]) -> tuple[dict, dict]:
-    """MLP inputs x (N, d) and layer outputs h (N, d) of the dense model at ``layer_ids``."""
-    layers = adapter.decoder_layers(model)
-    xs: dict[int, list] = {i: [] for i in layer_ids}
-    hs: dict[int, list] = {i: [] for i in layer_ids}
-    handles = []
-    for i in layer_ids:
-        handles.append(adapter.mlp_input_linear(layers[i]).register_forward_pre_hook(
-            lambda _m, a, i=i: xs[i].append(a[0].reshape(-1, a[0].shape[-1]).float())))
-        handles.append(layers[i].register_forward_hook(
-            lambda _m, _a, o, i=i: hs[i].append((o[0] if isinstance(o, tuple) else o).flatten(0, -2).float())))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for s in range(0, ids.shape[0], 4):
-            model(input_ids=ids[s : s + 4], use_cache=False)
-    for h in handles:
-        h.remove()
-    return {i: torch.cat(v) for i, v in xs.items()}, {i: torch.cat(v) for i, v in hs.items()}
+from spap.pipeline import residual_token_weights  # noqa: E402
 
 
 def token_weights(mode: str, h: torch.Tensor) -> torch.Tensor | None:
+    """Token weights (N,) of a variant: None, the pipeline's residual weights w = 1 / mean(h^2), or
+    those with mean(h^2) clipped at C x its median ("capC": w = max(w, 1 / (C x median)))."""
     if mode == "none":
         return None
-    ms = h.pow(2).mean(-1)
+    w = residual_token_weights(h)
     if mode == "residual":
-        return 1.0 / ms
+        return w
     if mode.startswith("cap"):
-        return 1.0 / torch.minimum(ms, float(mode[3:]) * ms.median())
+        return w.clamp_min(1.0 / (float(mode[3:]) * float(h.pow(2).mean(-1).median())))
     raise ValueError(f"unknown weighting {mode!r}")
 
 
@@ -84,9 +68,9 @@ def main() -> None:
     dense = {i: adapter.read_mlp(layers[i]).to(dtype=torch.float32) for i in args.layers}
     text = load_text(args.ppl_file)
     calib = calibration_tokens(tok, CalibrationConfig())
-    xs, hs = capture(model, adapter, calib, args.layers)
+    xs, hs = capture_dense(model, adapter, calib, args.layers, outputs=True)
     eval_ids = tokenize(tok, text)[: 8 * 2048].view(8, 2048)  # layer metrics on 8 windows of 2048
-    wx, wh = capture(model, adapter, eval_ids, args.layers)
+    wx, wh = capture_dense(model, adapter, eval_ids, args.layers, outputs=True)
     rows = []
     for spec in args.variants:
         overrides = json.loads(spec)
