@@ -97,6 +97,8 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
             widths=report.widths, mean_layer_error=sum(r.error for r in report.layers) / len(report.layers),
             config=report.config, calibration_shape=report.calibration_shape,
             allocation=report.extra.get("allocation"), device=report.device,
+            refit_rejected=[r.index for r in report.layers if r.refit_accepted is False],
+            layer_errors=[dict(ls=r.error_ls, refit=r.error_refit) for r in report.layers],
         )
         if "peak_gpu_gib" in report.memory:
             row["peak_gpu_gib"] = report.memory["peak_gpu_gib"]

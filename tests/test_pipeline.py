@@ -167,3 +167,14 @@ def test_token_weighting_rejects_post_norm_opt():
     cfg.token_weighting = "residual"
     with pytest.raises(ValueError, match="token_weighting"):
         spap.prune(model, config=cfg, calibration_ids=tiny_ids())
+
+
+def test_refit_safeguard_keeps_the_better_of_closed_form_and_refit_per_layer():
+    """A refit on 6 tokens overfits them; the safeguard then restores the closed form, so every
+    layer's measured error is the smaller of error_ls and error_refit (float32, same tokens)."""
+    model, ids = tiny_model("llama"), tiny_ids()
+    report = spap.prune(model, config=fast_config(0.5, refit_tokens=6, refit_rounds=10), calibration_ids=ids)
+    assert any(layer.refit_accepted is False for layer in report.layers)
+    for layer in report.layers:
+        assert layer.refit_accepted == (layer.error_refit <= layer.error_ls)
+        assert layer.error == pytest.approx(min(layer.error_ls, layer.error_refit), rel=1e-3, abs=1e-6)

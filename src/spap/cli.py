@@ -40,6 +40,10 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--selection", default=None, choices=SELECTIONS, help="override the method's selection rule")
     g.add_argument("--refit", default=None, choices=REFITS, help="override the method's reconstruction")
     g.add_argument("--fit-bias", default="auto", choices=["auto", "yes", "no"])
+    g.add_argument(
+        "--no-refit-safeguard", dest="refit_safeguard", action="store_false",
+        help="keep the refit even where it raises the objective on all calibration tokens",
+    )
     defaults = SolverConfig()
     for name, text in _SOLVER_HELP.items():
         value = getattr(defaults, name)

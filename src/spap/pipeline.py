@@ -40,6 +40,7 @@ class LayerReport:
     error: float  # ||y_pruned - y_dense||^2 / ||y_dense||^2 on all calibration tokens (compute dtype)
     error_ls: float  # same, from float64 statistics (token-weighted if so configured), after selection + LS
     error_refit: float | None = None  # same, after the final refit (None without one)
+    refit_accepted: bool | None = None  # False: the refit did not lower error_ls and was discarded
     refit_first: float | None = None
     refit_last: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -261,6 +262,9 @@ def _prune_layer(
         )
         fit_bias = resolve_fit_bias(cfg.solver, dense)
         result = _on_rank0(lambda: finalize_down(result, stats, cfg.solver, fit_bias), dense, cfg, result)
+        if result.refit_accepted is False:
+            log.info("layer %d: the refit raised the calibration error (%.4g -> %.4g); kept the closed form",
+                     index, result.error_ls, result.error_refit)
         adapter.write_mlp(layer, result.weights)
         del stats
 
@@ -281,6 +285,7 @@ def _prune_layer(
         error=meter.value,
         error_ls=result.error_ls,
         error_refit=result.error_refit,
+        refit_accepted=result.refit_accepted,
         refit_first=history[0] if history else None,
         refit_last=history[-1] if history else None,
         seconds=dict(result.seconds),

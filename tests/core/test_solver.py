@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from spap.core import MLPStatistics, MLPWeights, SolverConfig, prune_mlp
+from spap.core.solver import finalize_down
 from spap.core.linalg import QuadraticLS
 from spap.core.refit import alternating_refit, gradient_refit
 from spap.core.selection import penalty_select
@@ -183,3 +184,36 @@ def test_weighted_refit_is_non_increasing_and_unit_weights_change_nothing():
     ones, h_ones = alternating_refit(start, x, y, 3, 2, 1e-3, False, token_weight=torch.ones(500))
     torch.testing.assert_close(ones.up, plain.up)
     assert h_ones == pytest.approx(h_plain)
+
+
+def _refit_then_finalize(mlp: MLPWeights, x: torch.Tensor, sample: int, cfg: SolverConfig):
+    stats = stats_for(mlp, x, sample)
+    res = prune_mlp(mlp, stats, 16, cfg, stats.sample_inputs())
+    final = MLPStatistics(res.weights.width, mlp.hidden_size)
+    final.update(x, res.weights, mlp)
+    return res, finalize_down(res, final, cfg, fit_bias=False)
+
+
+def test_safeguard_restores_closed_form_where_the_sample_refit_raises_the_full_objective():
+    """A refit on 40 ordinary tokens overfits them and misses the 5 massive ones that dominate the
+    all-token objective: without the safeguard the final error exceeds the closed form's; with it
+    the closed-form weights come back exactly."""
+    mlp = random_mlp(d=16, m=40, seed=3)
+    x = torch.randn(2000, 16)
+    x[-5:] *= 40  # outside the sample (first 40 rows)
+    cfg = dict(refit_rounds=30, refit_grad_steps=5)
+    _, off = _refit_then_finalize(mlp, x, 40, SolverConfig(refit_safeguard=False, **cfg))
+    assert off.refit_accepted and off.error_refit > off.error_ls
+    assert output_error(mlp, off.weights, x) > output_error(mlp, off.closed_form, x)
+    res, on = _refit_then_finalize(mlp, x, 40, SolverConfig(**cfg))
+    assert on.refit_accepted is False and on.error_refit == pytest.approx(off.error_refit)
+    for name in ("up", "gate", "down"):
+        assert torch.equal(getattr(on.weights, name), getattr(res.closed_form, name))
+
+
+def test_safeguard_keeps_a_refit_that_lowers_the_full_objective():
+    mlp = random_mlp(d=16, m=40, seed=7)
+    x = torch.randn(600, 16)
+    res, on = _refit_then_finalize(mlp, x, 600, SolverConfig(refit_rounds=8))
+    assert on.refit_accepted is True and on.error_refit < on.error_ls
+    assert not torch.equal(on.weights.up, res.closed_form.up)

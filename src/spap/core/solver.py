@@ -23,7 +23,9 @@ class MLPPruneResult:
     """Outcome for one MLP: the pruned weights (float32), kept indices and diagnostics.
 
     ``needs_final_ls``: W_up/W_gate were refit on a token sample; the caller should collect
-    statistics of the new intermediate activations on all tokens and call ``finalize_down``.
+    statistics of the new intermediate activations on all tokens and call ``finalize_down``, which
+    keeps ``closed_form`` (the weights before the refit) if the refit did not lower the all-token
+    objective and ``SolverConfig.refit_safeguard`` is on.
     """
 
     weights: MLPWeights
@@ -34,6 +36,8 @@ class MLPPruneResult:
     seconds: dict[str, float] = field(default_factory=dict)
     needs_final_ls: bool = False
     error_refit: float | None = None  # relative error after the refit and the final closed-form W_down
+    closed_form: MLPWeights | None = None  # weights before the refit (selection + closed-form W_down)
+    refit_accepted: bool | None = None  # None: no refit; False: the safeguard restored ``closed_form``
 
 
 def resolve_fit_bias(cfg: SolverConfig, weights: MLPWeights) -> bool:
@@ -112,6 +116,7 @@ def prune_mlp(
     timings["reconstruct"] = time.perf_counter() - t0
 
     history: list[float] = []
+    closed_form = new
     refit = rule in ("alternating", "gd") and cfg.refit_rounds > 0
     if refit:
         if sample_x is None:
@@ -134,13 +139,22 @@ def prune_mlp(
                     new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, cfg.refit_proximal, token_weight
                 )
         timings["refit"] = time.perf_counter() - t0
-    return MLPPruneResult(new, kept, error, history, penalty_trace, timings, needs_final_ls=refit)
+    return MLPPruneResult(
+        new, kept, error, history, penalty_trace, timings, needs_final_ls=refit, closed_form=closed_form if refit else None
+    )
 
 
 def finalize_down(result: MLPPruneResult, stats: MLPStatistics, cfg: SolverConfig, fit_bias: bool) -> MLPPruneResult:
-    """Closed-form W_down on all calibration tokens for refit W_up/W_gate (statistics of the new z)."""
+    """Closed-form W_down on all calibration tokens for refit W_up/W_gate (statistics of the new z).
+
+    Safeguard (``cfg.refit_safeguard``): if the resulting relative error on all tokens exceeds
+    ``result.error_ls`` (the closed form before the refit, same tokens, same weighting), return the
+    closed-form weights instead; ``error_refit`` still records the rejected refit's error."""
     weights, error = least_squares_down(result.weights, stats, cfg, fit_bias)
-    return replace(result, weights=weights, error_refit=error, needs_final_ls=False)
+    accepted = not (cfg.refit_safeguard and result.closed_form is not None and error > result.error_ls)
+    if not accepted:
+        weights = result.closed_form
+    return replace(result, weights=weights, error_refit=error, needs_final_ls=False, refit_accepted=accepted)
 
 
 def _bias(weights: MLPWeights, problem: QuadraticLS) -> Tensor | None:

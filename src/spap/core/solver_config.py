@@ -40,6 +40,9 @@ class SolverConfig:
     refit_tokens:    calibration tokens (random subset) used by the refit.
     refit_proximal:  trust-region strength keeping refit weights near the closed-form start
                      (relative units, see spap.core.refit; 0 disables).
+    refit_safeguard: keep the refit only if, after the final closed-form W_down, it lowers the
+                     objective on *all* calibration tokens (the refit is monotone on its token
+                     sample only); otherwise fall back to the closed-form weights.
     fit_bias:        "auto" (refit the down bias only where the model has one), "yes", "no".
     """
 
@@ -57,6 +60,7 @@ class SolverConfig:
     refit_grad_steps: int = 3
     refit_tokens: int = 8192
     refit_proximal: float = 0.0
+    refit_safeguard: bool = True
     fit_bias: str = "auto"
 
     def __post_init__(self) -> None:
