@@ -36,7 +36,7 @@ from spap.core.solver import finalize_down, resolve_fit_bias  # noqa: E402
 from spap.core.stats import sample_token_positions  # noqa: E402
 from spap.evaluation.perplexity import perplexity  # noqa: E402
 from spap.models import load_model  # noqa: E402
-from spap.pipeline import residual_token_weights  # noqa: E402
+from spap.layer_mlp import residual_token_weights  # noqa: E402
 
 
 def token_weights(mode: str, h: torch.Tensor) -> torch.Tensor | None:

@@ -134,7 +134,7 @@ def test_unaligned_kept_widths_warn_and_rounded_ones_do_not(caplog):
 
 
 def test_residual_token_weights_are_inverse_mean_squares():
-    from spap.pipeline import residual_token_weights
+    from spap.layer_mlp import residual_token_weights
 
     h = torch.tensor([[[1.0, -1.0], [30.0, 40.0]]])
     torch.testing.assert_close(residual_token_weights(h), torch.tensor([[1.0, 1 / 1250.0]]))
