@@ -4,7 +4,8 @@ them into the otherwise dense model, and measure perplexity plus two layer-error
     python benchmarks/layer_swap.py --layers 10 11 12 13 14 15 16 17 18 19 \
         --ppl-file ../shared/data/wikitext-2-raw/wiki.test.raw --variants '{"refit": "ls"}' '{}'
 
-Each variant is a JSON object of SolverConfig overrides plus optional "weighting": "none" | "residual"
+Each variant is a JSON object of SolverConfig overrides (the rows of results/refit-diagnosis-smollm2
+predate the refit safeguard: add "refit_safeguard": false to repeat them) plus optional "weighting": "none" | "residual"
 | "capC" (1 / min(mean h^2, C x median), the residual weighting with the top clipped), and
 "sample_first": true (the refit sample also holds every window's first token).  Every layer
 of the group is fitted on the dense model's calibration inputs (no error propagation), so the
@@ -12,6 +13,8 @@ comparison is paired and exact.  Metrics on the evaluation text's tokens, per la
   agg    = sum_n ||e_n||^2 / sum_n ||y_n||^2                 (the plain objective, relative)
   tokrel = mean_n ||e_n||^2 / ||h_n||^2, h = layer output     (error as the next norm sees it)
   first  = tokrel over the first token of each window only     (the attention sink)
+  p99, p999 = quantiles of the per-token ||e_n||^2 / ||h_n||^2; late = tokrel at positions >= 1024
+  agg16, tokrel16 = agg, tokrel with weights and inputs rounded to --eval-dtype (bfloat16)
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows at 2048 (and 16x as many at 128)")
     ap.add_argument("--out", default="results/layer-swap.json")
+    ap.add_argument("--eval-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="perplexity matmul dtype; bfloat16 also reports agg16/tokrel16 (layer error in it)")
     args = ap.parse_args()
     model, tok, path = load_model(args.model)
     adapter = get_adapter(model)
@@ -97,17 +102,31 @@ def main() -> None:
                 e = (y - res.weights(wx[i])).pow(2).sum(-1)
                 rel = e / wh[i].pow(2).sum(-1)
                 per_layer[i] = dict(agg=float(e.sum() / y.pow(2).sum()), tokrel=float(rel.mean()),
-                                    first=float(rel.view(eval_ids.shape)[:, 0].mean()))
+                                    first=float(rel.view(eval_ids.shape)[:, 0].mean()), refit_accepted=res.refit_accepted,
+                                    p99=float(rel.quantile(0.99)), p999=float(rel.quantile(0.999)),
+                                    late=float(rel.view(eval_ids.shape)[:, 1024:].mean()))
+                if args.eval_dtype != "float32":  # the same error with weights and inputs rounded to it
+                    low = getattr(torch, args.eval_dtype)
+                    e16 = (y - res.weights.to(dtype=low)(wx[i].to(low)).float()).pow(2).sum(-1)
+                    per_layer[i].update(agg16=float(e16.sum() / y.pow(2).sum()),
+                                        tokrel16=float((e16 / wh[i].pow(2).sum(-1)).mean()))
         seconds = time.perf_counter() - t0
-        ppl = {n: perplexity(model, tok, text, n, batch_size=2 * 2048 // n, dtype=torch.bfloat16,
+        ppl = {n: perplexity(model, tok, text, n, batch_size=2 * 2048 // n, dtype=getattr(torch, args.eval_dtype),
                              max_windows=args.windows * 2048 // n, progress=False).perplexity for n in (2048, 128)}
         for i in args.layers:
             adapter.write_mlp(layers[i], dense[i])
-        mean = {m: sum(v[m] for v in per_layer.values()) / len(per_layer) for m in ("agg", "tokrel", "first")}
+        metrics = [m for m in ("agg", "tokrel", "first", "p99", "p999", "late", "agg16", "tokrel16") if m in per_layer[args.layers[0]]]
+        mean = {m: sum(v[m] for v in per_layer.values()) / len(per_layer) for m in metrics}
         rows.append(dict(variant=spec, ppl2048=ppl[2048], ppl128=ppl[128], **mean, layers=per_layer, seconds=seconds))
         print(f"{spec:44s} ppl@2048 {ppl[2048]:.3f} ppl@128 {ppl[128]:.3f} agg {mean['agg']:.4f} "
-              f"tokrel {mean['tokrel']:.5f} first {mean['first']:.5f} ({seconds:.0f}s)", flush=True)
-        print("    per layer (agg, tokrel, first):", {i: tuple(round(v[m], 5) for m in ("agg", "tokrel", "first")) for i, v in per_layer.items()})
+              f"tokrel {mean['tokrel']:.5f} first {mean['first']:.5f} p99 {mean['p99']:.5f} p999 {mean['p999']:.5f} "
+              f"late {mean['late']:.5f} ({seconds:.0f}s)", flush=True)
+        print(f"    per layer ({', '.join(metrics)}):", {i: tuple(round(v[m], 5) for m in metrics) for i, v in per_layer.items()})
+        rejected = [i for i, v in per_layer.items() if v["refit_accepted"] is False]
+        if rejected:
+            print(f"    refit safeguard restored the closed form in layers {rejected}")
+        if "agg16" in mean:
+            print(f"    in {args.eval_dtype}: agg {mean['agg16']:.4f} tokrel {mean['tokrel16']:.5f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     meta = dict(model=path, layers=args.layers, sparsity=args.sparsity, windows=args.windows, machine=machine())
     Path(args.out).write_text(json.dumps(dict(meta, rows=rows), indent=2))

@@ -19,6 +19,8 @@ def test_prune_command_writes_loadable_checkpoint_and_report(tiny_checkpoint, tm
     report = json.loads((out / "pruning.json").read_text())
     assert report["widths"] == [36, 36, 36]
     assert report["calibration_shape"] == [4, 32]
+    assert report["config"]["solver"]["refit_safeguard"] is True
+    assert all(layer["refit_accepted"] in (True, False) for layer in report["layers"])
     assert report["metrics"]["dense"][str(text)]["perplexity"] > 1
     assert report["metrics"]["pruned"][str(text)]["seq_len"] == 32
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -67,3 +69,12 @@ def test_self_generated_calibration_is_saved_and_reuse_reproduces_the_pruning(ti
     assert [layer["kept"] for layer in a["layers"]] == [layer["kept"] for layer in b["layers"]]
     wa, wb = (AutoModelForCausalLM.from_pretrained(d).model.layers[1].mlp.down_proj.weight for d in (first, second))
     torch.testing.assert_close(wa, wb)
+
+
+def test_solver_flags_reach_the_config():
+    from spap.cli import _config_from_args, build_parser
+
+    args = build_parser().parse_args(["prune", "--out", "x", "--no-refit-safeguard", "--refit-proximal", "0.5"])
+    solver = _config_from_args(args).solver
+    assert solver.refit_safeguard is False and solver.refit_proximal == 0.5
+    assert _config_from_args(build_parser().parse_args(["prune", "--out", "x"])).solver.refit_safeguard is True
