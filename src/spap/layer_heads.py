@@ -54,4 +54,3 @@ def _relative_name(root: nn.Module, target: nn.Module) -> str:
         if module is target:
             return name
     raise KeyError("module not found")
-

@@ -21,6 +21,7 @@ from .layerwise import LayerInputs, compute_copy, run_layer
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class LayerReport:
     """What happened to one decoder layer's MLP."""
@@ -40,7 +41,6 @@ class LayerReport:
     heads_error: float | None = None  # relative error of the attention output after head pruning
 
 
-
 class _ErrorMeter:
     """Accumulates ||dense(x) - pruned(x)||^2 and ||dense(x)||^2 over MLP inputs x."""
 
@@ -58,7 +58,6 @@ class _ErrorMeter:
     @property
     def value(self) -> float:
         return self.num / max(self.den, 1e-30)
-
 
 
 def prune_layer_mlp(
@@ -133,7 +132,6 @@ def prune_layer_mlp(
         seconds=dict(result.seconds),
     )
     return report, outputs
-
 
 
 def collect_statistics(

@@ -61,7 +61,6 @@ class PruneReport:
         return out
 
 
-
 def _warn_unaligned(kept_widths: list[int], multiple: int = 8) -> None:
     """GPU GEMMs with an inner dimension that is not a multiple of 8 miss the tensor-core paths: on an
     H100 an 8B-shaped model with 30% of its neurons removed (10,035 kept) ran slower than dense."""
@@ -179,4 +178,3 @@ def prune(
         extra={"allocation": {"counts": counts, "energies": [p.energy for p in probe]}} if probe else {},
         calibration_ids=calibration_ids,
     )
-

@@ -61,4 +61,3 @@ def allocate(cfg: PruneConfig, widths: list[int], probe: list[LayerProbe]) -> li
             widths, [p.energy for p in probe], cfg.sparsity, cfg.temperature, cfg.min_sparsity, cfg.max_sparsity
         )
     raise ValueError(f"unknown allocation {cfg.allocation!r}")
-
