@@ -99,17 +99,18 @@ def main() -> None:
             adapter.write_mlp(layers[i], res.weights)
             with torch.no_grad():
                 y = d(wx[i])
+                y2, h2 = y.pow(2).sum(), wh[i].pow(2).sum(-1)
                 e = (y - res.weights(wx[i])).pow(2).sum(-1)
-                rel = e / wh[i].pow(2).sum(-1)
-                per_layer[i] = dict(agg=float(e.sum() / y.pow(2).sum()), tokrel=float(rel.mean()),
-                                    first=float(rel.view(eval_ids.shape)[:, 0].mean()), refit_accepted=res.refit_accepted,
+                rel = e / h2
+                by_position = rel.view(eval_ids.shape)
+                per_layer[i] = dict(agg=float(e.sum() / y2), tokrel=float(rel.mean()),
+                                    first=float(by_position[:, 0].mean()), refit_accepted=res.refit_accepted,
                                     p99=float(rel.quantile(0.99)), p999=float(rel.quantile(0.999)),
-                                    late=float(rel.view(eval_ids.shape)[:, 1024:].mean()))
+                                    late=float(by_position[:, 1024:].mean()))
                 if args.eval_dtype != "float32":  # the same error with weights and inputs rounded to it
                     low = getattr(torch, args.eval_dtype)
                     e16 = (y - res.weights.to(dtype=low)(wx[i].to(low)).float()).pow(2).sum(-1)
-                    per_layer[i].update(agg16=float(e16.sum() / y.pow(2).sum()),
-                                        tokrel16=float((e16 / wh[i].pow(2).sum(-1)).mean()))
+                    per_layer[i].update(agg16=float(e16.sum() / y2), tokrel16=float((e16 / h2).mean()))
         seconds = time.perf_counter() - t0
         ppl = {n: perplexity(model, tok, text, n, batch_size=2 * 2048 // n, dtype=getattr(torch, args.eval_dtype),
                              max_windows=args.windows * 2048 // n, progress=False).perplexity for n in (2048, 128)}

@@ -116,8 +116,8 @@ def prune_mlp(
     timings["reconstruct"] = time.perf_counter() - t0
 
     history: list[float] = []
-    closed_form = new
     refit = rule in ("alternating", "gd") and cfg.refit_rounds > 0
+    closed_form = new if refit else None
     if refit:
         if sample_x is None:
             raise ValueError(f"refit {rule!r} needs stored calibration inputs (sample_x)")
@@ -139,9 +139,7 @@ def prune_mlp(
                     new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, cfg.refit_proximal, token_weight
                 )
         timings["refit"] = time.perf_counter() - t0
-    return MLPPruneResult(
-        new, kept, error, history, penalty_trace, timings, needs_final_ls=refit, closed_form=closed_form if refit else None
-    )
+    return MLPPruneResult(new, kept, error, history, penalty_trace, timings, needs_final_ls=refit, closed_form=closed_form)
 
 
 def finalize_down(result: MLPPruneResult, stats: MLPStatistics, cfg: SolverConfig, fit_bias: bool) -> MLPPruneResult:
