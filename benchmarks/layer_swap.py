@@ -142,7 +142,8 @@ def main() -> None:
     xs, hs = capture_dense(model, adapter, calib, args.layers, outputs=True)
     eval_ids = tokenize(tok, text)[: 8 * 2048].view(8, 2048)  # layer metrics on 8 windows of 2048
     wx, wh = capture_dense(model, adapter, eval_ids, args.layers, outputs=True)
-    fisher = fisher_for(model, adapter, calib, args) if any('"metric' in v for v in args.variants) else None
+    uses_metric = any({"metric", "metric_refit"} & json.loads(v).keys() for v in args.variants)
+    fisher = fisher_for(model, adapter, calib, args) if uses_metric else None
     nll_dir = Path(args.token_nll) if args.token_nll else None
     if nll_dir is not None:
         nll_dir.mkdir(parents=True, exist_ok=True)
