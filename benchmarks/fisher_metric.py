@@ -74,7 +74,8 @@ class OutputMetric:
     def from_fisher(cls, fisher: Tensor, ridge: float) -> "OutputMetric":
         if ridge <= 0:
             raise ValueError(f"ridge must be > 0, got {ridge}")
-        m = fisher.double() / fisher.double().diagonal().mean()
+        m = fisher.double()
+        m = m / m.diagonal().mean()
         m = (m + m.T) / 2 + ridge * torch.eye(m.shape[0], dtype=m.dtype)
         eigenvalues, vectors = torch.linalg.eigh(m)
         eigenvalues = eigenvalues.clamp_min(ridge)

@@ -107,9 +107,10 @@ def fisher_for(model: Any, adapter: Any, calib: torch.Tensor, args: argparse.Nam
 
 
 @torch.no_grad()
-def token_nll(model: Any, tok: Any, text: str, windows: int, seq_len: int = 2048) -> dict[str, torch.Tensor]:
-    """Next-token NLL (windows, seq_len - 1) on the perplexity windows, bf16 autocast, and their ids."""
-    ids = tokenize(tok, text)[: windows * seq_len].view(windows, seq_len)
+def token_nll(model: Any, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Next-token NLL (windows, seq_len - 1) on the perplexity windows ``ids`` (windows, seq_len), bf16
+    autocast, and the ids."""
+    windows = ids.shape[0]
     nll = []
     for b in range(windows):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -140,14 +141,16 @@ def main() -> None:
     text = load_text(args.ppl_file)
     calib = calibration_tokens(tok, CalibrationConfig())
     xs, hs = capture_dense(model, adapter, calib, args.layers, outputs=True)
-    eval_ids = tokenize(tok, text)[: 8 * 2048].view(8, 2048)  # layer metrics on 8 windows of 2048
+    text_ids = tokenize(tok, text)
+    eval_ids = text_ids[: 8 * 2048].view(8, 2048)  # layer metrics on 8 windows of 2048
+    nll_ids = text_ids[: args.windows * 2048].view(args.windows, 2048)  # the ppl@2048 windows
     wx, wh = capture_dense(model, adapter, eval_ids, args.layers, outputs=True)
     uses_metric = any({"metric", "metric_refit"} & json.loads(v).keys() for v in args.variants)
     fisher = fisher_for(model, adapter, calib, args) if uses_metric else None
     nll_dir = Path(args.token_nll) if args.token_nll else None
     if nll_dir is not None:
         nll_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(token_nll(model, tok, text, args.windows), nll_dir / "dense.pt")
+        torch.save(token_nll(model, nll_ids), nll_dir / "dense.pt")
     rows = []
     for spec in args.variants:
         overrides = json.loads(spec)
@@ -185,7 +188,7 @@ def main() -> None:
                     per_layer[i].update(agg16=float(e16.sum() / y2), tokrel16=float((e16 / h2).mean()))
         seconds = time.perf_counter() - t0
         if nll_dir is not None:
-            torch.save(dict(token_nll(model, tok, text, args.windows), variant=spec), nll_dir / f"variant{len(rows)}.pt")
+            torch.save(dict(token_nll(model, nll_ids), variant=spec), nll_dir / f"variant{len(rows)}.pt")
         ppl = {n: perplexity(model, tok, text, n, batch_size=2 * 2048 // n, dtype=getattr(torch, args.eval_dtype),
                              max_windows=args.windows * 2048 // n, progress=False).perplexity for n in (2048, 128)}
         for i in args.layers:
