@@ -10,6 +10,9 @@ predate the refit safeguard: add "refit_safeguard": false to repeat them) plus o
 "sample_first": true (the refit sample also holds every window's first token), "metric": ridge (the
 whole solve in the coordinates of the layer output's empirical Fisher, see fisher_metric.py) or
 "metric_refit": ridge (plain selection and closed form, only the refit in Fisher coordinates).
+``--fisher-ids FILE.pt`` takes the Fisher on other token ids (e.g. sample_text.py's: the true Fisher).
+The ``--ppl-file`` may be any text (``bundled-heldout``: the calibration domain; sample_text.py's
+samples); the dense model's perplexity on it is the first row.
 ``--token-nll DIR`` saves per-token NLLs of the dense model and each variant for token_loss_split.py.  Every layer
 of the group is fitted on the dense model's calibration inputs (no error propagation), so the
 comparison is paired and exact.  Metrics on the evaluation text's tokens, per layer:
@@ -131,6 +134,8 @@ def main() -> None:
     ap.add_argument("--eval-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="perplexity matmul dtype; bfloat16 also reports agg16/tokrel16 (layer error in it)")
     ap.add_argument("--fisher-cache", default=None, help="load/save the layers' Fisher matrices here (.pt)")
+    ap.add_argument("--fisher-ids", default=None, help="token ids (n, seq_len) .pt to compute the Fisher on "
+                    "instead of the calibration windows, e.g. text sampled from the dense model (true Fisher)")
     ap.add_argument("--token-nll", default=None, help="dir: save per-token NLL at 2048 of the dense model and "
                     "each variant (token_loss_split.py reads them)")
     args = ap.parse_args()
@@ -142,16 +147,27 @@ def main() -> None:
     calib = calibration_tokens(tok, CalibrationConfig())
     xs, hs = capture_dense(model, adapter, calib, args.layers, outputs=True)
     text_ids = tokenize(tok, text)
-    eval_ids = text_ids[: 8 * 2048].view(8, 2048)  # layer metrics on 8 windows of 2048
-    nll_ids = text_ids[: args.windows * 2048].view(args.windows, 2048)  # the ppl@2048 windows
+    windows = min(args.windows, text_ids.numel() // 2048)  # a short text (held-out Botchan) has fewer
+    if windows == 0:
+        raise SystemExit(f"{args.ppl_file}: {text_ids.numel()} tokens, fewer than one window of 2048")
+    eval_ids = text_ids[: min(8, windows) * 2048].view(-1, 2048)  # layer metrics on <= 8 windows of 2048
+    nll_ids = text_ids[: windows * 2048].view(windows, 2048)  # the ppl@2048 windows
     wx, wh = capture_dense(model, adapter, eval_ids, args.layers, outputs=True)
     uses_metric = any({"metric", "metric_refit"} & json.loads(v).keys() for v in args.variants)
-    fisher = fisher_for(model, adapter, calib, args) if uses_metric else None
+    fisher_ids = torch.load(args.fisher_ids) if args.fisher_ids else calib
+    fisher = fisher_for(model, adapter, fisher_ids, args) if uses_metric else None
     nll_dir = Path(args.token_nll) if args.token_nll else None
     if nll_dir is not None:
         nll_dir.mkdir(parents=True, exist_ok=True)
         torch.save(token_nll(model, nll_ids), nll_dir / "dense.pt")
-    rows = []
+
+    def ppl_at_2048_and_128() -> dict[int, float]:
+        return {n: perplexity(model, tok, text, n, batch_size=2 * 2048 // n, dtype=getattr(torch, args.eval_dtype),
+                              max_windows=windows * 2048 // n, progress=False).perplexity for n in (2048, 128)}
+
+    ppl = ppl_at_2048_and_128()
+    print(f"{'dense':44s} ppl@2048 {ppl[2048]:.3f} ppl@128 {ppl[128]:.3f} ({windows} windows)", flush=True)
+    rows = [dict(variant="dense", ppl2048=ppl[2048], ppl128=ppl[128])]
     for spec in args.variants:
         overrides = json.loads(spec)
         mode = overrides.pop("weighting", "none")
@@ -188,9 +204,8 @@ def main() -> None:
                     per_layer[i].update(agg16=float(e16.sum() / y2), tokrel16=float((e16 / h2).mean()))
         seconds = time.perf_counter() - t0
         if nll_dir is not None:
-            torch.save(dict(token_nll(model, nll_ids), variant=spec), nll_dir / f"variant{len(rows)}.pt")
-        ppl = {n: perplexity(model, tok, text, n, batch_size=2 * 2048 // n, dtype=getattr(torch, args.eval_dtype),
-                             max_windows=args.windows * 2048 // n, progress=False).perplexity for n in (2048, 128)}
+            torch.save(dict(token_nll(model, nll_ids), variant=spec), nll_dir / f"variant{len(rows) - 1}.pt")
+        ppl = ppl_at_2048_and_128()
         for i in args.layers:
             adapter.write_mlp(layers[i], dense[i])
         metrics = [m for m in ("agg", "tokrel", "first", "p99", "p999", "late", "common", "wincommon", "agg16", "tokrel16") if m in per_layer[args.layers[0]]]
@@ -206,7 +221,8 @@ def main() -> None:
         if "agg16" in mean:
             print(f"    in {args.eval_dtype}: agg {mean['agg16']:.4f} tokrel {mean['tokrel16']:.5f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(model=path, layers=args.layers, sparsity=args.sparsity, windows=args.windows, machine=machine())
+    meta = dict(model=path, layers=args.layers, sparsity=args.sparsity, windows=windows, machine=machine(),
+                ppl_file=args.ppl_file, fisher_ids=args.fisher_ids)
     Path(args.out).write_text(json.dumps(dict(meta, rows=rows), indent=2))
 
 

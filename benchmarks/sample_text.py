@@ -1,0 +1,41 @@
+"""Sample text from the dense model itself: (n, seq_len) token ids (.pt) and the decoded text (.txt).
+
+The model's own samples cover what it knows, not one domain, so they make an evaluation text that
+no calibration file shares (layer_swap.py --ppl-file) and, since the labels are the model's own
+samples, a true-Fisher estimate (layer_swap.py --fisher-ids).  Temperature 1, bf16 autocast.
+
+    python benchmarks/sample_text.py --n 8 --seq-len 2048 --out results/samples/smollm2-8x2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from spap.calibration import self_generated
+from spap.models import load_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: embedded SmolLM2-135M)")
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.pt and PREFIX.txt")
+    args = ap.parse_args()
+    model, tok, _ = load_model(args.model)
+    t0 = time.perf_counter()
+    ids = self_generated(model, tok, args.n, args.seq_len, args.seed, batch_size=args.n, dtype=torch.bfloat16)
+    print(f"sampled {tuple(ids.shape)} tokens in {time.perf_counter() - t0:.0f}s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ids, out.with_suffix(".pt"))
+    out.with_suffix(".txt").write_text("\n\n".join(tok.decode(row, skip_special_tokens=True) for row in ids))
+
+
+if __name__ == "__main__":
+    main()
