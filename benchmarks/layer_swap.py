@@ -144,14 +144,14 @@ def main() -> None:
     layers = adapter.decoder_layers(model)
     dense = {i: adapter.read_mlp(layers[i]).to(dtype=torch.float32) for i in args.layers}
     text = load_text(args.ppl_file)
-    calib = calibration_tokens(tok, CalibrationConfig())
-    xs, hs = capture_dense(model, adapter, calib, args.layers, outputs=True)
     text_ids = tokenize(tok, text)
     windows = min(args.windows, text_ids.numel() // 2048)  # a short text (held-out Botchan) has fewer
     if windows == 0:
         raise SystemExit(f"{args.ppl_file}: {text_ids.numel()} tokens, fewer than one window of 2048")
     eval_ids = text_ids[: min(8, windows) * 2048].view(-1, 2048)  # layer metrics on <= 8 windows of 2048
     nll_ids = text_ids[: windows * 2048].view(windows, 2048)  # the ppl@2048 windows
+    calib = calibration_tokens(tok, CalibrationConfig())
+    xs, hs = capture_dense(model, adapter, calib, args.layers, outputs=True)
     wx, wh = capture_dense(model, adapter, eval_ids, args.layers, outputs=True)
     uses_metric = any({"metric", "metric_refit"} & json.loads(v).keys() for v in args.variants)
     fisher_ids = torch.load(args.fisher_ids) if args.fisher_ids else calib
