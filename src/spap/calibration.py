@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .config import CalibrationConfig
 from .runtime import autocast_for
@@ -202,17 +203,37 @@ def self_generated(
         return _sample(model, start, n_samples, seq_len, batch_size, dtype, where)
 
 
+class _GenerationProgress:
+    """A ``generate`` streamer that only counts: the progress bar advances by the batch size for every
+    generated token column (``generate`` hands the prompt over first; it is not counted)."""
+
+    def __init__(self, bar) -> None:
+        self.bar = bar
+        self.prompt_seen = False
+
+    def put(self, value: Tensor) -> None:
+        if self.prompt_seen:
+            self.bar.update(value.shape[0])
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.prompt_seen = False  # the next batch starts with its prompt
+
+
 def _sample(
     model, start: int, n_samples: int, seq_len: int, batch_size: int, dtype: torch.dtype | None, device: torch.device
 ) -> Tensor:
     out = []
-    for first in range(0, n_samples, batch_size):
-        b = min(batch_size, n_samples - first)
-        prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
-        with autocast_for(model, dtype):
-            seqs = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,
-            )
-        out.append(seqs[:, :seq_len].cpu())
+    with tqdm(total=n_samples * (seq_len - 1), desc="self-generating calibration", unit="tok") as bar:
+        progress = _GenerationProgress(bar)
+        for first in range(0, n_samples, batch_size):
+            b = min(batch_size, n_samples - first)
+            prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
+            with autocast_for(model, dtype):
+                seqs = model.generate(
+                    prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0,
+                    top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,
+                    streamer=progress,
+                )
+            out.append(seqs[:, :seq_len].cpu())
     return torch.cat(out)
