@@ -60,18 +60,18 @@ def test_self_generated_calibration_is_seeded_and_starts_at_bos(dtype):
     assert next(model.parameters()).dtype == torch.float32  # autocast leaves the weights alone
 
 
-
 def test_self_generation_progress_counts_every_generated_token(monkeypatch):
     """The bar ends at n_samples x (seq_len - 1): the prompt (BOS) is not counted, a last short batch is."""
     import spap.calibration as calibration
 
     from .conftest import tiny_model, tiny_tokenizer
 
+    totals: list[int] = []
     updates: list[int] = []
 
     class RecordingBar:
         def __init__(self, total, **kwargs):
-            self.total = total
+            totals.append(total)
 
         def update(self, n):
             updates.append(n)
@@ -85,7 +85,8 @@ def test_self_generation_progress_counts_every_generated_token(monkeypatch):
     monkeypatch.setattr(calibration, "tqdm", RecordingBar)
     ids = calibration.self_generated(tiny_model("llama"), tiny_tokenizer(), 3, 12, seed=0, batch_size=2)
     assert ids.shape == (3, 12)
-    assert sum(updates) == 3 * 11 and updates == [2] * 11 + [1] * 11
+    assert totals == [3 * 11] and sum(updates) == 3 * 11 and updates == [2] * 11 + [1] * 11
+
 
 def test_token_files_are_cut_to_the_requested_shape_and_bad_files_fail(tmp_path, caplog):
     from spap.calibration import calibration_tokens
