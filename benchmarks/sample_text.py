@@ -2,9 +2,14 @@
 
 The model's own samples cover what it knows, not one domain, so they make an evaluation text that
 no calibration file shares (layer_swap.py --ppl-file) and, since the labels are the model's own
-samples, a true-Fisher estimate (layer_swap.py --fisher-ids).  Temperature 1, bf16 autocast.
+samples, a true-Fisher estimate (layer_swap.py --fisher-ids).  Temperature 1, bf16 weights
+(spap.calibration.self_generated; results/samples/smollm2-8x2048 predates it: it was drawn under
+autocast, and a re-run now draws other tokens).  With --batch-size 32 and --seed 0 the file equals
+(checked) what `spap prune --calib self` generates where spap computes in bf16 (a CPU with bf16
+instructions), so `--calib FILE.pt` reuses it across runs.
 
     python benchmarks/sample_text.py --n 8 --seq-len 2048 --out results/samples/smollm2-8x2048
+    python benchmarks/sample_text.py --n 128 --seq-len 2048 --seed 0 --batch-size 32 --out /tmp/self-128x2048
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="sequences generated together (default: all n); 32 with --seed 0 reproduces "
+                         "`spap prune --calib self` token for token")
     ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.pt and PREFIX.txt")
     args = ap.parse_args()
     model, tok, _ = load_model(args.model)
     t0 = time.perf_counter()
-    ids = self_generated(model, tok, args.n, args.seq_len, args.seed, batch_size=args.n, dtype=torch.bfloat16)
+    ids = self_generated(model, tok, args.n, args.seq_len, args.seed, batch_size=args.batch_size or args.n, dtype=torch.bfloat16)
     print(f"sampled {tuple(ids.shape)} tokens in {time.perf_counter() - t0:.0f}s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ import torch
 
 from spap.calibration import bundled_text, read_text_file, sample_windows
 
+from .conftest import FAMILIES
+
 
 def test_windows_are_disjoint_deterministic_and_sized():
     ids = torch.arange(1000)
@@ -47,17 +49,37 @@ def test_wikitext_layout_and_missing_file(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_self_generated_calibration_is_seeded_and_starts_at_bos(dtype):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_self_generated_calibration_is_seeded_and_starts_at_bos(family, dtype):
     from spap.calibration import self_generated
 
     from .conftest import tiny_model, tiny_tokenizer
 
-    model, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    model, tokenizer = tiny_model(family), tiny_tokenizer()
     a = self_generated(model, tokenizer, 3, 12, seed=0, batch_size=2, dtype=dtype)
     assert a.shape == (3, 12) and (a[:, 0] == tokenizer.bos_token_id).all()
     assert torch.equal(a, self_generated(model, tokenizer, 3, 12, seed=0, batch_size=2, dtype=dtype))
     assert not torch.equal(a, self_generated(model, tokenizer, 3, 12, seed=1, batch_size=2, dtype=dtype))
-    assert next(model.parameters()).dtype == torch.float32  # autocast leaves the weights alone
+    assert next(model.parameters()).dtype == torch.float32  # generation ran on a copy
+
+
+def test_generation_weights_are_a_cast_copy_and_come_back_bit_for_bit():
+    from spap.calibration import weights_as
+
+    from .conftest import tiny_model
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = {k: v.dtype for k, v in model.named_buffers()}
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in before.values())  # bf16 would lose bits
+    with pytest.raises(RuntimeError, match="inside"):
+        with weights_as(model, None, torch.bfloat16) as where:
+            assert where == torch.device("cpu")
+            assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+            assert {k: v.dtype for k, v in model.named_buffers()} == buffers  # rotary frequencies stay fp32
+            raise RuntimeError("inside")  # the weights come back on errors too
+    after = model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_self_generation_progress_counts_every_generated_token(monkeypatch):
