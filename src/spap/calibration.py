@@ -162,8 +162,8 @@ def weights_as(model, device: torch.device | None, dtype: torch.dtype | None) ->
     """Run ``model`` on a copy of its weights on ``device``, floating parameters cast to ``dtype``.
 
     Each parameter's and buffer's storage is swapped for its copy and the original tensor is put back
-    afterwards, so the weights come back bit for bit (no round trip through ``dtype``) and no second
-    full-precision copy is made.  Buffers keep their dtype (e.g. rotary frequencies).  If the copy
+    afterwards, so the weights come back bit for bit (no round trip through ``dtype``) and the host
+    holds no second full-precision copy.  Buffers keep their dtype (e.g. rotary frequencies).  If the copy
     does not fit on ``device`` (CUDA out of memory), it is made where the model is, with a warning.
     Yields the device the model runs on."""
     home = next(model.parameters()).device
@@ -187,7 +187,8 @@ def _swap_storage(model, device: torch.device, dtype: torch.dtype | None) -> lis
     originals: list[tuple[Tensor, Tensor]] = []
     try:
         for t in [*model.parameters(), *model.buffers()]:
-            cast = dtype if dtype is not None and isinstance(t, torch.nn.Parameter) and t.is_floating_point() else t.dtype
+            is_weight = isinstance(t, torch.nn.Parameter) and t.is_floating_point()
+            cast = dtype if dtype is not None and is_weight else t.dtype
             if t.device != device or t.dtype != cast:
                 originals.append((t, t.data))
                 t.data = t.data.to(device=device, dtype=cast)
