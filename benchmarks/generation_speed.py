@@ -18,23 +18,16 @@ from pathlib import Path
 import torch
 
 from common import machine
-from spap.calibration import self_generated
+from spap.calibration import sample_sequences, self_generated, start_token
 from spap.models import load_model
 from spap.runtime import autocast_for, resolve_device, resolve_dtype
 
 
-def autocast_dynamic(model, start: int, n: int, seq_len: int, seed: int, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """The baseline: ``generate`` under autocast with the default (growing) cache."""
+def autocast_dynamic(model, start: int, n: int, seq_len: int, seed: int, batch_size: int, dtype: torch.dtype):
+    """The baseline: the same sampler on the fp32 weights under autocast, with the growing cache."""
     torch.manual_seed(seed)
-    out = []
-    for first in range(0, n, batch_size):
-        prompt = torch.full((min(batch_size, n - first), 1), start, dtype=torch.long)
-        with torch.no_grad(), autocast_for(model, dtype):
-            out.append(model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,
-            ))
-    return torch.cat(out)
+    with torch.no_grad(), autocast_for(model, dtype):
+        return sample_sequences(model, start, n, seq_len, batch_size, torch.device("cpu"), cache_implementation=None)
 
 
 def main() -> None:
@@ -49,12 +42,13 @@ def main() -> None:
     args = ap.parse_args()
     model, tok, path = load_model(args.model)
     dtype = resolve_dtype(args.dtype, resolve_device("cpu"))
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    start = start_token(tok)
     tokens = args.n * (args.seq_len - 1)
+    shape = (args.n, args.seq_len, args.seed, args.batch_size, dtype)
     rows = []
     for name, run in (
-        ("autocast + dynamic cache", lambda: autocast_dynamic(model, start, args.n, args.seq_len, args.seed, args.batch_size, dtype)),
-        ("cast copy + static cache", lambda: self_generated(model, tok, args.n, args.seq_len, args.seed, args.batch_size, dtype)),
+        ("autocast + dynamic cache", lambda: autocast_dynamic(model, start, *shape)),
+        ("cast copy + static cache", lambda: self_generated(model, tok, *shape)),
     ):
         t0 = time.perf_counter()
         ids = run()
@@ -68,8 +62,9 @@ def main() -> None:
         print(f"| {r['path']} | {r['seconds']} | {r['tokens_per_s']} |")
     print(f"speed-up: {ratio:.2f}x")
     if args.out:
-        meta = {"model": str(path), "n": args.n, "seq_len": args.seq_len, "batch_size": args.batch_size, "seed": args.seed,
-                "dtype": str(dtype), "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+        meta = {"model": str(path), "n": args.n, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                "seed": args.seed, "dtype": str(dtype), "machine": machine(), "torch": torch.__version__,
+                "threads": torch.get_num_threads()}
         Path(args.out).write_text(json.dumps({**meta, "rows": rows, "speedup": round(ratio, 2)}, indent=2))
 
 

@@ -37,7 +37,8 @@ def main() -> None:
     args = ap.parse_args()
     model, tok, _ = load_model(args.model)
     t0 = time.perf_counter()
-    ids = self_generated(model, tok, args.n, args.seq_len, args.seed, batch_size=args.batch_size or args.n, dtype=torch.bfloat16)
+    batch_size = args.batch_size or args.n
+    ids = self_generated(model, tok, args.n, args.seq_len, args.seed, batch_size=batch_size, dtype=torch.bfloat16)
     print(f"sampled {tuple(ids.shape)} tokens in {time.perf_counter() - t0:.0f}s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

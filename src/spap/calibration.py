@@ -219,14 +219,20 @@ def self_generated(
     With ``dtype`` (e.g. the pipeline's compute dtype) and ``device``, generation runs on a copy of the
     weights cast to ``dtype`` on ``device`` (``weights_as``; the model's own weights are untouched).
     The KV cache is static (allocated once for seq_len tokens).  Both for speed: on a 2-core CPU this
-    sampled 1.98x as fast as autocast (which re-casts every weight at every step) with the growing
+    sampled 1.98x to 2.25x as fast as autocast (which re-casts every weight at every step) with the growing
     cache (benchmarks/generation_speed.py)."""
+    start = start_token(tokenizer)
+    torch.manual_seed(seed)
+    with weights_as(model, device, dtype) as where:
+        return sample_sequences(model, start, n_samples, seq_len, batch_size, where)
+
+
+def start_token(tokenizer) -> int:
+    """The token every sampled sequence starts from: BOS, else EOS."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("tokenizer has neither BOS nor EOS token to start generation from")
-    torch.manual_seed(seed)
-    with weights_as(model, device, dtype) as where:
-        return _sample(model, start, n_samples, seq_len, batch_size, where)
+    return start
 
 
 class _GenerationProgress:
@@ -246,7 +252,12 @@ class _GenerationProgress:
         self.prompt_seen = False  # the next batch starts with its prompt
 
 
-def _sample(model, start: int, n_samples: int, seq_len: int, batch_size: int, device: torch.device) -> Tensor:
+def sample_sequences(
+    model, start: int, n_samples: int, seq_len: int, batch_size: int, device: torch.device,
+    cache_implementation: str | None = "static",
+) -> Tensor:
+    """(n_samples, seq_len) ids sampled at temperature 1 from ``start``, ``batch_size`` at a time, with
+    the model as it is (no cast); ``cache_implementation=None`` is transformers' growing cache."""
     out = []
     with tqdm(total=n_samples * (seq_len - 1), desc="self-generating calibration", unit="tok") as bar:
         progress = _GenerationProgress(bar)
@@ -256,7 +267,7 @@ def _sample(model, start: int, n_samples: int, seq_len: int, batch_size: int, de
             seqs = model.generate(
                 prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0,
                 top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,
-                streamer=progress, cache_implementation="static", disable_compile=True,
+                streamer=progress, cache_implementation=cache_implementation, disable_compile=True,
             )
             out.append(seqs[:, :seq_len].cpu())
     return torch.cat(out)
