@@ -44,11 +44,11 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, resolve_device("cpu"))
     start = start_token(tok)
     tokens = args.n * (args.seq_len - 1)
-    shape = (args.n, args.seq_len, args.seed, args.batch_size, dtype)
+    sampling = (args.n, args.seq_len, args.seed, args.batch_size, dtype)  # shared by both paths
     rows = []
     for name, run in (
-        ("autocast + dynamic cache", lambda: autocast_dynamic(model, start, *shape)),
-        ("cast copy + static cache", lambda: self_generated(model, tok, *shape)),
+        ("autocast + dynamic cache", lambda: autocast_dynamic(model, start, *sampling)),
+        ("cast copy + static cache", lambda: self_generated(model, tok, *sampling)),
     ):
         t0 = time.perf_counter()
         ids = run()
