@@ -110,6 +110,12 @@ def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) 
     return table
 
 
+def plan_jobs(methods: list[str], sparsities: list[float]) -> list[tuple[str, float]]:
+    """(variant, sparsity) in run order: dense once at sparsity 0 (named in ``methods`` or not), then each
+    method at each sparsity."""
+    return [("dense", 0.0)] + [(m, s) for s in sparsities for m in methods if m != "dense"]
+
+
 def main() -> None:
     args = parse()
     tag = args.name or Path(args.model).name
@@ -121,8 +127,7 @@ def main() -> None:
         "calibration": {"source": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len, "seed": args.seed},
         "command": " ".join(sys.argv), "overrides": parse_sets(args.set), "solver_overrides": parse_sets(args.solver_set),
     }
-    jobs = [("dense", 0.0)] + [(m, s) for s in args.sparsities for m in args.methods]
-    for variant, sparsity in jobs:
+    for variant, sparsity in plan_jobs(args.methods, args.sparsities):
         if any(r["variant"] == variant and r["sparsity"] == sparsity for r in rows):
             continue
         job = {
