@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from disjoint_split import tail_after
 
-from disjoint_split import tail_after  # noqa: E402
-
-from spap.calibration import bundled_text, tokenize  # noqa: E402
-from ..conftest import tiny_tokenizer  # noqa: E402
+from spap.calibration import bundled_text, tokenize
+from ..conftest import tiny_tokenizer
 
 
 def test_tail_is_exactly_the_tokens_after_prefix_and_margin():

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from fisher_metric import OutputMetric, layer_output_fisher
 
-from fisher_metric import OutputMetric, layer_output_fisher  # noqa: E402
-
-from spap.adapters import get_adapter  # noqa: E402
-from spap.core import MLPStatistics, MLPWeights  # noqa: E402
-from spap.core.linalg import QuadraticLS  # noqa: E402
-from ..conftest import tiny_ids, tiny_model  # noqa: E402
+from spap.adapters import get_adapter
+from spap.core import MLPStatistics, MLPWeights
+from spap.core.linalg import QuadraticLS
+from ..conftest import tiny_ids, tiny_model
 
 
 def test_fisher_equals_per_token_gradients_of_the_summed_loss():

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-from quality import plan_jobs  # noqa: E402
+from quality import plan_jobs
 
 
 def test_dense_runs_once_even_when_named_in_methods():
