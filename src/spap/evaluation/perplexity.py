@@ -21,6 +21,7 @@ class PerplexityResult:
     n_windows: int
     n_predicted_tokens: int
     dtype: str
+    score_from: int = 0  # predictions made at window positions < score_from were not scored
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -36,11 +37,17 @@ def perplexity(
     dtype: torch.dtype | None = None,
     max_windows: int | None = None,
     progress: bool = True,
+    score_from: int = 0,
 ) -> PerplexityResult:
     """exp(mean NLL) over floor(T / seq_len) consecutive windows of the tokenised ``text``.
 
     Tokenizers that prepend BOS get BOS at the start of every window (then seq_len - 1 text tokens).
+    Each window scores the predictions made at positions score_from .. seq_len - 2, i.e. the
+    seq_len - 1 - score_from tokens that follow; 0 scores all of them (the GPTQ convention),
+    seq_len // 2 only those with at least half a window of context (llama.cpp's ``perplexity``).
     """
+    if not 0 <= score_from < seq_len - 1:
+        raise ValueError(f"score_from must be in [0, seq_len - 1) = [0, {seq_len - 1}), got {score_from}")
     ids = tokenize(tokenizer, text)
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     if bos is not None and ids.numel() and ids[0] == bos:
@@ -63,12 +70,13 @@ def perplexity(
         batch = windows[start : start + batch_size].to(device)
         with autocast_for(model, dtype):
             logits = model(input_ids=batch, use_cache=False).logits
+        targets = batch[:, score_from + 1 :]
         loss = F.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            logits[:, score_from:-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
         )
         total_nll += float(loss)
-        total_tokens += batch[:, 1:].numel()
+        total_tokens += targets.numel()
     model.train(was_training)
     nll = total_nll / total_tokens
     used = dtype or next(model.parameters()).dtype
-    return PerplexityResult(math.exp(nll), nll, seq_len, n, total_tokens, str(used).replace("torch.", ""))
+    return PerplexityResult(math.exp(nll), nll, seq_len, n, total_tokens, str(used).replace("torch.", ""), score_from)
