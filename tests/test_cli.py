@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -41,6 +42,27 @@ def test_eval_command_writes_eval_json(tiny_checkpoint, tmp_path):
     assert main(["eval", str(tiny_checkpoint), "--ppl", str(text), "--seq-len", "16", "--dtype", "float32"]) == 0
     data = json.loads((tiny_checkpoint / "eval.json").read_text())
     assert data["perplexity"][str(text)]["seq_len"] == 16
+
+
+def test_eval_score_from_scores_the_second_half_of_each_window(tiny_checkpoint, tmp_path, capsys):
+    from spap.evaluation.perplexity import perplexity
+    from spap.models import load_model
+
+    text = tmp_path / "t.txt"
+    text.write_text("Some other text to score, with a few more words. " * 60)
+    args = ["eval", str(tiny_checkpoint), "--ppl", str(text), "--seq-len", "16", "--dtype", "float32"]
+    assert main(args + ["--score-from", "8"]) == 0
+    got = json.loads((tiny_checkpoint / "eval.json").read_text())["perplexity"][str(text)]
+    model, tokenizer, _ = load_model(str(tiny_checkpoint))
+    expected = perplexity(model, tokenizer, text.read_text(), 16, dtype=torch.float32, score_from=8, progress=False)
+    everything = perplexity(model, tokenizer, text.read_text(), 16, dtype=torch.float32, progress=False)
+    assert got["score_from"] == 8 and got["n_predicted_tokens"] == expected.n_predicted_tokens
+    assert got["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
+    assert got["perplexity"] != pytest.approx(everything.perplexity, rel=1e-3)
+    assert "scored from position 8" in capsys.readouterr().out
+    assert main(args + ["--score-from", "15"]) == 2
+    err = capsys.readouterr().err
+    assert "score_from must be in [0, seq_len - 1) = [0, 15), got 15" in err and "Loading weights" not in err
 
 
 def test_bad_input_fails_with_clear_message_and_no_output(tiny_checkpoint, tmp_path, capsys):

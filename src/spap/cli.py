@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--dtype", default="bfloat16", help="matmul dtype (autocast); float32 for exact")
     e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--score-from", type=int, default=0, metavar="K",
+                   help="score only predictions at window positions >= K (seq_len/2: llama.cpp's convention)")
     e.add_argument("--tasks", nargs="*", default=None, help="zero-shot task files (BIG-bench .json or .jsonl)")
     e.add_argument("--limit", type=int, default=None, help="first N examples per task")
     e.add_argument("--batch-size", type=int, default=16)
@@ -150,16 +152,22 @@ def _ppl_sources(files: list[str] | None) -> list[str]:
     return sources
 
 
-def _perplexities(model, tokenizer, sources: list[str], seq_len: int, dtype: str, max_windows: int | None = None) -> dict[str, Any]:
+def _perplexities(
+    model, tokenizer, sources: list[str], seq_len: int, dtype: str, max_windows: int | None = None, score_from: int = 0
+) -> dict[str, Any]:
     from .calibration import load_text
     from .evaluation.perplexity import perplexity
     from .runtime import resolve_dtype
 
     out = {}
     for src in sources:
-        result = perplexity(model, tokenizer, load_text(src), seq_len, dtype=resolve_dtype(dtype, next(model.parameters()).device), max_windows=max_windows)
+        result = perplexity(
+            model, tokenizer, load_text(src), seq_len, dtype=resolve_dtype(dtype, next(model.parameters()).device),
+            max_windows=max_windows, score_from=score_from,
+        )
         out[src] = result.to_dict()
-        print(f"  perplexity {result.perplexity:9.3f}  ({Path(src).name}, seq_len {seq_len}, {result.n_windows} windows, {result.dtype})")
+        scored = f", scored from position {score_from}" if score_from else ""
+        print(f"  perplexity {result.perplexity:9.3f}  ({Path(src).name}, seq_len {seq_len}, {result.n_windows} windows{scored}, {result.dtype})")
     return out
 
 
@@ -224,13 +232,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model
     from .runtime import resolve_device, resolve_dtype
 
+    from .evaluation.perplexity import check_score_from
+
+    check_score_from(args.score_from, args.seq_len)  # fail before loading the model
     tasks = [load_task(t, args.limit) for t in args.tasks or []]  # fail early on missing/bad files
     sources = _ppl_sources(args.ppl) if args.ppl is not None or not (tasks or args.harness) else []
     model, tokenizer, path = load_model(args.model, device=str(resolve_device(args.device)))
     print(f"{path}:")
     results: dict[str, Any] = {}
     if sources:
-        results["perplexity"] = _perplexities(model, tokenizer, sources, args.seq_len, args.dtype, args.max_windows)
+        results["perplexity"] = _perplexities(model, tokenizer, sources, args.seq_len, args.dtype, args.max_windows, args.score_from)
     if tasks:
         dtype = resolve_dtype(args.dtype, next(model.parameters()).device)
         results["zeroshot"] = {}

@@ -27,6 +27,12 @@ class PerplexityResult:
         return asdict(self)
 
 
+def check_score_from(score_from: int, seq_len: int) -> None:
+    """Raise unless 0 <= score_from < seq_len - 1 (every window must score at least one prediction)."""
+    if not 0 <= score_from < seq_len - 1:
+        raise ValueError(f"score_from must be in [0, seq_len - 1) = [0, {seq_len - 1}), got {score_from}")
+
+
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
@@ -46,8 +52,7 @@ def perplexity(
     seq_len - 1 - score_from tokens that follow; 0 scores all of them (the GPTQ convention),
     seq_len // 2 only those with at least half a window of context (llama.cpp's ``perplexity``).
     """
-    if not 0 <= score_from < seq_len - 1:
-        raise ValueError(f"score_from must be in [0, seq_len - 1) = [0, {seq_len - 1}), got {score_from}")
+    check_score_from(score_from, seq_len)
     ids = tokenize(tokenizer, text)
     bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
     if bos is not None and ids.numel() and ids[0] == bos:
