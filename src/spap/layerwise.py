@@ -1,7 +1,9 @@
 """Layer-by-layer execution: capture the first decoder layer's inputs, then run one layer at a time.
 
 Only the layer being processed lives on the compute device; hidden states of all calibration
-sequences are kept on the CPU (``offload``) in the compute dtype.
+sequences are kept on the CPU (``offload``) in the compute dtype. The keyword arguments (masks,
+position embeddings) are recorded for every distinct kind of layer, so models that mix full and
+sliding-window attention (Qwen2 with ``use_sliding_window``) give each layer its own mask.
 """
 
 from __future__ import annotations
@@ -21,14 +23,27 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerInputs:
-    """Per-batch hidden states (B, S, d) and the keyword arguments the decoder layer received."""
+    """Per-batch hidden states (B, S, d) and keyword arguments of decoder layer ``layer_index``.
+
+    ``kwargs_by_layer[i]`` (when known) is the per-batch kwargs list of layer i; layers that receive
+    equal kwargs share one list, so a model with one kind of layer stores them once.
+    """
 
     hidden: list[Tensor]
     kwargs: list[dict[str, Any]]
+    layer_index: int = 0
+    kwargs_by_layer: list[list[dict[str, Any]]] | None = None
 
     @property
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def next_layer(self, hidden: list[Tensor]) -> LayerInputs:
+        """``hidden`` (this layer's outputs) as the inputs of layer ``layer_index + 1``."""
+        index = self.layer_index + 1
+        table = self.kwargs_by_layer
+        kwargs = table[index] if table is not None and index < len(table) else self.kwargs
+        return LayerInputs(hidden, kwargs, index, table)
 
 
 def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -80,33 +95,91 @@ def non_layer_weights_on(model: nn.Module, layers: nn.ModuleList, device: torch.
                 module._buffers[name] = t.to(original)
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Structural equality of keyword arguments (tensors by value)."""
+    if a is b:
+        return True
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
+            and a.device == b.device and bool(torch.equal(a, b))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a usable ==
+        return False
+
+
+def _groups(per_layer: list[dict[str, Any]]) -> list[int]:
+    """For each layer, the index of the first layer whose kwargs equal its own."""
+    groups: list[int] = []
+    for i, kwargs in enumerate(per_layer):
+        groups.append(next((g for g in dict.fromkeys(groups) if _same(per_layer[g], kwargs)), i))
+    return groups
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module, layers: nn.ModuleList, ids: Tensor, batch_size: int, device: torch.device, dtype: torch.dtype
 ) -> LayerInputs:
-    """Run the embeddings on ``ids`` (n, S) and record what ``layers[0]`` receives, batch by batch."""
-    record = LayerInputs([], [])
+    """Run the embeddings on ``ids`` (n, S) and record what the decoder layers receive, batch by batch.
+
+    Every layer is replaced by a pass-through while the model runs, so no layer computes; the hidden
+    states of ``layers[0]`` and the kwargs of each distinct kind of layer are kept.
+    """
     offload = torch.device("cpu")
+    hidden_states: list[Tensor] = []
+    batch_kwargs: list[dict[str, Any]] = []  # this batch's kwargs of every layer (references)
+    table: list[list[dict[str, Any]]] = []
+    groups: list[int] | None = None
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        record.hidden.append(hidden.to(offload, dtype))
-        record.kwargs.append(_map_tensors(rest, _to(offload)))
-        raise _StopForward
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not batch_kwargs:
+            hidden_states.append((args[0] if args else kwargs["hidden_states"]).to(offload, dtype))
+        batch_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if module is layers[-1]:
+            raise _StopForward
 
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        return args[0] if args else kwargs["hidden_states"]
+
+    saved = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's hooked forward
+    handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
     try:
+        for layer in layers:
+            layer.forward = passthrough
         with non_layer_weights_on(model, layers, device):
             for start in range(0, ids.shape[0], batch_size):
-                batch = ids[start : start + batch_size].to(device)
+                batch_kwargs.clear()
                 try:
-                    model(input_ids=batch, use_cache=False)
+                    model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
                 except _StopForward:
                     pass
+                if len(batch_kwargs) != len(layers):
+                    raise RuntimeError(f"the model called {len(batch_kwargs)} of its {len(layers)} decoder layers")
+                batch_groups = _groups(batch_kwargs)
+                if groups is None:
+                    groups = batch_groups
+                    for g in groups:  # layers with equal kwargs share one list
+                        table.append([] if g == len(table) else table[g])
+                elif batch_groups != groups:
+                    raise RuntimeError(f"decoder layers received differently grouped arguments in different batches: {groups} vs {batch_groups}")
+                for i, g in enumerate(groups):
+                    if g == i:
+                        table[i].append(_map_tensors(batch_kwargs[i], _to(offload)))
     finally:
-        handle.remove()
-    return record
+        batch_kwargs.clear()
+        for handle in handles:
+            handle.remove()
+        for layer, forward in zip(layers, saved):
+            del layer.forward
+            if forward is not None:
+                layer.forward = forward
+    return LayerInputs(hidden_states, table[0] if table else [], 0, table)
 
 
 def compute_copy(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -138,4 +211,4 @@ def run_layer(
             on_output(index, out)
         if keep_outputs:
             outputs.append(out.to("cpu", dtype))
-    return LayerInputs(outputs, inputs.kwargs)
+    return inputs.next_layer(outputs)
