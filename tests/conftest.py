@@ -6,6 +6,9 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    GemmaConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
@@ -23,6 +26,15 @@ def tiny_config(family: str):
         return Qwen2Config(**common, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2)
     if family == "mistral":
         return MistralConfig(**common, intermediate_size=44, num_attention_heads=4, num_key_value_heads=1)
+    if family == "gemma":  # GeGLU, scaled embeddings, explicit head_dim
+        return GemmaConfig(**common, intermediate_size=36, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    if family == "gemma2":  # every other layer sliding-window attention, MLP output normalised
+        return Gemma2Config(**common, intermediate_size=36, num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8)
+    if family == "gemma3_text":  # per-kind rotary embeddings too
+        return Gemma3TextConfig(
+            **common, intermediate_size=36, num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8,
+            sliding_window_pattern=2,
+        )
     if family == "opt":
         return OPTConfig(
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, ffn_dim=56, num_attention_heads=4,
@@ -47,7 +59,7 @@ def tiny_ids(n: int = 6, seq_len: int = 24, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seq_len), generator=gen)
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "opt"]
+FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3_text", "opt"]
 
 
 @pytest.fixture(params=FAMILIES)

@@ -28,7 +28,7 @@ def test_column_groups_follow_gqa_sharing():
         column_groups(6, 4, 4)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3_text", "opt"])
 def test_head_groups_removed_consistently_and_reload(family, tmp_path):
     model, ids = tiny_model(family), tiny_ids()
     adapter = get_adapter(model)

@@ -157,15 +157,16 @@ def test_token_weighting_prunes_and_changes_the_fit(refit):
         PruneConfig(token_weighting="bogus")
 
 
-def test_token_weighting_rejects_post_norm_opt():
+@pytest.mark.parametrize("family", ["opt", "gemma2"])
+def test_token_weighting_rejects_models_that_normalise_the_mlp_output(family):
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config("opt")
-    config.do_layer_norm_before = False
+    config = tiny_config(family)
+    config.do_layer_norm_before = False  # OPT-350m's post-norm; Gemma 2 has post_feedforward_layernorm anyway
     model = AutoModelForCausalLM.from_config(config).eval()
     cfg = fast_config(0.2, refit="ls")
     cfg.token_weighting = "residual"
-    with pytest.raises(ValueError, match="token_weighting"):
+    with pytest.raises(ValueError, match=f"token_weighting needs layers whose MLP output is added last; {family} is not"):
         spap.prune(model, config=cfg, calibration_ids=tiny_ids())
 
 

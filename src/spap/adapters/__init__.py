@@ -5,10 +5,11 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ArchitectureAdapter, UnsupportedArchitectureError
+from .gemma import GemmaAdapter
 from .llama import LlamaAdapter
 from .opt import OPTAdapter
 
-ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (LlamaAdapter, OPTAdapter)
+ADAPTERS: tuple[type[ArchitectureAdapter], ...] = (LlamaAdapter, GemmaAdapter, OPTAdapter)
 
 
 def supported_model_types() -> list[str]:
