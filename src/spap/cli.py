@@ -228,11 +228,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.perplexity import check_score_from
     from .evaluation.zeroshot import evaluate_task, load_task
     from .models import load_model
     from .runtime import resolve_device, resolve_dtype
-
-    from .evaluation.perplexity import check_score_from
 
     check_score_from(args.score_from, args.seq_len)  # fail before loading the model
     tasks = [load_task(t, args.limit) for t in args.tasks or []]  # fail early on missing/bad files

@@ -3,7 +3,8 @@
 Only the layer being processed lives on the compute device; hidden states of all calibration
 sequences are kept on the CPU (``offload``) in the compute dtype. The keyword arguments (masks,
 position embeddings) are recorded for every distinct kind of layer, so models that mix full and
-sliding-window attention (Qwen2 with ``use_sliding_window``) give each layer its own mask.
+sliding-window attention (Gemma 2/3, Qwen2 with ``use_sliding_window``) give each layer its own
+mask and rotary embeddings.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def capture_layer_inputs(
         for handle in handles:
             handle.remove()
         for layer, forward in zip(layers, saved):
-            del layer.forward
+            layer.__dict__.pop("forward", None)
             if forward is not None:
                 layer.forward = forward
     return LayerInputs(hidden_states, table[0] if table else [], 0, table)
