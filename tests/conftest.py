@@ -26,15 +26,18 @@ def tiny_config(family: str):
         return Qwen2Config(**common, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2)
     if family == "mistral":
         return MistralConfig(**common, intermediate_size=44, num_attention_heads=4, num_key_value_heads=1)
-    if family == "gemma":  # GeGLU, scaled embeddings, explicit head_dim
-        return GemmaConfig(**common, intermediate_size=36, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    if family == "gemma2":  # every other layer sliding-window attention, MLP output normalised
-        return Gemma2Config(**common, intermediate_size=36, num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8)
-    if family == "gemma3_text":  # per-kind rotary embeddings too
-        return Gemma3TextConfig(
-            **common, intermediate_size=36, num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8,
-            sliding_window_pattern=2,
+    if family == "qwen2_sliding":  # layers 1.. use a 4-token sliding window, layer 0 full attention
+        return Qwen2Config(
+            **common, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
+            use_sliding_window=True, sliding_window=4, max_window_layers=1,
         )
+    gemma = dict(**common, intermediate_size=36, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    if family == "gemma":  # GeGLU, scaled embeddings, explicit head_dim
+        return GemmaConfig(**gemma)
+    if family == "gemma2":  # every other layer sliding-window attention, MLP output normalised
+        return Gemma2Config(**gemma, sliding_window=8)
+    if family == "gemma3_text":  # per-kind rotary embeddings too
+        return Gemma3TextConfig(**gemma, sliding_window=8, sliding_window_pattern=2)
     if family == "opt":
         return OPTConfig(
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, ffn_dim=56, num_attention_heads=4,

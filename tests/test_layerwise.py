@@ -1,30 +1,15 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
+from spap.adapters import get_adapter
 from spap.layerwise import capture_layer_inputs, run_layer
 
-from .conftest import VOCAB, tiny_ids, tiny_model
-
-
-def _sliding_qwen2() -> torch.nn.Module:
-    """Qwen2 whose layers 1.. use a 4-token sliding window (layer 0 full attention)."""
-    config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, max_position_embeddings=128, intermediate_size=40,
-        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4, max_window_layers=1,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return model
+from .conftest import tiny_ids, tiny_model
 
 
 def _chain_matches_the_model(model: torch.nn.Module) -> None:
     ids = tiny_ids(n=5, seq_len=16)
-    layers = model.model.decoder.layers if model.config.model_type == "opt" else model.model.layers
+    layers = get_adapter(model).decoder_layers(model)
     with torch.no_grad():
         expected = model(input_ids=ids, output_hidden_states=True).hidden_states
     inputs = capture_layer_inputs(model, layers, ids, 2, torch.device("cpu"), torch.float32)
@@ -40,7 +25,7 @@ def test_layer_by_layer_reproduces_the_models_hidden_states(family):
 
 
 def test_sliding_window_layers_get_their_own_mask():
-    model = _sliding_qwen2()
+    model = tiny_model("qwen2_sliding")
     assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
     _chain_matches_the_model(model)
     inputs = capture_layer_inputs(model, model.model.layers, tiny_ids(n=2, seq_len=16), 2, torch.device("cpu"), torch.float32)

@@ -161,8 +161,9 @@ def test_token_weighting_prunes_and_changes_the_fit(refit):
 def test_token_weighting_rejects_models_that_normalise_the_mlp_output(family):
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(family)
-    config.do_layer_norm_before = False  # OPT-350m's post-norm; Gemma 2 has post_feedforward_layernorm anyway
+    config = tiny_config(family)  # Gemma 2: post_feedforward_layernorm
+    if family == "opt":
+        config.do_layer_norm_before = False  # OPT-350m's post-norm
     model = AutoModelForCausalLM.from_config(config).eval()
     cfg = fast_config(0.2, refit="ls")
     cfg.token_weighting = "residual"

@@ -24,27 +24,29 @@ class _StopForward(Exception):
 
 @dataclass
 class LayerInputs:
-    """Per-batch hidden states (B, S, d) and keyword arguments of decoder layer ``layer_index``.
+    """Per-batch hidden states (B, S, d) of decoder layer ``layer_index`` and every layer's kwargs.
 
-    ``kwargs_by_layer[i]`` (when known) is the per-batch kwargs list of layer i; layers that receive
-    equal kwargs share one list, so a model with one kind of layer stores them once.
+    ``kwargs_by_layer[i]`` is the per-batch kwargs list of layer i; layers that receive equal kwargs
+    share one list, so a model with one kind of layer stores them once.
     """
 
     hidden: list[Tensor]
-    kwargs: list[dict[str, Any]]
+    kwargs_by_layer: list[list[dict[str, Any]]]
     layer_index: int = 0
-    kwargs_by_layer: list[list[dict[str, Any]]] | None = None
 
     @property
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
 
+    @property
+    def kwargs(self) -> list[dict[str, Any]]:
+        """Per-batch kwargs of layer ``layer_index`` (the last layer's past the end; [] without batches)."""
+        table = self.kwargs_by_layer
+        return table[min(self.layer_index, len(table) - 1)] if table else []
+
     def next_layer(self, hidden: list[Tensor]) -> LayerInputs:
         """``hidden`` (this layer's outputs) as the inputs of layer ``layer_index + 1``."""
-        index = self.layer_index + 1
-        table = self.kwargs_by_layer
-        kwargs = table[index] if table is not None and index < len(table) else self.kwargs
-        return LayerInputs(hidden, kwargs, index, table)
+        return LayerInputs(hidden, self.kwargs_by_layer, self.layer_index + 1)
 
 
 def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -180,7 +182,7 @@ def capture_layer_inputs(
             layer.__dict__.pop("forward", None)
             if forward is not None:
                 layer.forward = forward
-    return LayerInputs(hidden_states, table[0] if table else [], 0, table)
+    return LayerInputs(hidden_states, table)
 
 
 def compute_copy(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
