@@ -19,10 +19,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "spap-structprune": {"solver": {}, "allocation": "structprune"},
     "spap-no-refit-structprune": {"solver": {"refit": "ls"}, "allocation": "structprune"},
     "spap-no-refit-global": {"solver": {"refit": "ls"}, "allocation": "global"},
+    "spap-angular": {"solver": {}, "allocation": "angular"},
+    "spap-no-refit-angular": {"solver": {"refit": "ls"}, "allocation": "angular"},
+    "spap-no-penalty-angular": {"solver": {"selection": "score"}, "allocation": "angular"},
     "magnitude": {"solver": {"method": "magnitude"}},
     "wanda-sp": {"solver": {"method": "wanda-sp"}},
     "fasp": {"solver": {"method": "fasp"}},
     "flap": {"solver": {"method": "flap"}},
+    "cfsp": {"solver": {"method": "cfsp"}},
 }
 
 

@@ -1,7 +1,7 @@
 """Quality sweep: WikiText-2 perplexity of every method at several sparsities, one harness.
 
     python benchmarks/quality.py --ppl-file ../shared/data/wikitext-2-raw/wiki.test.raw \
-        --sparsities 0.1 0.2 0.3 0.4 0.5 --methods spap magnitude wanda-sp fasp flap
+        --sparsities 0.1 0.2 0.3 0.4 0.5 --methods spap magnitude wanda-sp fasp flap cfsp
 
 Each (method, sparsity) runs in a fresh process (its own peak memory).  Writes
 results/quality-<model>.json (appended run by run; --resume skips finished rows), a Markdown table
@@ -24,7 +24,7 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--name", default=None, help="results file tag (default: model name)")
-    ap.add_argument("--methods", nargs="+", default=["spap", "magnitude", "wanda-sp", "fasp", "flap"], choices=list(VARIANTS))
+    ap.add_argument("--methods", nargs="+", default=["spap", "magnitude", "wanda-sp", "fasp", "flap", "cfsp"], choices=list(VARIANTS))
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--calib", default="bundled")
     ap.add_argument("--n-samples", type=int, default=128)

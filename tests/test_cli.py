@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spap.cli import main
+from spap.config import PruneConfig
 
 
 def test_prune_command_writes_loadable_checkpoint_and_report(tiny_checkpoint, tmp_path, capsys):
@@ -100,3 +101,13 @@ def test_solver_flags_reach_the_config():
     solver = _config_from_args(args).solver
     assert solver.refit_safeguard is False and solver.refit_proximal == 0.5
     assert _config_from_args(build_parser().parse_args(["prune", "--out", "x"])).solver.refit_safeguard is True
+
+
+def test_cfsp_flags_reach_the_config():
+    from spap.cli import _config_from_args, build_parser
+
+    cfg = _config_from_args(build_parser().parse_args(["prune", "--out", "x", "--method", "cfsp", "--angular-slope", "5"]))
+    assert cfg.solver.method == "cfsp" and cfg.allocation_rule == "angular" and cfg.angular_slope == 5.0
+    assert PruneConfig.from_json(cfg.to_json()) == cfg
+    default = _config_from_args(build_parser().parse_args(["prune", "--out", "x", "--allocation", "angular"]))
+    assert default.angular_slope == 128 * 2048 / 1e4 and default.solver.method == "spap"

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import spap
@@ -47,7 +48,7 @@ def test_pad_to_uniform_loads_with_stock_transformers(tmp_path):
     torch.testing.assert_close(logits(reloaded, ids), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("allocation_rule", ["structprune", "global"])
+@pytest.mark.parametrize("allocation_rule", ["structprune", "global", "angular"])
 def test_global_allocations_meet_the_budget_in_the_pipeline(allocation_rule):
     model, ids = tiny_model("llama"), tiny_ids(n=8, seq_len=32)
     cfg = PruneConfig(
@@ -59,6 +60,22 @@ def test_global_allocations_meet_the_budget_in_the_pipeline(allocation_rule):
     assert removed == round(0.4 * 3 * 48)
     assert all(layer.width_after >= 48 - int(0.8 * 48) - 1 for layer in report.layers)
     assert report.extra["allocation"]["counts"] == [r.width_before - r.width_after for r in report.layers]
+
+
+def test_angular_distances_are_those_of_the_dense_blocks():
+    model, ids = tiny_model("llama"), tiny_ids(n=4, seq_len=16)
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # the last one is after the final norm
+    expected = [
+        float((torch.arccos(F.cosine_similarity(a, b, dim=-1).clamp(-1, 1)) / torch.pi).mean())
+        for a, b in zip(hidden[:-2], hidden[1:-1])
+    ]
+    cfg = PruneConfig(sparsity=0.3, compute_dtype="float32", solver=SolverConfig(method="cfsp"))
+    report = spap.prune(model, config=cfg, calibration_ids=ids)
+    measured = report.extra["allocation"]["angular_distances"]
+    assert "energies" not in report.extra["allocation"]  # the angular rule needs no MLP statistics
+    torch.testing.assert_close(torch.tensor(measured[:-1]), torch.tensor(expected), rtol=1e-4, atol=1e-6)
+    assert min(expected) > 0
 
 
 def test_width_multiple_under_uniform_allocation_keeps_one_stock_width(tmp_path):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .config import ALLOCATIONS, TOKEN_WEIGHTINGS, CalibrationConfig, PruneConfig
+from .core.allocation import CFSP_SLOPE
 from .core.solver_config import METHODS, REFITS, SELECTIONS, SolverConfig
 
 log = logging.getLogger("spap")
@@ -62,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--target", default="mlp", choices=["mlp", "attn", "both"], help="prune MLP neurons, attention heads or both")
     p.add_argument("--head-sparsity", type=float, default=0.0, help="fraction of KV groups (with their query heads) removed per layer")
-    p.add_argument("--allocation", default="auto", choices=ALLOCATIONS, help="auto: global for flap, else uniform")
+    p.add_argument("--allocation", default="auto", choices=ALLOCATIONS, help="auto: global for flap, angular for cfsp, else uniform")
     p.add_argument("--temperature", type=float, default=1.0, help="structprune softmax temperature T")
+    p.add_argument("--angular-slope", type=float, default=CFSP_SLOPE, help=f"angular (CFSP) sigmoid slope (default {CFSP_SLOPE:g})")
     p.add_argument("--min-sparsity", type=float, default=0.0, help="per-layer lower bound (non-uniform allocations)")
     p.add_argument("--max-sparsity", type=float, default=0.9, help="per-layer upper bound (non-uniform allocations)")
     p.add_argument("--width-multiple", type=int, default=1, help="round kept MLP widths to multiples of this")
@@ -132,6 +134,7 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
         calibration=CalibrationConfig(args.calib, args.n_samples, args.seq_len, args.seed),
         allocation=args.allocation,
         temperature=args.temperature,
+        angular_slope=args.angular_slope,
         min_sparsity=args.min_sparsity,
         max_sparsity=args.max_sparsity,
         width_multiple=args.width_multiple,

@@ -6,9 +6,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
+from .core.allocation import CFSP_SLOPE
 from .core.solver_config import SolverConfig
 
-ALLOCATIONS = ("auto", "uniform", "structprune", "global")
+ALLOCATIONS = ("auto", "uniform", "structprune", "global", "angular")
 TARGETS = ("mlp", "attn", "both")
 TOKEN_WEIGHTINGS = ("none", "residual")
 
@@ -37,10 +38,13 @@ class PruneConfig:
     target:         what is pruned: "mlp" neurons, "attn" heads (KV groups), or "both".
     head_sparsity:  fraction of KV groups (with their query heads) removed per layer for "attn"/"both".
     allocation:     how the neuron budget is split across layers: "auto" ("global" for method
-                    "flap", else "uniform"), "uniform" (same sparsity in every
-                    layer), "structprune" (energy softmax, see spap.core.allocation) or "global"
-                    (FLAP's standardised global ranking).
+                    "flap", "angular" for "cfsp", else "uniform"), "uniform" (same sparsity in every
+                    layer), "structprune" (energy softmax, see spap.core.allocation), "global"
+                    (FLAP's standardised global ranking) or "angular" (CFSP's sigmoid of each block's
+                    angular distance).
     temperature:    T of the structprune softmax (dimensionless: energies are normalised to mean 1).
+    angular_slope:  slope of the "angular" allocation's sigmoid on per-token mean angular distances
+                    (default: CFSP's a = 1 at its 128 x 2048 calibration tokens, see spap.core.allocation).
     min_sparsity, max_sparsity: per-layer bounds for non-uniform allocations.
     error_correction: beta in [0, 1]: MLP targets become dense(x) + beta * (dense model's layer
                     output - pruned model's layer output with the dense MLP), so each layer also
@@ -70,6 +74,7 @@ class PruneConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     allocation: str = "auto"
     temperature: float = 1.0
+    angular_slope: float = CFSP_SLOPE
     min_sparsity: float = 0.0
     max_sparsity: float = 0.9
     width_multiple: int = 1
@@ -93,6 +98,8 @@ class PruneConfig:
             raise ValueError("error_correction must be in [0, 1]")
         if self.token_weighting not in TOKEN_WEIGHTINGS:
             raise ValueError(f"unknown token_weighting {self.token_weighting!r}; choose one of {', '.join(TOKEN_WEIGHTINGS)}")
+        if self.angular_slope <= 0:
+            raise ValueError(f"angular_slope must be > 0, got {self.angular_slope!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
 
@@ -107,7 +114,7 @@ class PruneConfig:
     @property
     def allocation_rule(self) -> str:
         if self.allocation == "auto":
-            return "global" if self.solver.method == "flap" else "uniform"
+            return {"flap": "global", "cfsp": "angular"}.get(self.solver.method, "uniform")
         return self.allocation
 
     def to_dict(self) -> dict[str, Any]:

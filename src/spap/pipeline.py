@@ -73,6 +73,13 @@ def _warn_unaligned(kept_widths: list[int], multiple: int = 8) -> None:
         )
 
 
+def _allocation_record(counts: list[int], probe: list[LayerProbe]) -> dict[str, Any]:
+    record: dict[str, Any] = {"counts": counts, "angular_distances": [p.angular for p in probe]}
+    if probe[0].energy is not None:
+        record["energies"] = [p.energy for p in probe]
+    return record
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -175,6 +182,6 @@ def prune(
         versions=versions(),
         device=str(device),
         compute_dtype=str(dtype).replace("torch.", ""),
-        extra={"allocation": {"counts": counts, "energies": [p.energy for p in probe]}} if probe else {},
+        extra={"allocation": _allocation_record(counts, probe)} if probe else {},
         calibration_ids=calibration_ids,
     )

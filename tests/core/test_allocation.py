@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -68,3 +70,52 @@ def test_uniform_rounding_gives_every_layer_the_same_aligned_width(sparsity):
         assert abs(k - (m - round(sparsity * m))) <= 32
     assert allocation.uniform([14336], 0.3, 64) == [14336 - 10048]
     assert allocation.uniform(widths, sparsity, 1) == [round(sparsity * m) for m in widths]
+
+
+def reference_cfsp_keep_ratios(distances, sparsity, tokens=128 * 2048):
+    """CFSP's reference rule on the per-layer sums of angular distance over ``tokens`` tokens."""
+    sums = [d * tokens for d in distances]
+    mid = sum(sums) / len(sums)
+    s = [1 / (1 + math.exp(-(v - mid) / 1e4)) for v in sums]
+    avg, top = sum(s) / len(s), max(s)
+    if top / avg * (1 - sparsity) >= 1:
+        scale = (avg * (1 / (1 - sparsity) - 1)) / (top - avg) / 1.05
+        s = [avg + (v - avg) * scale for v in s]
+        avg = sum(s) / len(s)
+    return [v / avg * (1 - sparsity) for v in s]
+
+
+@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.5])
+def test_angular_allocation_matches_cfsp_reference_at_its_calibration_size(sparsity):
+    distances = [0.30, 0.12, 0.08, 0.06, 0.05, 0.05, 0.06, 0.07, 0.09, 0.15]
+    widths = [1536] * len(distances)
+    counts = allocation.angular_sigmoid(widths, distances, sparsity)
+    expected_kept = [r * 1536 for r in reference_cfsp_keep_ratios(distances, sparsity)]
+    assert sum(counts) == round(sparsity * sum(widths))
+    for k, kept in zip(counts, expected_kept):
+        assert abs((1536 - k) - kept) <= 1.0
+    assert len(set(counts)) > 3  # the rule is not uniform on these distances
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.6])
+def test_angular_allocation_budget_bounds_and_order(sparsity):
+    g = torch.Generator().manual_seed(1)
+    distances = (torch.rand(16, generator=g) * 0.4).tolist()
+    widths = [512] * 16
+    counts = allocation.angular_sigmoid(widths, distances, sparsity, min_sparsity=0.02, max_sparsity=0.95)
+    assert sum(counts) == round(sparsity * sum(widths))
+    kept = [m - k for m, k in zip(widths, counts)]
+    assert all(int(0.02 * 512) <= k <= min(511, math.ceil(0.95 * 512)) for k in counts)
+    for i in range(16):
+        for j in range(16):
+            if distances[i] > distances[j]:
+                assert kept[i] >= kept[j]  # a block that turns the residual stream more keeps more
+
+
+def test_angular_allocation_limits():
+    assert allocation.angular_sigmoid([100] * 4, [0.1] * 4, 0.3) == [30] * 4  # equal angles: uniform
+    assert allocation.angular_sigmoid([100] * 4, [0.1, 0.2, 0.3, 0.4], 0.0) == [0] * 4
+    flat = allocation.angular_sigmoid([1000] * 4, [0.1, 0.2, 0.3, 0.4], 0.3, slope=1e-6)
+    assert max(flat) - min(flat) <= 1  # a vanishing slope is uniform
+    with pytest.raises(ValueError, match="slope"):
+        allocation.angular_sigmoid([10, 10], [0.1, 0.2], 0.3, slope=0)

@@ -5,6 +5,7 @@ from spap.core import MLPStatistics, MLPWeights, SolverConfig, prune_mlp
 from spap.core.solver import finalize_down
 from spap.core.linalg import QuadraticLS
 from spap.core.refit import alternating_refit, gradient_refit
+from spap.core.scores import neuron_scores
 from spap.core.selection import penalty_select
 
 from .test_linalg_stats import random_mlp
@@ -22,7 +23,7 @@ def output_error(dense: MLPWeights, pruned: MLPWeights, x: torch.Tensor) -> floa
     return float((y - pruned(x)).pow(2).sum() / y.pow(2).sum())
 
 
-@pytest.mark.parametrize("method", ["spap", "magnitude", "wanda-sp", "fasp", "flap"])
+@pytest.mark.parametrize("method", ["spap", "magnitude", "wanda-sp", "fasp", "flap", "cfsp"])
 @pytest.mark.parametrize("k", [1, 7, 19])
 def test_exactly_k_neurons_removed(method, k):
     mlp = random_mlp(m=20)
@@ -143,6 +144,25 @@ def test_flap_bias_compensation_matches_mean_contribution():
     torch.testing.assert_close(res.weights.down_bias, expected, rtol=1e-4, atol=1e-5)
     # mean output is preserved exactly
     torch.testing.assert_close(res.weights(x).mean(0), mlp(x).mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_cfsp_score_ranks_like_the_reference_elementwise_formula():
+    # CFSP's reference (local metric three_w_one_wa, b = c = 1): per element of W_down (d, m)
+    # (|W_down| a / colsum + |W_up^T| / colsum + |W_gate^T| / colsum) * a, then the mean over the d rows.
+    mlp = random_mlp(m=24, seed=3)
+    x = torch.randn(400, 12) * torch.linspace(0.2, 3.0, 12)
+    stats = stats_for(mlp, x)
+    z = mlp.intermediate(x).double()
+    a = z.pow(2).sum(0).sqrt()  # the reference's 1/sqrt(n_seq) factor is a constant per layer
+
+    def relative(w):  # (d, m): each column normalised by its absolute sum
+        return w.abs() / w.abs().sum(0)
+
+    down, up_t, gate_t = mlp.down.double(), mlp.up.double().T, mlp.gate.double().T
+    reference = ((relative(down * a) + relative(up_t) + relative(gate_t)) * a).mean(0)
+    ours = neuron_scores("cfsp", mlp.down, stats)
+    torch.testing.assert_close(reference, ours * 3 / mlp.hidden_size, rtol=1e-5, atol=0)
+    assert torch.equal(torch.argsort(reference), torch.argsort(ours))
 
 
 def test_invalid_counts_and_config_raise():

@@ -17,6 +17,9 @@ k_l from layer l, with bounds  floor(min_sparsity * m_l) <= k_l <= ceil(max_spar
                       re-solving for the rest.  T -> inf recovers uniform; T -> 0 sends the budget to
                       the least important layers (the dual-decomposition / Lagrangian solution of the
                       linearised problem).  Derivation and validation: docs/structprune.md.
+``angular_sigmoid``   CFSP's coarse (inter-block) allocation (Wang et al., 2024): layers whose block
+                      turns the residual stream more keep more neurons, keep ratio proportional to
+                      sigmoid(slope * (d_l - mean d)), d_l the block's mean angular distance.
 Integer counts use largest-remainder rounding, which keeps the total exact and preserves order.
 """
 
@@ -34,6 +37,17 @@ def _bounds(widths: list[int], min_sparsity: float, max_sparsity: float) -> tupl
     lo = [math.floor(min_sparsity * m) for m in widths]
     hi = [min(m - 1, math.ceil(max_sparsity * m)) for m in widths]
     return lo, hi
+
+
+def _feasible_budget(
+    widths: list[int], sparsity: float, min_sparsity: float, max_sparsity: float
+) -> tuple[int, list[int], list[int]]:
+    """(K, lower bounds, upper bounds) for a global allocation; raises if the bounds cannot meet K."""
+    total = global_budget(widths, sparsity)
+    lo, hi = _bounds(widths, min_sparsity, max_sparsity)
+    if not sum(lo) <= total <= sum(hi):
+        raise ValueError(f"budget {total} is outside the per-layer bounds [{sum(lo)}, {sum(hi)}]")
+    return total, lo, hi
 
 
 def global_budget(widths: list[int], sparsity: float) -> int:
@@ -90,10 +104,7 @@ def energy_softmax(
         raise ValueError("one energy per layer is needed")
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
-    total = global_budget(widths, sparsity)
-    lo, hi = _bounds(widths, min_sparsity, max_sparsity)
-    if not sum(lo) <= total <= sum(hi):
-        raise ValueError(f"budget {total} is outside the per-layer bounds [{sum(lo)}, {sum(hi)}]")
+    total, lo, hi = _feasible_budget(widths, sparsity, min_sparsity, max_sparsity)
     e = torch.tensor(energies, dtype=torch.float64)
     e = e / e.mean().clamp_min(1e-30)
     logits = torch.log(torch.tensor(widths, dtype=torch.float64)) - e / temperature
@@ -109,6 +120,46 @@ def energy_softmax(
         fixed.update(violators)
     raw = [fixed.get(i, values.get(i, 0.0)) for i in range(len(widths))]
     return round_preserving_sum(raw, total, lo, hi)
+
+
+CFSP_SLOPE = 128 * 2048 / 1e4
+"""CFSP's reference sums the angular distance over its 128 x 2048 calibration tokens and divides the
+centred sums by 1e4 before a sigmoid of slope a = 1.  On per-token means that is a slope of
+128 * 2048 / 1e4 = 26.2144, which reproduces its allocation at the paper's calibration size and does
+not change with the number of calibration tokens (the reference's would)."""
+
+
+def angular_sigmoid(
+    widths: list[int],
+    distances: list[float],
+    sparsity: float,
+    slope: float = CFSP_SLOPE,
+    min_sparsity: float = 0.0,
+    max_sparsity: float = 0.9,
+) -> list[int]:
+    """CFSP allocation: prune counts k_l from per-layer angular distances d_l = mean_n arccos(cos(h_in, h_out)) / pi.
+
+    s_l = sigmoid(slope (d_l - mean d)); when the most important layer would keep more than all of its
+    neurons, the deviations s_l - mean s are shrunk until its keep ratio is (1 - q) + q / 1.05 (the
+    reference's rule); keep ratio r_l = (1 - q) s_l / mean s, k_l proportional to m_l (1 - r_l), scaled
+    to the budget K = round(q sum m) and rounded within the per-layer bounds.
+    """
+    if len(widths) != len(distances):
+        raise ValueError("one angular distance per layer is needed")
+    if slope <= 0:
+        raise ValueError("the angular allocation's slope must be > 0")
+    total, lo, hi = _feasible_budget(widths, sparsity, min_sparsity, max_sparsity)
+    if total == 0:
+        return [0] * len(widths)
+    d = torch.tensor(distances, dtype=torch.float64)
+    s = torch.sigmoid(slope * (d - d.mean()))
+    avg, top = s.mean(), s.max()
+    if top / avg * (1 - sparsity) >= 1:
+        s = avg + (s - avg) * (avg * (1 / (1 - sparsity) - 1) / (top - avg) / 1.05)
+    keep_ratio = (1 - sparsity) * s / s.mean()
+    raw = torch.tensor(widths, dtype=torch.float64) * (1 - keep_ratio)
+    raw = raw * (total / raw.sum().clamp_min(1e-30))
+    return round_preserving_sum(raw.tolist(), total, lo, hi)
 
 
 def global_ranking(

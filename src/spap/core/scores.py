@@ -7,6 +7,13 @@ All scores are functions of the down projection W (d, m) (fc2 for OPT) and stati
                  "Wanda-sp" baseline of An et al., 2024, FLAP).
 * ``fasp``      sum_r |W[r, i]| * ||z_i||_2           -- FASP's column-summed Wanda score (Hu et al., 2025).
 * ``flap``      Var_n(z_i) * ||W[:, i]||^2            -- FLAP's fluctuation metric (An et al., 2024, AAAI).
+* ``cfsp``      ||z_i||_2                             -- CFSP's fine-grained (intra-block) score as its
+                 reference code computes it (Wang et al., 2024, arXiv 2409.13199; wyxscir/CFSP, local
+                 metric ``three_w_one_wa`` with b = c = 1): mean_r (|W_down[r, i]| a_i / sum_r' |W_down[r', i]| a_i
+                 + |W_up[i, r]| / sum_r' |W_up[i, r']| + |W_gate[i, r]| / sum_r' |W_gate[i, r']|) * a_i with
+                 a_i = ||z_i|| / sqrt(n_seq).  Each weight term is normalised over the same index the mean
+                 runs over, so the bracket is 3/d for every neuron and the score ranks neurons by ||z_i||
+                 alone (tests/core/test_solver.py checks the equivalence).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from torch import Tensor
 
 from .stats import MLPStatistics
 
-SCORE_RULES = ("magnitude", "wanda-sp", "fasp", "flap")
+SCORE_RULES = ("magnitude", "wanda-sp", "fasp", "flap", "cfsp")
 
 
 def neuron_scores(rule: str, down: Tensor, stats: MLPStatistics) -> Tensor:
@@ -31,6 +38,8 @@ def neuron_scores(rule: str, down: Tensor, stats: MLPStatistics) -> Tensor:
         return w.abs().sum(0) * z_sq.sqrt()
     if rule == "flap":
         return stats.z_var * w.pow(2).sum(0)
+    if rule == "cfsp":
+        return z_sq.sqrt()
     raise ValueError(f"unknown score rule {rule!r}; choose one of {', '.join(SCORE_RULES)}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-METHODS = ("spap", "magnitude", "wanda-sp", "fasp", "flap")
+METHODS = ("spap", "magnitude", "wanda-sp", "fasp", "flap", "cfsp")
 SELECTIONS = ("penalty", "score")
 REFITS = ("alternating", "gd", "ls", "bias", "none")
 
@@ -15,6 +15,7 @@ METHOD_DEFAULTS: dict[str, tuple[str, str]] = {
     "wanda-sp": ("score", "none"),
     "fasp": ("score", "ls"),
     "flap": ("score", "bias"),
+    "cfsp": ("score", "none"),  # CFSP's recovery fine-tuning (LoRA) is training, not part of the harness
 }
 
 
@@ -22,7 +23,7 @@ METHOD_DEFAULTS: dict[str, tuple[str, str]] = {
 class SolverConfig:
     """How one MLP is pruned.  Defaults were chosen on SmolLM2-135M (see docs/hyperparameters.md).
 
-    method:          spap | magnitude | wanda-sp | fasp | flap.
+    method:          spap | magnitude | wanda-sp | fasp | flap | cfsp.
     selection:       override of the method's selection rule: "penalty" (SPAP loop) or "score".
     refit:           override of the reconstruction: "alternating" (closed-form W_down + gradient
                      steps on W_up/W_gate, repeated), "gd" (plain gradient descent on all three),
