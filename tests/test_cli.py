@@ -103,6 +103,16 @@ def test_solver_flags_reach_the_config():
     assert _config_from_args(build_parser().parse_args(["prune", "--out", "x"])).solver.refit_safeguard is True
 
 
+def test_head_flags_reach_the_config():
+    from spap.cli import _config_from_args, build_parser
+
+    args = ["prune", "--out", "x", "--target", "both", "--head-sparsity", "0.34", "--head-unit", "query"]
+    cfg = _config_from_args(build_parser().parse_args(args))
+    assert (cfg.target, cfg.head_sparsity, cfg.head_unit) == ("both", 0.34, "query")
+    assert PruneConfig.from_json(cfg.to_json()) == cfg
+    assert _config_from_args(build_parser().parse_args(["prune", "--out", "x"])).head_unit == "kv-group"
+
+
 def test_cfsp_flags_reach_the_config():
     from spap.cli import _config_from_args, build_parser
 

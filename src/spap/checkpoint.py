@@ -31,11 +31,21 @@ def _linear_layout(model: nn.Module) -> dict[str, tuple[int, int, bool]]:
     }
 
 
-def stock_layout(config: Any, model_class: type) -> dict[str, tuple[int, int, bool]]:
-    """Linear shapes a stock ``model_class`` builds from ``config`` (on the meta device, no memory)."""
+def stock_reference(config: Any, model_class: type) -> nn.Module:
+    """The module tree a stock ``model_class`` builds from ``config`` (on the meta device, no memory)."""
     with torch.device("meta"):
-        reference = model_class(copy.deepcopy(config))
-    return _linear_layout(reference)
+        return model_class(copy.deepcopy(config))
+
+
+def _differing_attributes(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, Any]]:
+    """Module attributes spap set on ``model`` that the stock ``reference`` does not already have."""
+    out = {}
+    for name, attributes in (getattr(model, "_spap_module_attributes", None) or {}).items():
+        module = reference.get_submodule(name)
+        changed = {k: v for k, v in attributes.items() if getattr(module, k, None) != v}
+        if changed:
+            out[name] = changed
+    return out
 
 
 def export_config(model: nn.Module) -> Any:
@@ -50,15 +60,16 @@ def export_config(model: nn.Module) -> Any:
         if hasattr(config, attr):
             delattr(config, attr)
     actual = _linear_layout(model)
-    expected = stock_layout(config, _stock_class(model))
+    reference = stock_reference(config, _stock_class(model))
+    expected = _linear_layout(reference)
     differing = {name: list(shape) for name, shape in actual.items() if expected.get(name) != shape}
     missing = set(expected) - set(actual)
     if missing:
         raise ValueError(f"model lacks Linear modules its config describes: {sorted(missing)[:3]}")
-    attributes = getattr(model, "_spap_module_attributes", None)
+    attributes = _differing_attributes(model, reference)
     if differing or attributes:
         config.spap_linear_shapes = differing
-        config.spap_module_attributes = attributes or {}
+        config.spap_module_attributes = attributes
         config.auto_map = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.SpapForCausalLM"}
     return config
 

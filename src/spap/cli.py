@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import ALLOCATIONS, TOKEN_WEIGHTINGS, CalibrationConfig, PruneConfig
+from .config import ALLOCATIONS, HEAD_UNITS, TOKEN_WEIGHTINGS, CalibrationConfig, PruneConfig
 from .core.allocation import CFSP_SLOPE
 from .core.solver_config import METHODS, REFITS, SELECTIONS, SolverConfig
 
@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--target", default="mlp", choices=["mlp", "attn", "both"], help="prune MLP neurons, attention heads or both")
-    p.add_argument("--head-sparsity", type=float, default=0.0, help="fraction of KV groups (with their query heads) removed per layer")
+    p.add_argument("--head-sparsity", type=float, default=0.0,
+                   help="fraction of attention heads removed per layer, in units of --head-unit")
+    p.add_argument("--head-unit", default="kv-group", choices=HEAD_UNITS,
+                   help="kv-group: whole KV groups with their query heads; query: the same number of query heads in every KV group")
     p.add_argument("--allocation", default="auto", choices=ALLOCATIONS, help="auto: global for flap, angular for cfsp, else uniform")
     p.add_argument("--temperature", type=float, default=1.0, help="structprune softmax temperature T")
     p.add_argument("--angular-slope", type=float, default=CFSP_SLOPE, help=f"angular (CFSP) sigmoid slope (default {CFSP_SLOPE:g})")
@@ -130,6 +133,7 @@ def _config_from_args(args: argparse.Namespace) -> PruneConfig:
         sparsity=args.sparsity,
         target=args.target,
         head_sparsity=args.head_sparsity,
+        head_unit=args.head_unit,
         solver=SolverConfig(**solver_kwargs),
         calibration=CalibrationConfig(args.calib, args.n_samples, args.seq_len, args.seed),
         allocation=args.allocation,

@@ -11,6 +11,7 @@ from .core.solver_config import SolverConfig
 
 ALLOCATIONS = ("auto", "uniform", "structprune", "global", "angular")
 TARGETS = ("mlp", "attn", "both")
+HEAD_UNITS = ("kv-group", "query")
 TOKEN_WEIGHTINGS = ("none", "residual")
 
 
@@ -36,7 +37,12 @@ class PruneConfig:
 
     sparsity:       fraction of MLP neurons removed, in [0, 1).
     target:         what is pruned: "mlp" neurons, "attn" heads (KV groups), or "both".
-    head_sparsity:  fraction of KV groups (with their query heads) removed per layer for "attn"/"both".
+    head_sparsity:  fraction of attention heads removed per layer for "attn"/"both", in units of
+                    ``head_unit``.
+    head_unit:      "kv-group": remove round(head_sparsity * n_kv) whole KV groups (their k/v heads
+                    and all query heads sharing them; shrinks the KV cache).  "query": remove
+                    round(head_sparsity * q_per_kv) query heads from every KV group, keeping every
+                    k/v head (finer steps on GQA models; the KV cache is unchanged).
     allocation:     how the neuron budget is split across layers: "auto" ("global" for method
                     "flap", "angular" for "cfsp", else "uniform"), "uniform" (same sparsity in every
                     layer), "structprune" (energy softmax, see spap.core.allocation), "global"
@@ -70,6 +76,7 @@ class PruneConfig:
     sparsity: float = 0.3
     target: str = "mlp"
     head_sparsity: float = 0.0
+    head_unit: str = "kv-group"
     solver: SolverConfig = field(default_factory=SolverConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     allocation: str = "auto"
@@ -90,6 +97,8 @@ class PruneConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         if not 0.0 <= self.head_sparsity < 1.0:
             raise ValueError(f"head_sparsity must be in [0, 1), got {self.head_sparsity!r}")
+        if self.head_unit not in HEAD_UNITS:
+            raise ValueError(f"unknown head_unit {self.head_unit!r}; choose one of {', '.join(HEAD_UNITS)}")
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.allocation not in ALLOCATIONS:

@@ -1,4 +1,5 @@
-"""Attention-head pruning of one decoder layer: remove whole KV groups, re-fit the output projection."""
+"""Attention-head pruning of one decoder layer: remove whole KV groups (or query heads within every KV
+group), re-fit the output projection."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from . import distributed
 from .adapters import ArchitectureAdapter
 from .config import PruneConfig
 from .core import MLPStatistics
-from .core.heads import column_groups, prune_kv_groups
+from .core.heads import column_groups, prune_kv_groups, prune_query_heads
 from .layerwise import LayerInputs, compute_copy, run_layer
 
 
@@ -17,9 +18,12 @@ def prune_layer_heads(
     model: nn.Module, adapter: ArchitectureAdapter, layer: nn.Module, index: int, inputs: LayerInputs,
     cfg: PruneConfig, device: torch.device, dtype: torch.dtype,
 ) -> tuple[list[int], float]:
-    """Remove round(head_sparsity * n_kv) KV groups of ``layer`` and re-fit its output projection."""
+    """Remove round(head_sparsity * n_kv) KV groups of ``layer`` (head_unit "kv-group") or
+    round(head_sparsity * n_heads / n_kv) query heads of every KV group ("query"), and re-fit its
+    output projection.  Returns (units kept, relative error of the attention output)."""
     n_heads, n_kv, head_dim = adapter.attention_shape(layer)
-    k = int(round(cfg.head_sparsity * n_kv))
+    by_query = cfg.head_unit == "query"
+    k = query_heads_to_prune(cfg.head_sparsity, n_heads, n_kv) if by_query else int(round(cfg.head_sparsity * n_kv))
     if k == 0:
         return list(range(n_kv)), 0.0
     o = adapter.attention_output_linear(layer)
@@ -38,15 +42,33 @@ def prune_layer_heads(
     finally:
         handle.remove()
     distributed.all_reduce_statistics(stats)
-    groups = column_groups(n_heads, n_kv, head_dim)
-    result = prune_kv_groups(w_o, b_o, stats, groups, k, cfg.solver) if distributed.rank() == 0 else None
-    keep = distributed.broadcast_object(result.keep_groups if result else None)
+    result = None
+    if distributed.rank() == 0:
+        if by_query:
+            result = prune_query_heads(w_o, b_o, stats, n_heads, n_kv, k, cfg.solver)
+        else:
+            result = prune_kv_groups(w_o, b_o, stats, column_groups(n_heads, n_kv, head_dim), k, cfg.solver)
+    keep = distributed.broadcast_object(result.kept if result else None)
     weights = distributed.broadcast_object((result.o_weight, result.o_bias) if result else None)
-    attributes = adapter.keep_kv_groups(layer, keep, weights[0], weights[1])
+    apply = adapter.keep_query_heads if by_query else adapter.keep_kv_groups
+    attributes = apply(layer, keep, weights[0], weights[1])
     if attributes:
         name = f"{adapter.layers_prefix(model)}.{index}.{_relative_name(layer, adapter.attention_module(layer))}"
         model.__dict__.setdefault("_spap_module_attributes", {})[name] = attributes
     return keep, result.error if result else float("nan")
+
+
+def query_heads_to_prune(head_sparsity: float, n_heads: int, n_kv: int) -> int:
+    """round(head_sparsity * query heads per KV group), refused where it removes none or all of them."""
+    per_group = n_heads // n_kv
+    k = int(round(head_sparsity * per_group))
+    if per_group == 1:
+        raise ValueError("head_unit 'query' needs grouped-query attention (several query heads per KV head); "
+                         "this model has one query head per KV head: use head_unit 'kv-group'")
+    if not 0 < k < per_group:
+        raise ValueError(f"head_sparsity {head_sparsity} removes {k} of the {per_group} query heads of each KV group; "
+                         f"choose a value in [{0.5 / per_group:.3f}, {1 - 0.5 / per_group:.3f})")
+    return k
 
 
 def _relative_name(root: nn.Module, target: nn.Module) -> str:

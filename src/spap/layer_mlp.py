@@ -38,6 +38,7 @@ class LayerReport:
     refit_last: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     kv_groups_kept: list[int] | None = None  # attention: KV groups kept (None: heads not pruned)
+    query_heads_kept: list[int] | None = None  # attention, head_unit "query": query heads kept
     heads_error: float | None = None  # relative error of the attention output after head pruning
 
 

@@ -17,7 +17,7 @@ from .config import PruneConfig
 from .core import NonFiniteStatisticsError
 from .core import allocation
 from .core.stats import sample_token_positions
-from .layer_heads import prune_layer_heads
+from .layer_heads import prune_layer_heads, query_heads_to_prune
 from .layer_mlp import LayerReport, prune_layer_mlp
 from .layerwise import capture_layer_inputs, compute_copy, run_layer
 from .probe import LayerProbe, allocate, probe_layers
@@ -105,6 +105,8 @@ def prune(
     layers = adapter.decoder_layers(model)
     widths = [adapter.mlp_width(layer) for layer in layers]
     params_before = count_parameters(model)
+    if cfg.prunes_heads and cfg.head_unit == "query":  # refuse a useless head_sparsity before any work
+        query_heads_to_prune(cfg.head_sparsity, *adapter.attention_shape(layers[0])[:2])
     was_training = model.training
     model.eval()
 
@@ -161,7 +163,11 @@ def prune(
             )
             dense_inputs = dense_outputs
             if head_report is not None:
-                report.kv_groups_kept, report.heads_error = head_report
+                kept_heads, report.heads_error = head_report
+                if cfg.head_unit == "query":
+                    report.query_heads_kept = kept_heads
+                else:
+                    report.kv_groups_kept = kept_heads
         except NonFiniteStatisticsError as exc:
             raise NonFiniteStatisticsError(f"layer {index}: {exc}") from exc
         release_host_memory()

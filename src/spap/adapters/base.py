@@ -90,20 +90,37 @@ class ArchitectureAdapter(ABC):
 
     def keep_kv_groups(self, layer: nn.Module, keep: list[int], o_weight: torch.Tensor, o_bias: torch.Tensor | None) -> dict[str, int]:
         """Keep only KV groups ``keep`` (rows of q/k/v, o_proj columns <- o_weight); returns module attributes set."""
-        n_heads, n_kv, head_dim = self.attention_shape(layer)
+        n_heads, n_kv, _ = self.attention_shape(layer)
         per_group = n_heads // n_kv
-        proj = self.attention_projections(layer)
         q_heads = [g * per_group + j for g in keep for j in range(per_group)]
+        return self._keep_heads(layer, q_heads, keep, o_weight, o_bias)
+
+    def keep_query_heads(self, layer: nn.Module, keep: list[int], o_weight: torch.Tensor, o_bias: torch.Tensor | None) -> dict[str, int]:
+        """Keep only query heads ``keep`` (rows of q, o_proj columns <- o_weight), every KV head; the
+        same number must remain in every KV group.  Returns module attributes set."""
+        n_heads, n_kv, _ = self.attention_shape(layer)
+        per_group = n_heads // n_kv
+        counts = {g: sum(1 for h in keep if h // per_group == g) for g in range(n_kv)}
+        if len(set(counts.values())) != 1 or 0 in counts.values():
+            raise ValueError(f"query heads {keep} leave unequal or empty KV groups: {counts}")
+        return self._keep_heads(layer, keep, list(range(n_kv)), o_weight, o_bias)
+
+    def _keep_heads(
+        self, layer: nn.Module, q_heads: list[int], kv_heads: list[int], o_weight: torch.Tensor, o_bias: torch.Tensor | None
+    ) -> dict[str, int]:
+        head_dim = self.attention_shape(layer)[2]
+        proj = self.attention_projections(layer)
 
         def rows(heads: list[int]) -> torch.Tensor:
             return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
 
-        q_rows, kv_rows = rows(q_heads), rows(keep)
+        q_rows, kv_rows = rows(q_heads), rows(kv_heads)
         for name, idx in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
             old = proj[name]
-            self._replace_linear(layer, old, old.weight.detach()[idx], None if old.bias is None else old.bias.detach()[idx])
+            if old.out_features != len(idx):
+                self._replace_linear(layer, old, old.weight.detach()[idx], None if old.bias is None else old.bias.detach()[idx])
         self._replace_linear(layer, proj["o"], o_weight, o_bias)
-        attributes = self.head_attributes(len(q_heads), len(keep))
+        attributes = self.head_attributes(len(q_heads), len(kv_heads))
         module = self.attention_module(layer)
         for key, value in attributes.items():
             setattr(module, key, value)

@@ -32,6 +32,10 @@ class LlamaAdapter(ArchitectureAdapter):
         a = layer.self_attn
         return a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim, a.head_dim
 
+    def head_attributes(self, n_heads: int, n_kv_heads: int) -> dict[str, int]:
+        # repeat_kv / SDPA's GQA path read it; query-head pruning changes it
+        return {"num_key_value_groups": n_heads // n_kv_heads}
+
     def head_config(self, n_heads: int, n_kv_heads: int, head_dim: int) -> dict[str, int]:
         # explicit head_dim: it no longer equals hidden_size / num_attention_heads
         return {"num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "head_dim": head_dim}

@@ -43,9 +43,26 @@ def neuron_scores(rule: str, down: Tensor, stats: MLPStatistics) -> Tensor:
     raise ValueError(f"unknown score rule {rule!r}; choose one of {', '.join(SCORE_RULES)}")
 
 
-def bottom_k(scores: Tensor, k: int) -> Tensor:
-    """Bool mask (m,) marking the k lowest scores (ties broken by index, deterministic)."""
+def bottom_k(scores: Tensor, k: int, blocks: Tensor | None = None) -> Tensor:
+    """Bool mask (m,) marking the k lowest scores (ties broken by index, deterministic); with
+    ``blocks`` (m,) of block ids, the k lowest within every block."""
     mask = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
-    if k > 0:
+    if k <= 0:
+        return mask
+    if blocks is None:
         mask[torch.sort(scores, stable=True).indices[:k]] = True
+        return mask
+    return first_k_per_block(torch.sort(scores, stable=True).indices, k, blocks)
+
+
+def first_k_per_block(order: Tensor, k: int, blocks: Tensor) -> Tensor:
+    """Bool mask (m,) marking, in every block, the first k units of ``order`` (a permutation of m)."""
+    blocks = blocks.to(order.device)
+    mask = torch.zeros(order.shape[0], dtype=torch.bool, device=order.device)
+    taken: dict[int, int] = {}
+    for unit in order.tolist():
+        block = int(blocks[unit])
+        if taken.get(block, 0) < k:
+            taken[block] = taken.get(block, 0) + 1
+            mask[unit] = True
     return mask

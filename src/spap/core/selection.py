@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .linalg import QuadraticLS
-from .scores import bottom_k
+from .scores import bottom_k, first_k_per_block
 from .solver_config import SolverConfig
 
 
@@ -80,11 +80,13 @@ def compensated_importance(
 
 
 def penalty_select(
-    problem: QuadraticLS, n_prune: int, cfg: SolverConfig, groups: Tensor | None = None
+    problem: QuadraticLS, n_prune: int, cfg: SolverConfig, groups: Tensor | None = None, blocks: Tensor | None = None
 ) -> tuple[Tensor, PenaltyTrace]:
     """Bool mask of the n_prune neurons (or groups, if ``groups`` maps columns to group ids) SPAP removes.
 
-    Callers pass the centred problem when the layer has a bias, so the intercept is never penalised.
+    With ``blocks`` (unit -> block id, e.g. query head -> KV group) n_prune units are removed from
+    every block (the top-k steps become top-k per block).  Callers pass the centred problem when
+    the layer has a bias, so the intercept is never penalised.
     """
     m = problem.gram.shape[0]
     n_units = m if groups is None else int(groups.max()) + 1
@@ -103,19 +105,23 @@ def penalty_select(
         penalty = rho * (s if column_group is None else s[column_group])
         importance, w = compensated_importance(problem, penalty, damping, cfg.score_exponent, groups)
         k_r = min(n_prune, max(1, round(n_prune * (r + 1) / ramp_rounds)))
-        s = (1 - cfg.momentum) * s + cfg.momentum * bottom_k(importance, k_r).double()
+        s = (1 - cfg.momentum) * s + cfg.momentum * bottom_k(importance, k_r, blocks).double()
         trace.objective.append(2 * problem.objective(w) / y_sq)
         trace.penalty.append(float((penalty * w.pow(2).sum(0)).sum()) / y_sq)
         trace.target_size.append(k_r)
         rho *= cfg.rho_growth
     by_importance = torch.sort(importance, stable=True).indices
     order = by_importance[torch.sort(-s[by_importance], stable=True).indices]
+    if blocks is not None:
+        return first_k_per_block(order, n_prune, blocks), trace
     mask = torch.zeros(n_units, dtype=torch.bool, device=s.device)
     mask[order[:n_prune]] = True
     return mask, trace
 
 
-def score_select(problem: QuadraticLS, n_prune: int, cfg: SolverConfig, groups: Tensor | None = None) -> Tensor:
-    """Ablation without the penalty loop: the k lowest importances of the unpenalised fit."""
+def score_select(
+    problem: QuadraticLS, n_prune: int, cfg: SolverConfig, groups: Tensor | None = None, blocks: Tensor | None = None
+) -> Tensor:
+    """Ablation without the penalty loop: the k lowest importances of the unpenalised fit (per block)."""
     importance, _ = compensated_importance(problem, None, cfg.damping * problem.mean_diag, cfg.score_exponent, groups)
-    return bottom_k(importance, n_prune)
+    return bottom_k(importance, n_prune, blocks)
