@@ -1,7 +1,8 @@
 """Speed and memory of dense vs pruned models at several MLP sparsities, measured in one run.
 
 Speed depends only on shapes, so pruned models are made by keeping the first (1 - s) * m neurons
-of every MLP (and, with --heads, dropping KV groups); no calibration needed.
+of every MLP (and, with --heads, dropping KV groups, or query heads inside every KV group with
+--head-unit query); no calibration needed.
 
     python benchmarks/speed.py                          # SmolLM2-135M on this machine
     python benchmarks/speed.py --shape llama3-8b        # LLaMA-3.1-8B shapes, random weights (GPU)
@@ -38,9 +39,12 @@ def kept_width(width: int, sparsity: float, multiple: int) -> int:
     return width - allocation.uniform([width], sparsity, multiple)[0]
 
 
-def shrink(model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0, multiple: int = 1) -> torch.nn.Module:
+def shrink(
+    model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0, multiple: int = 1, head_unit: str = "kv-group"
+) -> torch.nn.Module:
     from spap.adapters import get_adapter
-    from spap.core.heads import column_groups
+    from spap.core.heads import column_groups, query_head_columns
+    from spap.layer_heads import query_heads_to_prune
 
     pruned = copy.deepcopy(model)
     adapter = get_adapter(pruned)
@@ -50,10 +54,16 @@ def shrink(model: torch.nn.Module, sparsity: float, head_fraction: float = 0.0, 
         adapter.write_mlp(layer, w.select(torch.arange(keep)))
         if head_fraction:
             n_heads, n_kv, head_dim = adapter.attention_shape(layer)
-            keep = list(range(n_kv - int(round(head_fraction * n_kv))))
-            columns = torch.isin(column_groups(n_heads, n_kv, head_dim), torch.tensor(keep)).nonzero().flatten()
             o = adapter.attention_output_linear(layer)
-            adapter.keep_kv_groups(layer, keep, o.weight.detach()[:, columns], o.bias)
+            if head_unit == "query":  # the first heads of every KV group stay
+                per_group, k = n_heads // n_kv, query_heads_to_prune(head_fraction, n_heads, n_kv)
+                keep = [h for h in range(n_heads) if h % per_group < per_group - k]
+                columns = torch.isin(query_head_columns(n_heads, head_dim), torch.tensor(keep)).nonzero().flatten()
+                adapter.keep_query_heads(layer, keep, o.weight.detach()[:, columns], o.bias)
+            else:
+                keep = list(range(n_kv - int(round(head_fraction * n_kv))))
+                columns = torch.isin(column_groups(n_heads, n_kv, head_dim), torch.tensor(keep)).nonzero().flatten()
+                adapter.keep_kv_groups(layer, keep, o.weight.detach()[:, columns], o.bias)
     if head_fraction:  # the static KV cache is sized from the config
         n_heads, n_kv, head_dim = adapter.attention_shape(adapter.decoder_layers(pruned)[0])
         pruned.config.num_attention_heads, pruned.config.num_key_value_heads = n_heads, n_kv
@@ -68,7 +78,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--shape", choices=list(SHAPES), default=None)
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.5])
-    ap.add_argument("--heads", type=float, default=0.0, help="also remove this fraction of KV groups per layer")
+    ap.add_argument("--heads", type=float, default=0.0, help="also remove this fraction of heads per layer (--head-unit)")
+    ap.add_argument("--head-unit", default="kv-group", choices=["kv-group", "query"],
+                    help="kv-group: whole KV groups; query: query heads inside every KV group")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prefill-batch", type=int, default=4)
@@ -82,7 +94,7 @@ def main() -> None:
     settings = dict(prefill_batch=args.prefill_batch, prefill_len=args.prefill_len,
                     decode_batch=args.decode_batch, new_tokens=args.new_tokens)
     tag = args.shape or Path(args.model).name
-    suffix = "-heads" if args.heads else ""
+    suffix = ("-query-heads" if args.head_unit == "query" else "-heads") if args.heads else ""
     out = Path(args.out or f"results/speed-{tag}-{args.device.split(':')[0]}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     dense_model = build(args.shape, args.model, dtype, args.device)
@@ -91,10 +103,11 @@ def main() -> None:
             "width_multiple": args.width_multiple, "torch": torch.__version__, "graphs": args.device.startswith("cuda")}
     results = []
     for s in args.sparsities:
-        pruned = shrink(dense_model, s, args.heads, args.width_multiple)
+        pruned = shrink(dense_model, s, args.heads, args.width_multiple, args.head_unit)
         c = compare_results(dense, measure(pruned, **settings))
-        c.update(sparsity=s, heads=args.heads)
-        print(f"\n== MLP sparsity {s:.0%}" + (f", {args.heads:.0%} of KV groups" if args.heads else "") + " ==")
+        c.update(sparsity=s, heads=args.heads, head_unit=args.head_unit)
+        unit = "query heads per KV group" if args.head_unit == "query" else "KV groups"
+        print(f"\n== MLP sparsity {s:.0%}" + (f", {args.heads:.0%} of {unit}" if args.heads else "") + " ==")
         print(format_comparison(c), flush=True)
         results.append(c)
         del pruned

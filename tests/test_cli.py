@@ -74,6 +74,9 @@ def test_bad_input_fails_with_clear_message_and_no_output(tiny_checkpoint, tmp_p
     assert "not found" in capsys.readouterr().err
     assert main(["prune", str(tiny_checkpoint), "--out", str(out), "--calib", str(tmp_path / "nope.txt")]) == 2
     assert "not found" in capsys.readouterr().err
+    args = [str(tmp_path / "missing-model"), "--out", str(out), "--allocation", "structprune"]
+    assert main(["prune", *args, "--temperature", "0"]) == 2  # the config check runs before the model loads
+    assert "temperature must be > 0" in capsys.readouterr().err
     assert not out.exists()
 
 

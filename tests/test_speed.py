@@ -32,3 +32,17 @@ def test_pruned_model_reads_fewer_bytes_and_ratios_are_consistent():
 def test_eager_decode_latency_is_positive_and_finite():
     ms = decode_latency(tiny_model("llama"), batch=2, prompt_len=8, new_tokens=4, graphs=False)
     assert torch.isfinite(torch.tensor(ms)) and ms > 0
+
+
+def test_cache_keyword_is_the_name_the_forward_takes():
+    import inspect
+
+    from spap.evaluation.speed import cache_keyword
+
+    class OldForward(torch.nn.Module):  # transformers before the rename to ``cache``
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            return input_ids
+
+    assert cache_keyword(OldForward()) == "past_key_values"
+    model = tiny_model("llama")
+    assert cache_keyword(model) in inspect.signature(model.forward).parameters

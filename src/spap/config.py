@@ -107,6 +107,8 @@ class PruneConfig:
             raise ValueError("error_correction must be in [0, 1]")
         if self.token_weighting not in TOKEN_WEIGHTINGS:
             raise ValueError(f"unknown token_weighting {self.token_weighting!r}; choose one of {', '.join(TOKEN_WEIGHTINGS)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.angular_slope <= 0:
             raise ValueError(f"angular_slope must be > 0, got {self.angular_slope!r}")
         if self.batch_size < 1:

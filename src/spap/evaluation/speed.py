@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -110,11 +111,12 @@ def decode_latency(
     step = _compiled_step(model) if graphs else model.forward
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
+    with_cache = {cache_keyword(model): cache}
 
     def run(n: int) -> float:
         cache.reset()  # same tensors every run: the graph captured in the warm-up is replayed
         with autocast_for(model, dtype):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **with_cache)
             token = out.logits[:, -1:].argmax(-1)
             positions = torch.arange(prompt_len, prompt_len + n, device=device)
             _sync(device)
@@ -122,13 +124,19 @@ def decode_latency(
             for i in range(n):
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                out = step(input_ids=token, past_key_values=cache, cache_position=positions[i : i + 1], use_cache=True)
+                out = step(input_ids=token, cache_position=positions[i : i + 1], use_cache=True, **with_cache)
                 token = out.logits[:, -1:].argmax(-1)
             _sync(device)
         return (time.perf_counter() - t0) / n * 1000
 
     run(new_tokens)  # warm-up (compilation and graph capture on CUDA)
     return run(new_tokens)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward keyword for the KV cache: ``cache`` where transformers has renamed it (its old
+    name ``past_key_values`` is deprecated there, to be removed in 5.40), else ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def measure(
