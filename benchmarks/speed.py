@@ -44,7 +44,7 @@ def shrink(
 ) -> torch.nn.Module:
     from spap.adapters import get_adapter
     from spap.core.heads import column_groups, query_head_columns
-    from spap.layer_heads import query_heads_to_prune
+    from spap.layer_heads import heads_to_prune
 
     pruned = copy.deepcopy(model)
     adapter = get_adapter(pruned)
@@ -54,16 +54,17 @@ def shrink(
         adapter.write_mlp(layer, w.select(torch.arange(keep)))
         if head_fraction:
             n_heads, n_kv, head_dim = adapter.attention_shape(layer)
-            o = adapter.attention_output_linear(layer)
+            n_prune = heads_to_prune(head_unit, head_fraction, n_heads, n_kv)
             if head_unit == "query":  # the first heads of every KV group stay
-                per_group, k = n_heads // n_kv, query_heads_to_prune(head_fraction, n_heads, n_kv)
-                keep = [h for h in range(n_heads) if h % per_group < per_group - k]
-                columns = torch.isin(query_head_columns(n_heads, head_dim), torch.tensor(keep)).nonzero().flatten()
-                adapter.keep_query_heads(layer, keep, o.weight.detach()[:, columns], o.bias)
+                per_group = n_heads // n_kv
+                keep = [h for h in range(n_heads) if h % per_group < per_group - n_prune]
+                unit_of_column, apply = query_head_columns(n_heads, head_dim), adapter.keep_query_heads
             else:
-                keep = list(range(n_kv - int(round(head_fraction * n_kv))))
-                columns = torch.isin(column_groups(n_heads, n_kv, head_dim), torch.tensor(keep)).nonzero().flatten()
-                adapter.keep_kv_groups(layer, keep, o.weight.detach()[:, columns], o.bias)
+                keep = list(range(n_kv - n_prune))
+                unit_of_column, apply = column_groups(n_heads, n_kv, head_dim), adapter.keep_kv_groups
+            columns = torch.isin(unit_of_column, torch.tensor(keep)).nonzero().flatten()
+            o = adapter.attention_output_linear(layer)
+            apply(layer, keep, o.weight.detach()[:, columns], o.bias)
     if head_fraction:  # the static KV cache is sized from the config
         n_heads, n_kv, head_dim = adapter.attention_shape(adapter.decoder_layers(pruned)[0])
         pruned.config.num_attention_heads, pruned.config.num_key_value_heads = n_heads, n_kv

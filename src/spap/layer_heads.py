@@ -23,7 +23,7 @@ def prune_layer_heads(
     output projection.  Returns (units kept, relative error of the attention output)."""
     n_heads, n_kv, head_dim = adapter.attention_shape(layer)
     by_query = cfg.head_unit == "query"
-    k = query_heads_to_prune(cfg.head_sparsity, n_heads, n_kv) if by_query else int(round(cfg.head_sparsity * n_kv))
+    k = heads_to_prune(cfg.head_unit, cfg.head_sparsity, n_heads, n_kv)
     if k == 0:
         return list(range(n_kv)), 0.0
     o = adapter.attention_output_linear(layer)
@@ -56,6 +56,14 @@ def prune_layer_heads(
         name = f"{adapter.layers_prefix(model)}.{index}.{_relative_name(layer, adapter.attention_module(layer))}"
         model.__dict__.setdefault("_spap_module_attributes", {})[name] = attributes
     return keep, result.error if result else float("nan")
+
+
+def heads_to_prune(head_unit: str, head_sparsity: float, n_heads: int, n_kv: int) -> int:
+    """Units removed per layer: round(head_sparsity * n_kv) KV groups ("kv-group"), or query heads
+    per KV group ("query", see ``query_heads_to_prune``)."""
+    if head_unit == "query":
+        return query_heads_to_prune(head_sparsity, n_heads, n_kv)
+    return int(round(head_sparsity * n_kv))
 
 
 def query_heads_to_prune(head_sparsity: float, n_heads: int, n_kv: int) -> int:
