@@ -43,6 +43,20 @@ def test_sample_rows_are_the_requested_positions():
     torch.testing.assert_close(stats.sample_inputs(), x[pos])
 
 
+def test_float32_products_agree_with_float64_statistics():
+    g = torch.Generator().manual_seed(3)
+    z, y, w = torch.randn(3000, 40, generator=g), torch.randn(3000, 9, generator=g), torch.rand(3000, generator=g)
+    exact = QuadraticLS.from_data(z, y, w)
+    fast = QuadraticLS.from_data(z, y, w, product_dtype=torch.float32)
+    assert fast.gram.dtype == fast.cross.dtype == torch.float64
+    torch.testing.assert_close(fast.gram, exact.gram, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(fast.cross, exact.cross, rtol=1e-5, atol=1e-3)
+    assert fast.count == exact.count and float(fast.y_sq) == pytest.approx(float(exact.y_sq), rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the refit runs under autocast: products stay float32
+        under_autocast = QuadraticLS.from_data(z, y, w, product_dtype=torch.float32)
+    torch.testing.assert_close(under_autocast.gram, fast.gram)
+
+
 def test_closed_form_down_equals_lstsq():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(400, 15, generator=g, dtype=torch.float64)

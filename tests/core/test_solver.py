@@ -114,6 +114,22 @@ def test_alternating_refit_objective_is_non_increasing_and_improves():
     assert output_error(mlp, new, x) < output_error(mlp, start.weights, x)
 
 
+def test_armijo_returns_the_loss_of_its_weights_and_never_raises_it():
+    """The loss reported (reused from the accepted trial's forward pass) is the loss of the returned
+    weights, and a step from the closed form does not increase it."""
+    from spap.core.refit import _objective, armijo_descent
+
+    mlp = random_mlp(d=16, m=40, seed=9)
+    x = torch.randn(500, 16)
+    start = prune_mlp(mlp, stats_for(mlp, x), 16, SolverConfig(refit="ls")).weights
+    loss = lambda w: _objective(w, x, mlp(x), 1e-3, None)  # noqa: E731
+    new, lr, value = armijo_descent(start, ("up", "gate"), loss, steps=4, lr=None)
+    assert value == pytest.approx(float(loss(new)), rel=1e-6)
+    assert value < float(loss(start))
+    assert lr is not None and lr > 0
+    assert not new.up.requires_grad and new.down is start.down  # only the named fields moved
+
+
 def test_gradient_refit_decreases_objective():
     mlp = random_mlp(d=16, m=40, seed=8)
     x = torch.randn(600, 16)

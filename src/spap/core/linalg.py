@@ -40,15 +40,24 @@ class QuadraticLS:
         return problem if keep is None else problem.restrict(keep)
 
     @classmethod
-    def from_data(cls, z: Tensor, y: Tensor, weight: Tensor | None = None) -> "QuadraticLS":
-        """Statistics of rows z (n, m), y (n, d) with optional token weights (n,)."""
-        z, y = z.double(), y.double()
+    def from_data(
+        cls, z: Tensor, y: Tensor, weight: Tensor | None = None, product_dtype: torch.dtype = torch.float64
+    ) -> "QuadraticLS":
+        """Statistics of rows z (n, m), y (n, d) with optional token weights (n,), stored in float64.
+
+        ``product_dtype``: dtype of the products Z^T Z and Y^T Z (autocast off).  float32 is about
+        3x faster on CPUs and, with damping, accurate enough where the statistics only steer an
+        iteration (the refit's inner W_down) rather than give the final weights."""
+        z, y = z.to(product_dtype), y.to(product_dtype)
         if weight is None:
             wz, wy, mass = z, y, float(z.shape[0])
         else:
             w = weight.to(z)[:, None]
-            wz, wy, mass = z * w, y * w, float(w.sum())
-        return cls(wz.T @ z, wy.T @ z, wz.sum(0), wy.sum(0), (wy * y).sum(), mass)
+            wz, wy, mass = z * w, y * w, float(weight.double().sum())
+        with torch.autocast(z.device.type, enabled=False):
+            gram, cross = wz.T @ z, wy.T @ z
+        sums = (wz.sum(0, dtype=torch.float64), wy.sum(0, dtype=torch.float64), (wy.double() * y.double()).sum())
+        return cls(gram.double(), cross.double(), *sums, mass)
 
     def restrict(self, keep: Tensor) -> "QuadraticLS":
         keep = keep.to(self.gram.device)
