@@ -71,7 +71,7 @@ def armijo_descent(
     A step is accepted only if loss(new) <= loss(old) - 1e-4 * lr * ||grad||^2 (Armijo), so the loss
     never increases.  The first lr is 5% of ||params|| / ||grad||, which is scale-free.  Trial points
     are evaluated with autograd on, so the accepted one's graph gives the next gradient without
-    another forward pass.
+    another forward pass (``autograd.grad`` frees that graph, so one is held at a time, as before).
     """
 
     def evaluate(params: dict[str, Tensor]) -> Tensor:
@@ -97,6 +97,7 @@ def armijo_descent(
                 params, value, accepted = trial, trial_value, True
                 lr *= 2.0
                 break
+            del trial, trial_value  # free the rejected graph before the next trial (peak: one graph)
             lr *= 0.25
         if not accepted:
             break
