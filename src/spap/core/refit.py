@@ -7,8 +7,9 @@ Objective on inputs X (n, d) with dense targets Y (n, d) and fixed damping delta
 theta = (W_up, W_gate, b_up, b_gate), token weights w_n (default 1).  ``alternating_refit`` repeats
   1. (W, b) <- argmin F                         closed form (Cholesky; Z^T Z in float32, solve in float64);
   2. ``grad_steps`` gradient steps on theta     with Armijo backtracking (each step decreases F),
-so F is non-increasing round by round (up to the float32 rounding of Z^T Z, ~1e-6 relative).  ``gradient_refit`` is the ablation that updates all
-parameters together by plain (backtracking) gradient descent for the same number of evaluations.
+so F is non-increasing round by round (up to the float32 rounding of Z^T Z, ~1e-6 relative).
+``gradient_refit`` is the ablation that updates all parameters together by plain (backtracking)
+gradient descent for the same number of evaluations.
 """
 
 from __future__ import annotations
