@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -122,12 +124,42 @@ def test_armijo_returns_the_loss_of_its_weights_and_never_raises_it():
     mlp = random_mlp(d=16, m=40, seed=9)
     x = torch.randn(500, 16)
     start = prune_mlp(mlp, stats_for(mlp, x), 16, SolverConfig(refit="ls")).weights
-    loss = lambda w: _objective(w, x, mlp(x), 1e-3, None)  # noqa: E731
-    new, lr, value = armijo_descent(start, ("up", "gate"), loss, steps=4, lr=None)
-    assert value == pytest.approx(float(loss(new)), rel=1e-6)
-    assert value < float(loss(start))
+    loss = lambda w, z: _objective(w, z, mlp(x), 1e-3, None)  # noqa: E731
+    at = lambda w: float(loss(w, w.intermediate(x)))  # noqa: E731
+    new, lr, value, point = armijo_descent(start, ("up", "gate"), x, loss, steps=4, lr=None)
+    assert value == pytest.approx(at(new), rel=1e-6)
+    assert value < at(start)
     assert lr is not None and lr > 0
     assert not new.up.requires_grad and new.down is start.down  # only the named fields moved
+
+
+def test_armijo_resumed_from_its_last_point_equals_a_fresh_start_with_one_forward_less(monkeypatch):
+    """The point a call returns (z at its weights, graph unused) may start the next call after W_down
+    changed: same weights and loss as recomputing it, bit for bit, and one forward pass fewer."""
+    from spap.core.refit import _objective, armijo_descent
+
+    mlp = random_mlp(d=16, m=40, seed=10)
+    x = torch.randn(400, 16)
+    start = prune_mlp(mlp, stats_for(mlp, x), 16, SolverConfig(refit="ls")).weights
+    loss = lambda w, z: _objective(w, z, mlp(x), 1e-3, None)  # noqa: E731
+    first, lr, _, point = armijo_descent(start, ("up", "gate"), x, loss, steps=2, lr=None)
+    assert point is not None and torch.equal(point.z, first.intermediate(x))
+    moved = replace(first, down=1.1 * first.down)  # what the closed-form step does in between
+
+    calls = {"n": 0}
+    intermediate = MLPWeights.intermediate
+
+    def counted(self, inputs):
+        calls["n"] += 1
+        return intermediate(self, inputs)
+
+    monkeypatch.setattr(MLPWeights, "intermediate", counted)
+    resumed = armijo_descent(moved, ("up", "gate"), x, loss, steps=2, lr=lr, start=point)
+    resumed_calls, calls["n"] = calls["n"], 0
+    fresh = armijo_descent(moved, ("up", "gate"), x, loss, steps=2, lr=lr)
+    assert torch.equal(resumed[0].up, fresh[0].up) and torch.equal(resumed[0].gate, fresh[0].gate)
+    assert resumed[2] == fresh[2] and resumed[1] == fresh[1]
+    assert resumed_calls == calls["n"] - 1
 
 
 def test_gradient_refit_decreases_objective():

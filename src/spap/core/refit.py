@@ -8,13 +8,15 @@ theta = (W_up, W_gate, b_up, b_gate), token weights w_n (default 1).  ``alternat
   1. (W, b) <- argmin F                         closed form (Cholesky; Z^T Z in float32, solve in float64);
   2. ``grad_steps`` gradient steps on theta     with Armijo backtracking (each step decreases F),
 so F is non-increasing round by round (up to the float32 rounding of Z^T Z, ~1e-6 relative).
+Step 1 takes Z from the last accepted trial of step 2 and step 2 starts from that trial's graph, so a
+round computes Z only at trial points.
 ``gradient_refit`` is the ablation that updates all parameters together by plain (backtracking)
 gradient descent for the same number of evaluations.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -26,9 +28,12 @@ from .mlp import MLPWeights
 _THETA = ("up", "gate", "up_bias", "gate_bias")
 _ALL = _THETA + ("down", "down_bias")
 
+Loss = Callable[[MLPWeights, Tensor], Tensor]
+"""F(weights) given z = weights.intermediate(x) (n, m) on the refit inputs x."""
 
-def _objective(weights: MLPWeights, x: Tensor, y: Tensor, damping: float, token_weight: Tensor | None) -> Tensor:
-    r2 = (y - weights(x)).pow(2)
+
+def _objective(weights: MLPWeights, z: Tensor, y: Tensor, damping: float, token_weight: Tensor | None) -> Tensor:
+    r2 = (y - weights.output_from_intermediate(z)).pow(2)
     fit = r2.sum() if token_weight is None else (r2 * token_weight[:, None]).sum()
     return 0.5 * fit + 0.5 * damping * weights.down.pow(2).sum()
 
@@ -39,9 +44,7 @@ def _weighted_sq_sum(a: Tensor, token_weight: Tensor | None) -> Tensor:
     return sq.sum(0) if token_weight is None else (sq * token_weight[:, None]).sum(0)
 
 
-def _with_proximal(
-    loss: Callable[[MLPWeights], Tensor], start: MLPWeights, names: tuple[str, ...], strength: float, scale: float
-) -> Callable[[MLPWeights], Tensor]:
+def _with_proximal(loss: Loss, start: MLPWeights, names: tuple[str, ...], strength: float, scale: float) -> Loss:
     """loss + strength * scale * sum_p ||p - p_0||^2 / ||p_0||^2 over the fields ``names``.
 
     ``scale`` is the initial objective, so strength = 1 means a 10% relative move of every updated
@@ -52,69 +55,91 @@ def _with_proximal(
     anchors = {n: getattr(start, n).detach().clone() for n in names if getattr(start, n) is not None}
     norms = {n: float(a.pow(2).sum()) or 1.0 for n, a in anchors.items()}
 
-    def regularised(w: MLPWeights) -> Tensor:
+    def regularised(w: MLPWeights, z: Tensor) -> Tensor:
         prox = sum((getattr(w, n) - a).pow(2).sum() / norms[n] for n, a in anchors.items())
-        return loss(w) + strength * scale * prox
+        return loss(w, z) + strength * scale * prox
 
     return regularised
+
+
+@dataclass
+class Evaluated:
+    """A point whose gradient has not been taken yet: the trained fields as autograd leaves, z at
+    them (with its graph) and the loss there.  Handing it to the next ``armijo_descent`` call saves
+    that call's first forward pass; the W_down statistics in between can use ``z.detach()``."""
+
+    params: dict[str, Tensor]
+    z: Tensor
+    value: Tensor
 
 
 def armijo_descent(
     weights: MLPWeights,
     names: tuple[str, ...],
-    loss: Callable[[MLPWeights], Tensor],
+    x: Tensor,
+    loss: Loss,
     steps: int,
     lr: float | None,
-) -> tuple[MLPWeights, float | None, float]:
-    """``steps`` backtracking gradient steps on the fields ``names``; returns weights, the next lr and
-    the loss at the returned weights.
+    start: Evaluated | None = None,
+) -> tuple[MLPWeights, float | None, float, Evaluated | None]:
+    """``steps`` backtracking gradient steps on the fields ``names``; returns the weights, the next
+    lr, the loss at the returned weights and, if its graph is still unused, that point (else None).
 
     A step is accepted only if loss(new) <= loss(old) - 1e-4 * lr * ||grad||^2 (Armijo), so the loss
     never increases.  The first lr is 5% of ||params|| / ||grad||, which is scale-free.  Trial points
     are evaluated with autograd on, so the accepted one's graph gives the next gradient without
-    another forward pass (``autograd.grad`` frees that graph, so one is held at a time, as before).
+    another forward pass (``autograd.grad`` frees that graph, so one is held at a time).  ``start``
+    (the previous call's last point, same fields ``names``) replaces the forward pass at the start;
+    only fields outside ``names`` (W_down) may have changed since, as the loss is re-evaluated.
     """
 
-    def evaluate(params: dict[str, Tensor]) -> Tensor:
-        return loss(replace(weights, **params))
+    def evaluate(params: dict[str, Tensor], z: Tensor | None = None) -> Evaluated:
+        trial = replace(weights, **params)
+        z = trial.intermediate(x) if z is None else z
+        return Evaluated(params, z, loss(trial, z))
 
-    params = {n: getattr(weights, n).detach().requires_grad_(True) for n in names if getattr(weights, n) is not None}
-    value = evaluate(params)
+    if start is None:
+        leaves = {n: getattr(weights, n).detach().requires_grad_(True) for n in names if getattr(weights, n) is not None}
+        point = evaluate(leaves)
+    else:
+        point = evaluate(start.params, start.z)
+    fresh = True
     for _ in range(steps):
-        grads = torch.autograd.grad(value, list(params.values()))
+        grads = torch.autograd.grad(point.value, list(point.params.values()))
+        fresh = False
         gnorm2 = sum(float(g.pow(2).sum()) for g in grads)
         if gnorm2 == 0.0:
             break
         if lr is None:
-            pnorm = sum(float(p.detach().pow(2).sum()) for p in params.values()) ** 0.5
+            pnorm = sum(float(p.detach().pow(2).sum()) for p in point.params.values()) ** 0.5
             lr = 0.05 * pnorm / gnorm2**0.5
-        base = float(value.detach())
-        accepted = False
+        base = float(point.value.detach())
         for _ in range(30):
             with torch.no_grad():
-                trial = {n: (p - lr * g).requires_grad_(True) for (n, p), g in zip(params.items(), grads)}
-            trial_value = evaluate(trial)
-            if float(trial_value.detach()) <= base - 1e-4 * lr * gnorm2:
-                params, value, accepted = trial, trial_value, True
+                params = {n: (p - lr * g).requires_grad_(True) for (n, p), g in zip(point.params.items(), grads)}
+            trial = evaluate(params)
+            if float(trial.value.detach()) <= base - 1e-4 * lr * gnorm2:
+                point, fresh = trial, True
                 lr *= 2.0
                 break
-            del trial, trial_value  # free the rejected graph before the next trial (peak: one graph)
+            del params, trial  # free the rejected graph before the next trial (peak: one graph)
             lr *= 0.25
-        if not accepted:
+        if not fresh:
             break
-    final = replace(weights, **{n: p.detach() for n, p in params.items()})
-    return final, lr, float(value.detach())
+    final = replace(weights, **{n: p.detach() for n, p in point.params.items()})
+    return final, lr, float(point.value.detach()), point if fresh else None
 
 
 @torch.no_grad()
 def _refit_objective(
     weights: MLPWeights, x: Tensor, y: Tensor, damping_rel: float, proximal: float,
     token_weight: Tensor | None, names: tuple[str, ...],
-) -> tuple[float, Callable[[MLPWeights], Tensor], float]:
+) -> tuple[float, Loss, float]:
     """(delta, F with the proximal term on ``names``, 1/2 sum_n w_n ||y_n||^2) for a refit start."""
-    damping = damping_rel * float(_weighted_sq_sum(weights.intermediate(x), token_weight).mean())
-    base = lambda w: _objective(w, x, y, damping, token_weight)  # noqa: E731
-    loss = _with_proximal(base, weights, names, proximal, float(base(weights)))
+    z = weights.intermediate(x)
+    damping = damping_rel * float(_weighted_sq_sum(z, token_weight).mean())
+    base = lambda w, z: _objective(w, z, y, damping, token_weight)  # noqa: E731
+    loss = _with_proximal(base, weights, names, proximal, float(base(weights, z)))
     return damping, loss, 0.5 * float(_weighted_sq_sum(y, token_weight).sum()) or 1.0
 
 
@@ -137,14 +162,16 @@ def alternating_refit(
     """
     damping, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _THETA)
     history: list[float] = []
-    lr = None
+    lr, point = None, None
     for _ in range(rounds):
-        with torch.no_grad():
-            problem = QuadraticLS.from_data(weights.intermediate(x), y, token_weight, product_dtype=torch.float32)
+        with torch.no_grad():  # z of the last accepted step, if any, is z at the current W_up/W_gate
+            z = weights.intermediate(x) if point is None else point.z.detach()
+            problem = QuadraticLS.from_data(z, y, token_weight, product_dtype=torch.float32)
+            del z
             w, b = problem.solve(damping, fit_bias=fit_bias)
             bias = b.to(x) if fit_bias else weights.down_bias
             weights = replace(weights, down=w.to(x), down_bias=bias)
-        weights, lr, value = armijo_descent(weights, _THETA, loss, grad_steps, lr)
+        weights, lr, value, point = armijo_descent(weights, _THETA, x, loss, grad_steps, lr, point)
         history.append(value / y_half)
     return weights, history
 
@@ -156,8 +183,8 @@ def gradient_refit(
     """Ablation: plain backtracking gradient descent on all MLP weights, rounds * (grad_steps + 1) steps."""
     _, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _ALL)
     history: list[float] = []
-    lr = None
+    lr, point = None, None
     for _ in range(rounds):
-        weights, lr, value = armijo_descent(weights, _ALL, loss, grad_steps + 1, lr)
+        weights, lr, value, point = armijo_descent(weights, _ALL, x, loss, grad_steps + 1, lr, point)
         history.append(value / y_half)
     return weights, history
