@@ -64,12 +64,13 @@ def _with_proximal(loss: Loss, start: MLPWeights, names: tuple[str, ...], streng
 
 @dataclass
 class Evaluated:
-    """A point whose gradient has not been taken yet: the trained fields as autograd leaves, z at
-    them (with its graph) and the loss there.  Handing it to the next ``armijo_descent`` call saves
-    that call's first forward pass; the W_down statistics in between can use ``z.detach()``."""
+    """A point of the descent: the trained fields as autograd leaves, z at them (with its graph) and
+    the loss there.  ``armijo_descent`` returns its last point only while that graph is unused; handed
+    to the next call it saves that call's first forward pass, and the W_down statistics in between
+    can use ``z.detach()``."""
 
     params: dict[str, Tensor]
-    z: Tensor
+    z: Tensor | None  # None once the gradient at this point has been taken
     value: Tensor
 
 
@@ -89,24 +90,26 @@ def armijo_descent(
     never increases.  The first lr is 5% of ||params|| / ||grad||, which is scale-free.  Trial points
     are evaluated with autograd on, so the accepted one's graph gives the next gradient without
     another forward pass (``autograd.grad`` frees that graph, so one is held at a time).  ``start``
-    (the previous call's last point, same fields ``names``) replaces the forward pass at the start;
-    only fields outside ``names`` (W_down) may have changed since, as the loss is re-evaluated.
+    (the previous call's last point, same fields ``names``) replaces the forward pass at the start
+    and is consumed; only fields outside ``names`` (W_down) may have changed since, as the loss is
+    re-evaluated.
     """
 
-    def evaluate(params: dict[str, Tensor], z: Tensor | None = None) -> Evaluated:
+    def evaluate(params: dict[str, Tensor]) -> Evaluated:
         trial = replace(weights, **params)
-        z = trial.intermediate(x) if z is None else z
+        z = trial.intermediate(x)
         return Evaluated(params, z, loss(trial, z))
 
     if start is None:
         leaves = {n: getattr(weights, n).detach().requires_grad_(True) for n in names if getattr(weights, n) is not None}
         point = evaluate(leaves)
-    else:
-        point = evaluate(start.params, start.z)
+    else:  # consume ``start``: its z is released below, and the loss is re-evaluated at the new W_down
+        point = start
+        point.value = loss(replace(weights, **point.params), point.z)
     fresh = True
     for _ in range(steps):
         grads = torch.autograd.grad(point.value, list(point.params.values()))
-        fresh = False
+        point.z, fresh = None, False  # the graph is spent; only an unused point keeps z (memory)
         gnorm2 = sum(float(g.pow(2).sum()) for g in grads)
         if gnorm2 == 0.0:
             break
