@@ -77,7 +77,33 @@ def resolve_model(name_or_path: str | None) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
         raise FileNotFoundError(f"model path not found: {name}")
-    return name  # a hub id: works when online or already cached
+    check_hub_model(name)
+    return name  # a hub id: cached, or on the reachable hub
+
+
+def check_hub_model(name: str) -> None:
+    """Fail at once for a name that is no local path and no hub model ``from_pretrained`` could get.
+
+    Without this, a mistyped local directory offline costs ~50 s of download retries before the error.
+    A model in the local hub cache passes without network access; otherwise one metadata request
+    (no retries) asks the hub whether the repository exists.
+    """
+    from huggingface_hub import repo_exists, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    problem = f"model {name!r}: no such local path, and not in the Hugging Face cache"
+    advice = "pass a local checkpoint directory, a .gguf file, or omit MODEL for the offline default (SmolLM2-135M)"
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except HFValidationError:
+        raise FileNotFoundError(f"model path not found: {name}") from None
+    try:
+        exists = repo_exists(name)
+    except Exception as exc:  # offline mode, DNS failure, refused connection, timeout, server error
+        raise FileNotFoundError(f"{problem}; the hub could not be asked for it ({exc}); {advice}") from None
+    if not exists:
+        raise FileNotFoundError(f"{problem}; the hub has no such model (or it is private: `hf auth login`); {advice}")
 
 
 def load_model(name_or_path: str | None = None, dtype: str = "float32", device: str = "cpu") -> tuple[Any, Any, str]:
