@@ -134,10 +134,12 @@ def run_isolated(job: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, A
 
 
 def capture_dense(
-    model: Any, adapter: Any, ids: Any, layer_ids: list[int], outputs: bool = False, batch_size: int = 4
+    model: Any, adapter: Any, ids: Any, layer_ids: list[int], outputs: bool = False, batch_size: int = 4,
+    dtype: Any = None,
 ) -> tuple[dict[int, Any], dict[int, Any]]:
-    """MLP inputs x (N, d) of the dense model at ``layer_ids`` (bf16 autocast forwards, float32 on
-    CPU) and, with ``outputs``, the layers' output hidden states h (N, d); else an empty dict."""
+    """MLP inputs x (N, d) of the dense model at ``layer_ids`` (autocast forwards in ``dtype``, default
+    bf16; stored float32 on the CPU) and, with ``outputs``, the layers' output hidden states h (N, d);
+    else an empty dict."""
     import torch
 
     layers = adapter.decoder_layers(model)
@@ -151,7 +153,8 @@ def capture_dense(
             handles.append(layers[i].register_forward_hook(
                 lambda _m, _a, o, i=i: hs[i].append((o[0] if isinstance(o, tuple) else o).flatten(0, -2).float().cpu())))
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dtype = torch.bfloat16 if dtype is None else dtype
+        with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             for s in range(0, ids.shape[0], batch_size):
                 model(input_ids=ids[s : s + batch_size], use_cache=False)
     finally:

@@ -9,7 +9,9 @@ predate the refit safeguard: add "refit_safeguard": false to repeat them) plus o
 | "capC" (1 / min(mean h^2, C x median), the residual weighting with the top clipped), and
 "sample_first": true (the refit sample also holds every window's first token), "metric": ridge (the
 whole solve in the coordinates of the layer output's empirical Fisher, see fisher_metric.py) or
-"metric_refit": ridge (plain selection and closed form, only the refit in Fisher coordinates).
+"metric_refit": ridge (plain selection and closed form, only the refit in Fisher coordinates), "input_noise":
+sigma (the refit's gradient steps on rows x + sigma rms(x) eps, targets the dense MLP there).
+``--compute-dtype float32`` captures and refits in float32 (for CPUs without native bf16).
 ``--fisher-ids FILE.pt`` takes the Fisher on other token ids (e.g. sample_text.py's: the true Fisher).
 The ``--ppl-file`` may be any text (``bundled-heldout``: the calibration domain; sample_text.py's
 samples); the dense model's perplexity on it is the first row.
@@ -69,8 +71,19 @@ def token_weights(mode: str, h: torch.Tensor) -> torch.Tensor | None:
     raise ValueError(f"unknown weighting {mode!r}")
 
 
+def with_input_noise(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
+    """x_n + sigma * rms(x_n) * eps_n, eps ~ N(0, I): refit rows that also probe the MLP's response
+    around each calibration input (its Jacobian), as upstream pruning error perturbs the inputs."""
+    if sigma == 0:
+        return x
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.randn(x.shape, generator=gen, dtype=torch.float32)
+    return x + sigma * x.float().pow(2).mean(-1, keepdim=True).sqrt() * eps
+
+
 def solve(dense: MLPWeights, x: torch.Tensor, w: torch.Tensor | None, k: int, cfg: SolverConfig,
-          positions: torch.Tensor | None, metric: OutputMetric | None, metric_refit_only: bool) -> MLPPruneResult:
+          positions: torch.Tensor | None, metric: OutputMetric | None, metric_refit_only: bool,
+          noise: float = 0.0, refit_dtype: torch.dtype = torch.bfloat16) -> MLPPruneResult:
     """Prune one MLP as the pipeline does (solve, then W_down on all tokens).  ``metric``: solve in
     Fisher coordinates; with ``metric_refit_only`` select and fit the closed form in plain coordinates
     and run only the alternating refit in Fisher coordinates (no safeguard)."""
@@ -84,12 +97,13 @@ def solve(dense: MLPWeights, x: torch.Tensor, w: torch.Tensor | None, k: int, cf
             target, x_s, w_s = metric.to_metric(dense), stats.sample_inputs(), stats.sample_weights()
             with torch.no_grad():
                 y_s = target(x_s)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=refit_dtype, enabled=refit_dtype != torch.float32):
                 new, history = alternating_refit(metric.to_metric(res.weights), x_s, y_s, cfg.refit_rounds,
                                                  cfg.refit_grad_steps, cfg.damping, fit_bias, cfg.refit_proximal, w_s)
             res = replace(res, weights=new, refit_history=history, needs_final_ls=True)
     else:
-        res = prune_mlp(target, stats, k, cfg, stats.sample_inputs(), torch.bfloat16, None, stats.sample_weights())
+        x_s = with_input_noise(stats.sample_inputs(), noise) if cfg.needs_sample else None
+        res = prune_mlp(target, stats, k, cfg, x_s, refit_dtype, None, stats.sample_weights())
     if res.needs_final_ls:  # as the pipeline: W_down re-fit on all tokens
         final = MLPStatistics(res.weights.width, dense.hidden_size, "cpu")
         final.update(x, res.weights, target, weight=w)
@@ -133,6 +147,8 @@ def main() -> None:
     ap.add_argument("--out", default="results/layer-swap.json")
     ap.add_argument("--eval-dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="perplexity matmul dtype; bfloat16 also reports agg16/tokrel16 (layer error in it)")
+    ap.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="matmul dtype of the dense capture and the refit (float32 where the CPU lacks bf16)")
     ap.add_argument("--fisher-cache", default=None, help="load/save the layers' Fisher matrices here (.pt)")
     ap.add_argument("--fisher-ids", default=None, help="token ids (n, seq_len) .pt to compute the Fisher on "
                     "instead of the calibration windows, e.g. text sampled from the dense model (true Fisher)")
@@ -151,8 +167,9 @@ def main() -> None:
     eval_ids = text_ids[: min(8, windows) * 2048].view(-1, 2048)  # layer metrics on <= 8 windows of 2048
     nll_ids = text_ids[: windows * 2048].view(windows, 2048)  # the ppl@2048 windows
     calib = calibration_tokens(tok, CalibrationConfig())
-    xs, hs = capture_dense(model, adapter, calib, args.layers, outputs=True)
-    wx, wh = capture_dense(model, adapter, eval_ids, args.layers, outputs=True)
+    compute = getattr(torch, args.compute_dtype)
+    xs, hs = capture_dense(model, adapter, calib, args.layers, outputs=True, dtype=compute)
+    wx, wh = capture_dense(model, adapter, eval_ids, args.layers, outputs=True, dtype=compute)
     uses_metric = any({"metric", "metric_refit"} & json.loads(v).keys() for v in args.variants)
     fisher_ids = torch.load(args.fisher_ids) if args.fisher_ids else calib
     fisher = fisher_for(model, adapter, fisher_ids, args) if uses_metric else None
@@ -172,6 +189,7 @@ def main() -> None:
         overrides = json.loads(spec)
         mode = overrides.pop("weighting", "none")
         sample_first = overrides.pop("sample_first", False)
+        noise = overrides.pop("input_noise", 0.0)
         metric_refit_only = "metric_refit" in overrides
         ridge = overrides.pop("metric_refit" if metric_refit_only else "metric", None)
         cfg = SolverConfig(**overrides)
@@ -182,7 +200,7 @@ def main() -> None:
             if pos is not None and sample_first:
                 pos = torch.cat([pos, torch.arange(0, x.shape[0], calib.shape[1])]).unique()  # sorted
             metric = None if ridge is None else OutputMetric.from_fisher(fisher[i], ridge)
-            res = solve(d, x, w, int(round(args.sparsity * d.width)), cfg, pos, metric, metric_refit_only)
+            res = solve(d, x, w, int(round(args.sparsity * d.width)), cfg, pos, metric, metric_refit_only, noise, compute)
             adapter.write_mlp(layers[i], res.weights)
             with torch.no_grad():
                 y = d(wx[i])
