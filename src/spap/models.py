@@ -75,8 +75,6 @@ def resolve_model(name_or_path: str | None) -> str:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
         return str(path)
-    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
-        raise FileNotFoundError(f"model path not found: {name}")
     check_hub_model(name)
     return name  # a hub id: cached, or on the reachable hub
 
@@ -85,19 +83,22 @@ def check_hub_model(name: str) -> None:
     """Fail at once for a name that is no local path and no hub model ``from_pretrained`` could get.
 
     Without this, a mistyped local directory offline costs ~50 s of download retries before the error.
-    A model in the local hub cache passes without network access; otherwise one metadata request
-    (no retries) asks the hub whether the repository exists.
+    A name that cannot be a repository id (``./dir``, ``/abs``, ``a/b/c``) is a missing path. A model
+    in the local hub cache passes without network access; otherwise one metadata request (no
+    retries) asks the hub whether the repository exists.
     """
     from huggingface_hub import repo_exists, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
-    problem = f"model {name!r}: no such local path, and not in the Hugging Face cache"
-    advice = "pass a local checkpoint directory, a .gguf file, or omit MODEL for the offline default (SmolLM2-135M)"
     try:
-        if isinstance(try_to_load_from_cache(name, "config.json"), str):
-            return
+        validate_repo_id(name)
     except HFValidationError:
         raise FileNotFoundError(f"model path not found: {name}") from None
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    problem = f"model {name!r}: no such local path, and not in the Hugging Face cache"
+    advice = "pass a local checkpoint directory, a .gguf file, or omit MODEL for the offline default (SmolLM2-135M)"
     try:
         exists = repo_exists(name)
     except Exception as exc:  # offline mode, DNS failure, refused connection, timeout, server error
