@@ -10,7 +10,7 @@ predate the refit safeguard: add "refit_safeguard": false to repeat them) plus o
 "sample_first": true (the refit sample also holds every window's first token), "metric": ridge (the
 whole solve in the coordinates of the layer output's empirical Fisher, see fisher_metric.py) or
 "metric_refit": ridge (plain selection and closed form, only the refit in Fisher coordinates), "input_noise":
-sigma (the refit's gradient steps on rows x + sigma rms(x) eps, targets the dense MLP there).
+sigma (= SolverConfig.refit_input_noise: the refit on rows x + sigma rms(x) eps, dense targets there).
 ``--compute-dtype float32`` captures and refits in float32 (for CPUs without native bf16).
 ``--fisher-ids FILE.pt`` takes the Fisher on other token ids (e.g. sample_text.py's: the true Fisher).
 The ``--ppl-file`` may be any text (``bundled-heldout``: the calibration domain; sample_text.py's
@@ -50,7 +50,7 @@ from spap.adapters import get_adapter  # noqa: E402
 from spap.calibration import calibration_tokens, load_text, tokenize  # noqa: E402
 from spap.config import CalibrationConfig  # noqa: E402
 from spap.core import MLPStatistics, MLPWeights, SolverConfig, prune_mlp  # noqa: E402
-from spap.core.refit import alternating_refit  # noqa: E402
+from spap.core.refit import alternating_refit, perturbed_rows  # noqa: E402
 from spap.core.solver import MLPPruneResult, finalize_down, resolve_fit_bias  # noqa: E402
 from spap.core.stats import sample_token_positions  # noqa: E402
 from spap.evaluation.perplexity import perplexity  # noqa: E402
@@ -71,19 +71,9 @@ def token_weights(mode: str, h: torch.Tensor) -> torch.Tensor | None:
     raise ValueError(f"unknown weighting {mode!r}")
 
 
-def with_input_noise(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
-    """x_n + sigma * rms(x_n) * eps_n, eps ~ N(0, I): refit rows that also probe the MLP's response
-    around each calibration input (its Jacobian), as upstream pruning error perturbs the inputs."""
-    if sigma == 0:
-        return x
-    gen = torch.Generator().manual_seed(seed)
-    eps = torch.randn(x.shape, generator=gen, dtype=torch.float32)
-    return x + sigma * x.float().pow(2).mean(-1, keepdim=True).sqrt() * eps
-
-
 def solve(dense: MLPWeights, x: torch.Tensor, w: torch.Tensor | None, k: int, cfg: SolverConfig,
           positions: torch.Tensor | None, metric: OutputMetric | None, metric_refit_only: bool,
-          noise: float = 0.0, refit_dtype: torch.dtype = torch.bfloat16) -> MLPPruneResult:
+          refit_dtype: torch.dtype = torch.bfloat16) -> MLPPruneResult:
     """Prune one MLP as the pipeline does (solve, then W_down on all tokens).  ``metric``: solve in
     Fisher coordinates; with ``metric_refit_only`` select and fit the closed form in plain coordinates
     and run only the alternating refit in Fisher coordinates (no safeguard)."""
@@ -94,7 +84,8 @@ def solve(dense: MLPWeights, x: torch.Tensor, w: torch.Tensor | None, k: int, cf
     if metric is not None and metric_refit_only:
         res = prune_mlp(target, stats, k, replace(cfg, refit="ls"))
         if cfg.needs_sample:
-            target, x_s, w_s = metric.to_metric(dense), stats.sample_inputs(), stats.sample_weights()
+            x_s = perturbed_rows(stats.sample_inputs(), cfg.refit_input_noise)
+            target, w_s = metric.to_metric(dense), stats.sample_weights()
             with torch.no_grad():
                 y_s = target(x_s)
             with torch.autocast("cpu", dtype=refit_dtype, enabled=refit_dtype != torch.float32):
@@ -102,7 +93,7 @@ def solve(dense: MLPWeights, x: torch.Tensor, w: torch.Tensor | None, k: int, cf
                                                  cfg.refit_grad_steps, cfg.damping, fit_bias, cfg.refit_proximal, w_s)
             res = replace(res, weights=new, refit_history=history, needs_final_ls=True)
     else:
-        x_s = with_input_noise(stats.sample_inputs(), noise) if cfg.needs_sample else None
+        x_s = stats.sample_inputs() if cfg.needs_sample else None  # perturbed in prune_mlp (refit_input_noise)
         res = prune_mlp(target, stats, k, cfg, x_s, refit_dtype, None, stats.sample_weights())
     if res.needs_final_ls:  # as the pipeline: W_down re-fit on all tokens
         final = MLPStatistics(res.weights.width, dense.hidden_size, "cpu")
@@ -189,7 +180,8 @@ def main() -> None:
         overrides = json.loads(spec)
         mode = overrides.pop("weighting", "none")
         sample_first = overrides.pop("sample_first", False)
-        noise = overrides.pop("input_noise", 0.0)
+        if "input_noise" in overrides:  # the name of earlier results' rows
+            overrides["refit_input_noise"] = overrides.pop("input_noise")
         metric_refit_only = "metric_refit" in overrides
         ridge = overrides.pop("metric_refit" if metric_refit_only else "metric", None)
         cfg = SolverConfig(**overrides)
@@ -200,7 +192,7 @@ def main() -> None:
             if pos is not None and sample_first:
                 pos = torch.cat([pos, torch.arange(0, x.shape[0], calib.shape[1])]).unique()  # sorted
             metric = None if ridge is None else OutputMetric.from_fisher(fisher[i], ridge)
-            res = solve(d, x, w, int(round(args.sparsity * d.width)), cfg, pos, metric, metric_refit_only, noise, compute)
+            res = solve(d, x, w, int(round(args.sparsity * d.width)), cfg, pos, metric, metric_refit_only, compute)
             adapter.write_mlp(layers[i], res.weights)
             with torch.no_grad():
                 y = d(wx[i])

@@ -100,9 +100,10 @@ def test_self_generated_calibration_is_saved_and_reuse_reproduces_the_pruning(ti
 def test_solver_flags_reach_the_config():
     from spap.cli import _config_from_args, build_parser
 
-    args = build_parser().parse_args(["prune", "--out", "x", "--no-refit-safeguard", "--refit-proximal", "0.5"])
+    args = build_parser().parse_args(["prune", "--out", "x", "--no-refit-safeguard", "--refit-proximal", "0.5",
+                                      "--refit-input-noise", "0.3"])
     solver = _config_from_args(args).solver
-    assert solver.refit_safeguard is False and solver.refit_proximal == 0.5
+    assert solver.refit_safeguard is False and solver.refit_proximal == 0.5 and solver.refit_input_noise == 0.3
     assert _config_from_args(build_parser().parse_args(["prune", "--out", "x"])).solver.refit_safeguard is True
 
 

@@ -32,6 +32,7 @@ _SOLVER_HELP = {
     "refit_grad_steps": "gradient steps on W_up/W_gate per round",
     "refit_tokens": "calibration tokens used by the refit",
     "refit_proximal": "trust-region strength of the refit (0: off)",
+    "refit_input_noise": "sigma: refit on inputs x + sigma rms(x) eps, dense targets there (0: off)",
 }
 
 

@@ -12,6 +12,8 @@ Step 1 takes Z from the last accepted trial of step 2 and step 2 starts from tha
 round computes Z only at trial points.
 ``gradient_refit`` is the ablation that updates all parameters together by plain (backtracking)
 gradient descent for the same number of evaluations.
+``perturbed_rows`` makes the refit inputs x_n + sigma rms(x_n) eps_n (targets: the dense MLP there),
+so the refit also matches the dense MLP's response to small changes of its input.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ _ALL = _THETA + ("down", "down_bias")
 
 Loss = Callable[[MLPWeights, Tensor], Tensor]
 """F(weights) given z = weights.intermediate(x) (n, m) on the refit inputs x."""
+
+
+def perturbed_rows(x: Tensor, sigma: float, seed: int = 0) -> Tensor:
+    """x_n + sigma * rms(x_n) * eps_n with eps ~ N(0, I) (n, d), drawn on the CPU from ``seed`` (the
+    same rows on every device); sigma = 0 returns ``x`` itself.  For small sigma, fitting targets
+    dense(x_n + ...) adds ~sigma^2 rms(x_n)^2 ||J_dense(x_n) - J_pruned(x_n)||_F^2 to each row's error."""
+    if sigma == 0:
+        return x
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return x + sigma * x.float().pow(2).mean(-1, keepdim=True).sqrt() * eps.to(x.device)
 
 
 def _objective(weights: MLPWeights, z: Tensor, y: Tensor, damping: float, token_weight: Tensor | None) -> Tensor:

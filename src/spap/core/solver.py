@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .linalg import QuadraticLS
 from .mlp import MLPWeights
-from .refit import alternating_refit, gradient_refit
+from .refit import alternating_refit, gradient_refit, perturbed_rows
 from .scores import bottom_k, neuron_scores
 from .selection import penalty_select, score_select
 from .solver_config import SolverConfig
@@ -123,6 +123,7 @@ def prune_mlp(
             raise ValueError(f"refit {rule!r} needs stored calibration inputs (sample_x)")
         t0 = time.perf_counter()
         x = sample_x.to(weights.up.device, torch.float32)  # rows are kept on the host; solve where W is
+        x = perturbed_rows(x, cfg.refit_input_noise)  # targets below: the dense MLP at the same rows
         token_weight = None if sample_weight is None else sample_weight.to(x.device, torch.float32)
         with torch.no_grad():
             y = weights(x) if sample_offset is None else weights(x) + sample_offset.to(x.device, torch.float32)

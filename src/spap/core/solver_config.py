@@ -41,6 +41,9 @@ class SolverConfig:
     refit_tokens:    calibration tokens (random subset) used by the refit.
     refit_proximal:  trust-region strength keeping refit weights near the closed-form start
                      (relative units, see spap.core.refit; 0 disables).
+    refit_input_noise: sigma >= 0: the refit fits on inputs x + sigma rms(x) eps, eps ~ N(0, I), with
+                     the dense MLP's outputs there as targets (one seeded draw per sample row;
+                     selection and the final closed-form W_down use the clean tokens; 0 disables).
     refit_safeguard: keep the refit only if, after the final closed-form W_down, it lowers the
                      objective on *all* calibration tokens (the refit is monotone on its token
                      sample only); otherwise fall back to the closed-form weights.
@@ -61,6 +64,7 @@ class SolverConfig:
     refit_grad_steps: int = 3
     refit_tokens: int = 8192
     refit_proximal: float = 0.0
+    refit_input_noise: float = 0.0
     refit_safeguard: bool = True
     fit_bias: str = "auto"
 
@@ -79,6 +83,8 @@ class SolverConfig:
             raise ValueError("ramp must be in (0, 1]")
         if self.rho_growth < 1 or self.rho_init < 0 or self.damping < 0:
             raise ValueError("need rho_growth >= 1, rho_init >= 0, damping >= 0")
+        if not self.refit_input_noise >= 0:  # also rejects NaN
+            raise ValueError(f"refit_input_noise must be >= 0, got {self.refit_input_noise}")
 
     @property
     def selection_rule(self) -> str:
