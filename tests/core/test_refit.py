@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spap.core import MLPStatistics, MLPWeights, SolverConfig, prune_mlp
+from spap.core import MLPWeights, SolverConfig, prune_mlp
 from spap.core.refit import perturbed_rows
 
 from .test_linalg_stats import random_mlp
+from .test_solver import output_error as relative_error
+from .test_solver import stats_for
 
 
 def nearly_low_rank_inputs(n: int, d: int, rank: int, seed: int) -> torch.Tensor:
@@ -17,15 +19,9 @@ def nearly_low_rank_inputs(n: int, d: int, rank: int, seed: int) -> torch.Tensor
 
 
 def refit(mlp: MLPWeights, x: torch.Tensor, sigma: float, sample_x: torch.Tensor | None = None) -> MLPWeights:
-    stats = MLPStatistics(mlp.width, mlp.hidden_size, sample_positions=torch.arange(x.shape[0]))
-    stats.update(x, mlp)
+    stats = stats_for(mlp, x, sample=x.shape[0])
     cfg = SolverConfig(refit_input_noise=sigma, refit_rounds=6)
     return prune_mlp(mlp, stats, 16, cfg, stats.sample_inputs() if sample_x is None else sample_x).weights
-
-
-def relative_error(dense: MLPWeights, pruned: MLPWeights, x: torch.Tensor) -> float:
-    y = dense(x)
-    return float((y - pruned(x)).pow(2).sum() / y.pow(2).sum())
 
 
 def test_perturbed_rows_are_seeded_and_scaled_by_each_rows_rms():
