@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import platform
 import time
 from pathlib import Path
@@ -126,10 +127,31 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: on Linux, have the kernel send SIGTERM to this worker when its parent dies.
+
+    A killed benchmark (SIGTERM or SIGKILL) runs no cleanup, so without this its row process goes
+    on pruning for up to an hour, holding the cores that the next run measures its time on."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:  # not glibc
+        return
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def run_isolated(job: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, Any]] = _run) -> dict[str, Any]:
-    """``fn(job)`` in a fresh process, so peak memory (ru_maxrss, CUDA peaks) is that run's own."""
+    """``fn(job)`` in a fresh process, so peak memory (ru_maxrss, CUDA peaks) is that run's own; the
+    process ends when this one does, also when this one is killed."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
+    with ctx.Pool(1, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         return pool.apply(fn, (job,))
 
 
