@@ -139,7 +139,7 @@ def _die_with_parent(parent_pid: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc
         return
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
