@@ -8,7 +8,8 @@
 # Environment (defaults in brackets): MODEL [smollm2], PPL [WikiText-2 test], CALIB [self: sampled once
 # with sample_text.py into $RESULTS/calib-self-NxSEQ.pt and reused], N [128], SEQ [2048], SIGMAS
 # ["1.0"], DEVICE [cuda], DTYPE [float32], EVAL_DTYPE [bfloat16], SEQ_LENS ["2048 128"],
-# MAX_TOKENS [65536], NAME [smollm2-refit-noise], RESULTS [results], PY [.venv/bin/python].
+# MAX_TOKENS [65536], WEIGHTING [none; "residual" = --token-weighting residual], NAME [smollm2-refit-noise],
+# RESULTS [results], PY [.venv/bin/python].
 # Writes $RESULTS/quality-$NAME.json (the three variants) and $RESULTS/quality-$NAME-sigma<SIGMA>.json
 # (spap and spap-no-penalty with that sigma; the refit ablation is spap-no-refit either way);
 # --resume skips finished rows.
@@ -25,6 +26,7 @@ DTYPE=${DTYPE:-float32}
 EVAL_DTYPE=${EVAL_DTYPE:-bfloat16}
 SEQ_LENS=${SEQ_LENS:-"2048 128"}
 MAX_TOKENS=${MAX_TOKENS:-65536}
+WEIGHTING=${WEIGHTING:-none}
 NAME=${NAME:-smollm2-refit-noise}
 RESULTS=${RESULTS:-results}
 mkdir -p "$RESULTS"
@@ -42,7 +44,7 @@ fi
 
 common=(--model "$MODEL" --sparsities 0.3 --calib "$CALIB" --n-samples "$N" --seq-len "$SEQ"
         --ppl-file "$PPL" --max-tokens "$MAX_TOKENS" --seq-lens $SEQ_LENS --eval-dtype "$EVAL_DTYPE"
-        --out-dir "$RESULTS" --resume --set device="$DEVICE" compute_dtype="$DTYPE")
+        --out-dir "$RESULTS" --resume --set device="$DEVICE" compute_dtype="$DTYPE" token_weighting="$WEIGHTING")
 "$PY" benchmarks/quality.py "${common[@]}" --name "$NAME" --methods spap-no-refit spap spap-no-penalty
 for sigma in $SIGMAS; do
     "$PY" benchmarks/quality.py "${common[@]}" --name "$NAME-sigma$sigma" --methods spap spap-no-penalty \
