@@ -132,15 +132,12 @@ def _die_with_parent(parent_pid: int) -> None:
 
     A killed benchmark (SIGTERM or SIGKILL) runs no cleanup, so without this its row process goes
     on pruning for up to an hour, holding the cores that the next run measures its time on."""
-    import ctypes
     import signal
-    import sys
 
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
+    from spap.runtime import glibc
+
+    libc = glibc()
+    if libc is None:
         return
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() != parent_pid:  # the parent died before prctl took effect

@@ -10,7 +10,6 @@ import resource
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -71,12 +70,13 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
+def glibc() -> ctypes.CDLL | None:
+    """The C library on Linux with glibc, else None (macOS, Windows, musl)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # no libc.so.6 (e.g. musl)
         return None
 
 
@@ -87,7 +87,7 @@ def release_host_memory() -> None:
     this the process RSS carries the high-water mark of earlier passes (measured on SmolLM2: +0.65 GiB
     after the allocation probe pass, none of it live tensors)."""
     gc.collect()
-    trim = _malloc_trim()
+    trim = getattr(glibc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
 
