@@ -175,8 +175,46 @@ def test_refit_safeguard_keeps_the_better_of_closed_form_and_refit_per_layer():
     """A refit on 6 tokens overfits them; the safeguard then restores the closed form, so every
     layer's measured error is the smaller of error_ls and error_refit (float32, same tokens)."""
     model, ids = tiny_model("llama"), tiny_ids()
-    report = spap.prune(model, config=fast_config(0.5, refit_tokens=6, refit_rounds=10), calibration_ids=ids)
+    config = fast_config(0.5, refit_tokens=6, refit_rounds=10, refit_patience=0)  # the safeguard alone
+    report = spap.prune(model, config=config, calibration_ids=ids)
     assert any(layer.refit_accepted is False for layer in report.layers)
     for layer in report.layers:
         assert layer.refit_accepted == (layer.error_refit <= layer.error_ls)
         assert layer.error == pytest.approx(min(layer.error_ls, layer.error_refit), rel=1e-3, abs=1e-6)
+
+
+def test_attention_replay_changes_nothing(family, monkeypatch):
+    """Replaying each layer's recorded attention outputs in the passes after the first gives the same
+    kept neurons and weights as computing the attention in every pass (the previous path), and the
+    attention is computed in one pass per layer instead of three."""
+    from contextlib import contextmanager
+
+    from spap.layerwise import AttentionCache
+
+    ids = tiny_ids()
+    config = PruneConfig(sparsity=0.25, compute_dtype="bfloat16", solver=SolverConfig(refit_rounds=2, refit_tokens=64, refit_patience=0))
+
+    def counted_prune() -> tuple[torch.nn.Module, spap.PruneReport, int]:
+        model = tiny_model(family)
+        adapter = get_adapter(model)
+        attention_class = type(adapter.attention_module(adapter.decoder_layers(model)[0]))
+        calls = []
+        original = attention_class.forward
+        monkeypatch.setattr(attention_class, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        report = spap.prune(model, config=config, calibration_ids=ids)
+        monkeypatch.setattr(attention_class, "forward", original)
+        return model, report, len(calls)
+
+    replayed, report, replayed_calls = counted_prune()
+
+    @contextmanager
+    def compute_every_pass(self, attention, device):
+        yield
+
+    monkeypatch.setattr(AttentionCache, "use", compute_every_pass)
+    recomputed, expected, recomputed_calls = counted_prune()
+    assert recomputed_calls == 3 * replayed_calls  # statistics, final least squares, propagation
+    assert [r.kept for r in report.layers] == [r.kept for r in expected.layers]
+    assert [r.error for r in report.layers] == [r.error for r in expected.layers]
+    for a, b in zip(replayed.state_dict().values(), recomputed.state_dict().values()):
+        assert torch.equal(a, b)

@@ -31,6 +31,8 @@ _SOLVER_HELP = {
     "refit_rounds": "final alternating-minimisation rounds",
     "refit_grad_steps": "gradient steps on W_up/W_gate per round",
     "refit_tokens": "calibration tokens used by the refit",
+    "refit_patience": "stop the refit after this many rounds without held-out improvement (0: all rounds)",
+    "refit_holdout_tokens": "calibration tokens the refit's early stopping measures on",
     "refit_proximal": "trust-region strength of the refit (0: off)",
     "refit_input_noise": "sigma: refit on inputs x + sigma rms(x) eps, dense targets there (0: off)",
 }

@@ -6,6 +6,8 @@ calibration inputs and accumulates the MLP's least-squares statistics (also used
 from __future__ import annotations
 
 import logging
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -17,7 +19,7 @@ from .adapters import ArchitectureAdapter
 from .config import PruneConfig
 from .core import MLPPruneResult, MLPStatistics, MLPWeights, prune_mlp
 from .core.solver import finalize_down, resolve_fit_bias
-from .layerwise import LayerInputs, compute_copy, run_layer
+from .layerwise import AttentionCache, LayerInputs, compute_copy, run_layer
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,10 @@ class LayerReport:
     error: float  # ||y_pruned - y_dense||^2 / ||y_dense||^2 on all calibration tokens (compute dtype)
     error_ls: float  # same, from float64 statistics (token-weighted if so configured), after selection + LS
     error_refit: float | None = None  # same, after the final refit (None without one)
-    refit_accepted: bool | None = None  # False: the refit did not lower error_ls and was discarded
+    refit_accepted: bool | None = None  # False: the refit was discarded (early stopping or safeguard)
     refit_first: float | None = None
     refit_last: float | None = None
+    refit_rounds: int | None = None  # rounds the refit ran (early stopping may end it before refit_rounds)
     seconds: dict[str, float] = field(default_factory=dict)
     kv_groups_kept: list[int] | None = None  # attention: KV groups kept (None: heads not pruned)
     query_heads_kept: list[int] | None = None  # attention, head_unit "query": query heads kept
@@ -72,10 +75,13 @@ def prune_layer_mlp(
     dtype: torch.dtype,
     positions: Tensor | None,
     dense_outputs: LayerInputs | None = None,
+    holdout_mask: Tensor | None = None,
 ) -> tuple[LayerReport, LayerInputs]:
     """Prune one layer's MLP.  With ``dense_outputs`` (the dense model's outputs of this layer) the
     targets are corrected by beta * (dense output - output of the layer with its dense MLP on the
-    pruned model's inputs), so the refit also absorbs error accumulated upstream."""
+    pruned model's inputs), so the refit also absorbs error accumulated upstream.  ``positions``:
+    calibration tokens whose inputs the refit uses, ``holdout_mask`` marks those it only measures.
+    Records the layer's attention outputs in the first pass and replays them after (``AttentionCache``)."""
     width = adapter.mlp_width(layer)
     if k == 0:
         outputs = run_layer(compute_copy(layer, device, dtype), inputs, device, dtype)
@@ -91,17 +97,29 @@ def prune_layer_mlp(
     if cfg.token_weighting == "residual":
         weights_first, weights_again = _record_then_replay(lambda _batch, out: residual_token_weights(out))
 
-    stats = collect_statistics(adapter, layer, inputs, device, dtype, dense, None, positions, offsets_first, weights_first)
+    seconds: dict[str, float] = {}
+    attention = AttentionCache()  # the first pass records the attention, later passes replay it
+    t0 = time.perf_counter()
+    stats = collect_statistics(
+        adapter, layer, inputs, device, dtype, dense, None, positions, offsets_first, weights_first, attention
+    )
+    seconds["attention"] = attention.seconds
+    seconds["statistics"] = time.perf_counter() - t0 - attention.seconds
     sample_x, sample_offsets, sample_weights = stats.sample_inputs(), stats.sample_offsets(), stats.sample_weights()
     result = on_rank0(
-        lambda: prune_mlp(dense, stats, k, cfg.solver, sample_x, dtype, sample_offsets, sample_weights), dense, cfg
+        lambda: prune_mlp(dense, stats, k, cfg.solver, sample_x, dtype, sample_offsets, sample_weights, holdout_mask),
+        dense, cfg,
     )
     del stats
     adapter.write_mlp(layer, result.weights)
     if result.needs_final_ls:  # W_up/W_gate changed on a sample: refit W_down on all tokens
+        t0 = time.perf_counter()
         stats = collect_statistics(
-            adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None, offsets_again, weights_again
+            adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None, offsets_again, weights_again,
+            attention,
         )
+        seconds["statistics"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
         fit_bias = resolve_fit_bias(cfg.solver, dense)
         result = on_rank0(lambda: finalize_down(result, stats, cfg.solver, fit_bias), dense, cfg, result)
         if result.refit_accepted is False:
@@ -109,15 +127,19 @@ def prune_layer_mlp(
                      index, result.error_ls, result.error_refit)
         adapter.write_mlp(layer, result.weights)
         del stats
+        seconds["final_ls"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     work = compute_copy(layer, device, dtype)
     meter = _ErrorMeter(dense.to(device, dtype), result.weights.to(device, dtype))
     handle = adapter.mlp_input_linear(work).register_forward_pre_hook(meter)
     try:
-        outputs = run_layer(work, inputs, device, dtype)
+        with attention.use(adapter.attention_module(work), device):
+            outputs = run_layer(work, inputs, device, dtype)
     finally:
         handle.remove()
     meter.num, meter.den = distributed.all_reduce_sum([meter.num, meter.den])
+    seconds["propagate"] = time.perf_counter() - t0
     history = result.refit_history
     report = LayerReport(
         index=index,
@@ -130,7 +152,8 @@ def prune_layer_mlp(
         refit_accepted=result.refit_accepted,
         refit_first=history[0] if history else None,
         refit_last=history[-1] if history else None,
-        seconds=dict(result.seconds),
+        refit_rounds=len(history) if result.refit_accepted is not None else None,
+        seconds={**result.seconds, **seconds},
     )
     return report, outputs
 
@@ -146,13 +169,18 @@ def collect_statistics(
     positions: Tensor | None,
     offset_for: Callable[[int, Tensor], Tensor | None] | None = None,
     weight_for: Callable[[int, Tensor], Tensor | None] | None = None,
+    attention: AttentionCache | None = None,
 ) -> MLPStatistics:
     """Run ``layer`` on all calibration inputs and accumulate statistics of its MLP inputs.
 
-    ``offset_for(batch, layer_output)`` may return a per-token correction added to the targets,
-    ``weight_for(batch, layer_output)`` per-token weights (B, S) of the least-squares terms.
+    Activations z and targets y are computed in ``dtype`` (as the layer computes them), their
+    products in float32.  ``offset_for(batch, layer_output)`` may return a per-token correction added
+    to the targets, ``weight_for(batch, layer_output)`` per-token weights (B, S) of the least-squares
+    terms.  ``attention``: record the layer's attention outputs on the first pass, replay them after.
     """
-    stats = MLPStatistics(features.width, features.hidden_size, device, positions)
+    stats = MLPStatistics(features.width, features.hidden_size, device, positions, activation_dtype=dtype)
+    features = features.to(device, dtype)
+    target = None if target is None else target.to(device, dtype)
     work = compute_copy(layer, device, dtype)
     captured: list[Tensor] = []
     hook = adapter.mlp_input_linear(work).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
@@ -162,8 +190,10 @@ def collect_statistics(
         weight = weight_for(batch, output) if weight_for is not None else None
         stats.update(captured.pop(), features, target, offset, weight)
 
+    replay = nullcontext() if attention is None else attention.use(adapter.attention_module(work), device)
     try:
-        run_layer(work, inputs, device, dtype, keep_outputs=False, on_output=finish)
+        with replay:
+            run_layer(work, inputs, device, dtype, keep_outputs=False, on_output=finish)
     finally:
         hook.remove()
     distributed.all_reduce_statistics(stats)
@@ -205,8 +235,9 @@ def on_rank0(
     weights, kept = distributed.broadcast_weights(
         result.weights if result else None, template, result.kept if result else None
     )
+    needs_final_ls = distributed.broadcast_object(result.needs_final_ls if result is not None else None)
     if result is not None:
         return result
     if previous is not None:  # second solve (final least squares): keep the first one's bookkeeping
         return MLPPruneResult(weights, previous.kept, float("nan"))
-    return MLPPruneResult(weights, kept, float("nan"), needs_final_ls=cfg.solver.needs_sample)
+    return MLPPruneResult(weights, kept, float("nan"), needs_final_ls=needs_final_ls)

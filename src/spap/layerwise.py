@@ -10,6 +10,7 @@ mask and rotary embeddings.
 from __future__ import annotations
 
 import copy
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -183,6 +184,60 @@ def capture_layer_inputs(
             if forward is not None:
                 layer.forward = forward
     return LayerInputs(hidden_states, table)
+
+
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class AttentionCache:
+    """One layer's attention outputs, per calibration batch, recorded in one pass and replayed in later
+    passes over the same inputs.
+
+    Pruning a layer's MLP does not change what its attention computes, so the passes after the first
+    (statistics of refit weights, propagation to the next layer) return the recorded outputs instead of
+    recomputing them; the rest of the layer then computes exactly what it would have (same dtype).
+    Costs one hidden-state buffer (n x seq_len x hidden, compute dtype, on the host)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[Any] = []
+        self.passes = 0
+        self.seconds = 0.0  # time spent in the attention while recording
+
+    @contextmanager
+    def use(self, attention: nn.Module, device: torch.device) -> Iterator[None]:
+        """The first pass records ``attention``'s outputs; every later pass replays them (on ``device``),
+        so the i-th call of ``attention`` returns the i-th recorded output without computing it."""
+        if self.passes == 0:
+            started: list[float] = []
+
+            def start(_m: nn.Module, _args: tuple) -> None:
+                started.append(_clock(device))
+
+            def finish(_m: nn.Module, _args: tuple, out: Any) -> None:
+                self.seconds += _clock(device) - started.pop()
+                self.outputs.append(_map_tensors(out, _to(torch.device("cpu"))))
+
+            handles = [attention.register_forward_pre_hook(start), attention.register_forward_hook(finish)]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+        else:
+            recorded = iter(self.outputs)
+            saved = attention.__dict__.get("forward")  # e.g. accelerate's hooked forward
+            attention.forward = lambda *_args, **_kwargs: _map_tensors(next(recorded), _to(device))
+            try:
+                yield
+            finally:
+                del attention.forward
+                if saved is not None:
+                    attention.forward = saved
+        self.passes += 1
 
 
 def compute_copy(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:

@@ -16,7 +16,7 @@ from .calibration import calibration_tokens
 from .config import PruneConfig
 from .core import NonFiniteStatisticsError
 from .core import allocation
-from .core.stats import sample_token_positions
+from .core.stats import refit_token_positions
 from .layer_heads import prune_layer_heads, query_heads_to_prune
 from .layer_mlp import LayerReport, prune_layer_mlp
 from .layerwise import capture_layer_inputs, compute_copy, run_layer
@@ -137,10 +137,12 @@ def prune(
     first, last = distributed.shard_bounds(calibration_ids.shape[0])  # data parallel: this rank's sequences
     inputs = capture_layer_inputs(model, layers, calibration_ids[first:last], cfg.batch_size, device, dtype)
     seconds["capture"] = time.perf_counter() - t0
-    positions = None
+    positions = holdout_mask = None
     if cfg.solver.needs_sample:
         seq_len = calibration_ids.shape[1]
-        positions = sample_token_positions(calibration_ids.numel(), cfg.solver.refit_tokens, cfg.seed)
+        positions, holdout_mask = refit_token_positions(
+            calibration_ids.numel(), cfg.solver.refit_tokens, cfg.solver.holdout_tokens, cfg.seed
+        )
         positions = distributed.local_positions(positions, first * seq_len, last * seq_len)
 
     for option, used in (("error_correction", cfg.error_correction > 0), ("token_weighting", cfg.token_weighting != "none")):
@@ -159,7 +161,7 @@ def prune(
             if cfg.prunes_heads:
                 head_report = prune_layer_heads(model, adapter, layer, index, inputs, cfg, device, dtype)
             report, inputs = prune_layer_mlp(
-                adapter, layer, index, inputs, counts[index], cfg, device, dtype, positions, dense_outputs
+                adapter, layer, index, inputs, counts[index], cfg, device, dtype, positions, dense_outputs, holdout_mask
             )
             dense_inputs = dense_outputs
             if head_report is not None:

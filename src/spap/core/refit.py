@@ -12,6 +12,9 @@ Step 1 takes Z from the last accepted trial of step 2 and step 2 starts from tha
 round computes Z only at trial points.
 ``gradient_refit`` is the ablation that updates all parameters together by plain (backtracking)
 gradient descent for the same number of evaluations.
+With held-out rows (``Holdout``) and a patience P, both stop once the held-out error has not improved
+for P rounds and return the weights of the best round (the start counts as round 0), so a refit that
+only fits its sample stops after P rounds.
 ``perturbed_rows`` makes the refit inputs x_n + sigma rms(x_n) eps_n (targets: the dense MLP there),
 so the refit also matches the dense MLP's response to small changes of its input.
 """
@@ -145,6 +148,44 @@ def armijo_descent(
     return final, lr, float(point.value.detach()), point if fresh else None
 
 
+@dataclass
+class Holdout:
+    """Calibration rows the refit does not fit on: inputs x (n, d), dense targets y (n, d), token
+    weights (n,) or None."""
+
+    x: Tensor
+    y: Tensor
+    token_weight: Tensor | None = None
+
+    @torch.no_grad()
+    def error(self, weights: MLPWeights) -> float:
+        """sum_n w_n ||y_n - mlp(x_n)||^2."""
+        return float(_weighted_sq_sum(self.y - weights(self.x), self.token_weight).sum())
+
+
+class _EarlyStopping:
+    """Tracks the best weights by held-out error; ``stop(weights)`` is True after ``patience`` rounds
+    without improvement.  Without held-out rows (or patience 0) it never stops and keeps the last."""
+
+    def __init__(self, start: MLPWeights, holdout: Holdout | None, patience: int) -> None:
+        self.holdout = holdout if patience > 0 else None
+        self.patience = patience
+        self.best = start
+        self.best_error = self.holdout.error(start) if self.holdout is not None else 0.0
+        self.since_best = 0
+
+    def stop(self, weights: MLPWeights) -> bool:
+        if self.holdout is None:
+            self.best = weights
+            return False
+        error = self.holdout.error(weights)
+        if error < self.best_error:
+            self.best, self.best_error, self.since_best = weights, error, 0
+        else:
+            self.since_best += 1
+        return self.since_best >= self.patience
+
+
 @torch.no_grad()
 def _refit_objective(
     weights: MLPWeights, x: Tensor, y: Tensor, damping_rel: float, proximal: float,
@@ -168,16 +209,19 @@ def alternating_refit(
     fit_bias: bool,
     proximal: float = 0.0,
     token_weight: Tensor | None = None,
+    holdout: Holdout | None = None,
+    patience: int = 0,
 ) -> tuple[MLPWeights, list[float]]:
     """Alternate closed-form (W_down, b_down) and gradient steps on W_up/W_gate; returns F/F_0 history.
 
     x, y: (n, d) float32; token_weight: (n,) or None.  History entry r is F after round r divided by
     1/2 sum_n w_n ||y_n||^2 (F includes the proximal term, which depends on W_up/W_gate only, so the
-    closed-form step stays exact).
+    closed-form step stays exact); its length is the number of rounds run (early stopping, see above).
     """
     damping, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _THETA)
     history: list[float] = []
     lr, point = None, None
+    early = _EarlyStopping(weights, holdout, patience)
     for _ in range(rounds):
         with torch.no_grad():  # z of the last accepted step, if any, is z at the current W_up/W_gate
             z = weights.intermediate(x) if point is None else point.z.detach()
@@ -188,18 +232,23 @@ def alternating_refit(
             weights = replace(weights, down=w.to(x), down_bias=bias)
         weights, lr, value, point = armijo_descent(weights, _THETA, x, loss, grad_steps, lr, point)
         history.append(value / y_half)
-    return weights, history
+        if early.stop(weights):
+            break
+    return early.best, history
 
 
 def gradient_refit(
     weights: MLPWeights, x: Tensor, y: Tensor, rounds: int, grad_steps: int, damping_rel: float,
-    proximal: float = 0.0, token_weight: Tensor | None = None,
+    proximal: float = 0.0, token_weight: Tensor | None = None, holdout: Holdout | None = None, patience: int = 0,
 ) -> tuple[MLPWeights, list[float]]:
     """Ablation: plain backtracking gradient descent on all MLP weights, rounds * (grad_steps + 1) steps."""
     _, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _ALL)
     history: list[float] = []
     lr, point = None, None
+    early = _EarlyStopping(weights, holdout, patience)
     for _ in range(rounds):
         weights, lr, value, point = armijo_descent(weights, _ALL, x, loss, grad_steps + 1, lr, point)
         history.append(value / y_half)
-    return weights, history
+        if early.stop(weights):
+            break
+    return early.best, history

@@ -66,9 +66,7 @@ def compensated_importance(
     w = torch.cholesky_solve(problem.cross.T, chol).T
     inv = torch.cholesky_inverse(chol)
     if groups is None:
-        inv_diag = inv.diagonal().clamp_min(1e-300)
-        g_diag = problem.gram.diagonal().clamp_min(1e-300)
-        return w.pow(2).sum(0) * g_diag.pow(1 - exponent) / inv_diag.pow(exponent), w
+        return _neuron_importance(w, inv.diagonal(), problem.gram.diagonal(), exponent), w
     out = []
     for g in range(int(groups.max()) + 1):
         idx = torch.nonzero(groups == g).flatten().to(w.device)
@@ -79,6 +77,47 @@ def compensated_importance(
     return torch.stack(out), w
 
 
+class _PenalisedSolver:
+    """W = C A^-1 and diag(A^-1) for A = B + diag(pi), B = G + delta I, from one factorisation of B.
+
+    Woodbury on the support S of the penalties pi (p = |S| neurons):
+
+        A^-1 = B^-1 - U K^-1 U^T,   U = B^-1[:, S] (m, p),   K = diag(1 / pi_S) + B^-1[S, S] (p, p),
+
+    so with K = L L^T and Q = L^-1 U^T (p, m):  diag(A^-1) = diag(B^-1) - sum_rows Q^2  and
+    W = W_0 - (L^-1 W_0[:, S]^T)^T Q  with W_0 = C B^-1.  A round costs O(p^2 m + d p m) instead of
+    a factorisation and inverse of the m x m matrix A (float64 throughout; equal to the direct
+    solve up to rounding)."""
+
+    def __init__(self, problem: QuadraticLS, damping: float) -> None:
+        m = problem.gram.shape[0]
+        b = problem.gram + damping * torch.eye(m, dtype=problem.gram.dtype, device=problem.gram.device)
+        chol, info = torch.linalg.cholesky_ex(b)
+        if int(info) != 0:  # same fallback as the direct path: extra damping
+            b = b + torch.eye(m, dtype=b.dtype, device=b.device) * problem.mean_diag * 1e-2
+            chol = torch.linalg.cholesky(b)
+        self.b_inv = torch.cholesky_inverse(chol)
+        self.b_inv_diag = self.b_inv.diagonal().clone()
+        self.w0 = problem.cross @ self.b_inv
+
+    def __call__(self, penalty: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(W (d, m), diag(A^-1) (m,)) for per-neuron penalties ``penalty`` (m,) >= 0."""
+        support = None if penalty is None else torch.nonzero(penalty > 0).flatten()
+        if support is None or support.numel() == 0:
+            return self.w0, self.b_inv_diag
+        u_t = self.b_inv[support]  # (p, m) = U^T (B^-1 is symmetric)
+        k = torch.diag(1.0 / penalty[support]) + u_t[:, support]
+        chol = torch.linalg.cholesky(k)
+        q = torch.linalg.solve_triangular(chol, u_t, upper=False)
+        r = torch.linalg.solve_triangular(chol, self.w0[:, support].T, upper=False)
+        return self.w0 - r.T @ q, self.b_inv_diag - q.pow(2).sum(0)
+
+
+def _neuron_importance(w: Tensor, inv_diag: Tensor, gram_diag: Tensor, exponent: float) -> Tensor:
+    """||W_i||^2 G_ii^(1-t) / ([A^-1]_ii)^t."""
+    return w.pow(2).sum(0) * gram_diag.clamp_min(1e-300).pow(1 - exponent) / inv_diag.clamp_min(1e-300).pow(exponent)
+
+
 def penalty_select(
     problem: QuadraticLS, n_prune: int, cfg: SolverConfig, groups: Tensor | None = None, blocks: Tensor | None = None
 ) -> tuple[Tensor, PenaltyTrace]:
@@ -86,7 +125,8 @@ def penalty_select(
 
     With ``blocks`` (unit -> block id, e.g. query head -> KV group) n_prune units are removed from
     every block (the top-k steps become top-k per block).  Callers pass the centred problem when
-    the layer has a bias, so the intercept is never penalised.
+    the layer has a bias, so the intercept is never penalised.  Neurons (no ``groups``) use one
+    factorisation per call (``_PenalisedSolver``); groups factorise A every round.
     """
     m = problem.gram.shape[0]
     n_units = m if groups is None else int(groups.max()) + 1
@@ -100,13 +140,27 @@ def penalty_select(
     column_group = None if groups is None else groups.to(problem.gram.device)
     rho = cfg.rho_init * scale
     ramp_rounds = max(1, round(cfg.ramp * cfg.penalty_rounds))
-    importance, _ = compensated_importance(problem, None, damping, cfg.score_exponent, groups)
+    solver = _PenalisedSolver(problem, damping) if groups is None else None
+    gram_diag = problem.gram.diagonal()
+
+    def importance_at(penalty: Tensor | None) -> tuple[Tensor, Tensor, float]:
+        """(importance, W, ||Y - W Z||^2) at the penalties."""
+        if solver is None:
+            importance, w = compensated_importance(problem, penalty, damping, cfg.score_exponent, groups)
+            return importance, w, 2 * problem.objective(w)
+        w, inv_diag = solver(penalty)
+        # W A = C gives <W G, W> = <W, C> - sum_i (delta + pi_i) ||W_i||^2: the error in O(d m)
+        col_sq = w.pow(2).sum(0)
+        error = float(problem.y_sq - (w * problem.cross).sum() - ((damping + penalty) * col_sq).sum())
+        return _neuron_importance(w, inv_diag, gram_diag, cfg.score_exponent), w, error
+
+    importance = importance_at(None)[0] if cfg.penalty_rounds == 0 else None
     for r in range(cfg.penalty_rounds):
         penalty = rho * (s if column_group is None else s[column_group])
-        importance, w = compensated_importance(problem, penalty, damping, cfg.score_exponent, groups)
+        importance, w, error = importance_at(penalty)
         k_r = min(n_prune, max(1, round(n_prune * (r + 1) / ramp_rounds)))
         s = (1 - cfg.momentum) * s + cfg.momentum * bottom_k(importance, k_r, blocks).double()
-        trace.objective.append(2 * problem.objective(w) / y_sq)
+        trace.objective.append(error / y_sq)
         trace.penalty.append(float((penalty * w.pow(2).sum(0)).sum()) / y_sq)
         trace.target_size.append(k_r)
         rho *= cfg.rho_growth

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .linalg import QuadraticLS
 from .mlp import MLPWeights
-from .refit import alternating_refit, gradient_refit, perturbed_rows
+from .refit import Holdout, alternating_refit, gradient_refit, perturbed_rows
 from .scores import bottom_k, neuron_scores
 from .selection import penalty_select, score_select
 from .solver_config import SolverConfig
@@ -37,7 +37,7 @@ class MLPPruneResult:
     needs_final_ls: bool = False
     error_refit: float | None = None  # relative error after the refit and the final closed-form W_down
     closed_form: MLPWeights | None = None  # weights before the refit (selection + closed-form W_down)
-    refit_accepted: bool | None = None  # None: no refit; False: the safeguard restored ``closed_form``
+    refit_accepted: bool | None = None  # None: no refit; False: closed form kept (early stopping or safeguard)
 
 
 def resolve_fit_bias(cfg: SolverConfig, weights: MLPWeights) -> bool:
@@ -77,6 +77,7 @@ def prune_mlp(
     refit_dtype: torch.dtype | None = None,
     sample_offset: Tensor | None = None,
     sample_weight: Tensor | None = None,
+    holdout_mask: Tensor | None = None,
 ) -> MLPPruneResult:
     """Remove ``n_prune`` neurons from ``weights`` (float32) using calibration ``stats``.
 
@@ -84,7 +85,8 @@ def prune_mlp(
     ``refit_dtype``: matmul dtype of the refit's gradient steps (autocast), e.g. bfloat16.
     ``sample_offset`` (n, d): target correction of the sample rows (targets = dense(x) + offset),
     matching the offsets the statistics were accumulated with; ``sample_weight`` (n,): their token
-    weights, matching the weights of the statistics (None: unweighted).
+    weights, matching the weights of the statistics (None: unweighted).  ``holdout_mask`` (n,) bool:
+    sample rows the refit does not fit on but measures its early stopping on.
     """
     m = weights.width
     if not 0 <= n_prune < m:
@@ -122,25 +124,45 @@ def prune_mlp(
         if sample_x is None:
             raise ValueError(f"refit {rule!r} needs stored calibration inputs (sample_x)")
         t0 = time.perf_counter()
-        x = sample_x.to(weights.up.device, torch.float32)  # rows are kept on the host; solve where W is
+        device = weights.up.device  # rows are kept on the host; solve where W is
+        rows = [t if t is None else t.to(device, torch.float32) for t in (sample_x, sample_offset, sample_weight)]
+        fit, held = _split_rows(rows, holdout_mask)
+        x, offset, token_weight = fit
         x = perturbed_rows(x, cfg.refit_input_noise)  # targets below: the dense MLP at the same rows
-        token_weight = None if sample_weight is None else sample_weight.to(x.device, torch.float32)
         with torch.no_grad():
-            y = weights(x) if sample_offset is None else weights(x) + sample_offset.to(x.device, torch.float32)
+            y = weights(x) if offset is None else weights(x) + offset
+            holdout = None
+            if held is not None:
+                hx, hoffset, hweight = held
+                holdout = Holdout(hx, weights(hx) if hoffset is None else weights(hx) + hoffset, hweight)
         use_autocast = refit_dtype is not None and refit_dtype != torch.float32
         ctx = torch.autocast(x.device.type, dtype=refit_dtype) if use_autocast else nullcontext()
         with ctx:
             if rule == "alternating":
                 new, history = alternating_refit(
                     new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, fit_bias, cfg.refit_proximal,
-                    token_weight,
+                    token_weight, holdout, cfg.refit_patience,
                 )
             else:
                 new, history = gradient_refit(
-                    new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, cfg.refit_proximal, token_weight
+                    new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, cfg.refit_proximal, token_weight,
+                    holdout, cfg.refit_patience,
                 )
         timings["refit"] = time.perf_counter() - t0
+    if refit and new is closed_form:  # early stopping kept the start: nothing to re-fit on all tokens
+        return MLPPruneResult(new, kept, error, history, penalty_trace, timings, refit_accepted=False)
     return MLPPruneResult(new, kept, error, history, penalty_trace, timings, needs_final_ls=refit, closed_form=closed_form)
+
+
+Rows = list  # [x (n, d), offset (n, d) or None, token weight (n,) or None]
+
+
+def _split_rows(rows: Rows, holdout_mask: Tensor | None) -> tuple[Rows, Rows | None]:
+    """(fit rows, held-out rows or None) of the sample."""
+    if holdout_mask is None:
+        return rows, None
+    mask = holdout_mask.to(rows[0].device)
+    return [None if t is None else t[~mask] for t in rows], [None if t is None else t[mask] for t in rows]
 
 
 def finalize_down(result: MLPPruneResult, stats: MLPStatistics, cfg: SolverConfig, fit_bias: bool) -> MLPPruneResult:

@@ -39,6 +39,10 @@ class SolverConfig:
     refit_rounds:    rounds of the final alternating minimisation.
     refit_grad_steps: gradient steps on W_up/W_gate per refit round (Armijo backtracking).
     refit_tokens:    calibration tokens (random subset) used by the refit.
+    refit_patience:  early stopping: after each round the refit's error on ``refit_holdout_tokens``
+                     other calibration tokens is measured, and the refit stops once it has not
+                     improved for this many rounds, returning the best round's weights (0: run
+                     every round, no held-out rows).
     refit_proximal:  trust-region strength keeping refit weights near the closed-form start
                      (relative units, see spap.core.refit; 0 disables).
     refit_input_noise: sigma >= 0: the refit fits on inputs x + sigma rms(x) eps, eps ~ N(0, I), with
@@ -63,6 +67,8 @@ class SolverConfig:
     refit_rounds: int = 20
     refit_grad_steps: int = 3
     refit_tokens: int = 8192
+    refit_patience: int = 1
+    refit_holdout_tokens: int = 8192
     refit_proximal: float = 0.0
     refit_input_noise: float = 0.0
     refit_safeguard: bool = True
@@ -83,6 +89,8 @@ class SolverConfig:
             raise ValueError("ramp must be in (0, 1]")
         if self.rho_growth < 1 or self.rho_init < 0 or self.damping < 0:
             raise ValueError("need rho_growth >= 1, rho_init >= 0, damping >= 0")
+        if self.refit_patience < 0 or self.refit_holdout_tokens < 0:
+            raise ValueError("refit_patience and refit_holdout_tokens must be >= 0")
         if not self.refit_input_noise >= 0:  # also rejects NaN
             raise ValueError(f"refit_input_noise must be >= 0, got {self.refit_input_noise}")
 
@@ -93,6 +101,11 @@ class SolverConfig:
     @property
     def refit_rule(self) -> str:
         return self.refit or METHOD_DEFAULTS[self.method][1]
+
+    @property
+    def holdout_tokens(self) -> int:
+        """Held-out rows the refit's early stopping needs (0 without early stopping)."""
+        return self.refit_holdout_tokens if self.needs_sample and self.refit_patience > 0 else 0
 
     @property
     def needs_sample(self) -> bool:

@@ -10,8 +10,10 @@ For tokens x_n (n = 1..N), intermediate z_n in R^m and dense output y_n = W_down
 are everything the least-squares subproblems need: for any W (d, m) and bias b,
 sum_n w_n ||y_n - W z_n - b||^2 = y_sq - 2<W, C> - 2 b.y_sum + <W G, W> + 2 b.W z_sum + mass ||b||^2.
 Token weights w_n default to 1 (then mass = N); see ``PruneConfig.token_weighting``.
-Chunks are multiplied in float32 (or the input dtype if wider) and added to float64 accumulators, so
-the result does not depend on how tokens are batched (up to float32 rounding inside a chunk).
+z and y are computed in the activation dtype (the layer's compute dtype in the pipeline, as the model
+computes them); chunks are multiplied in float32 (or the input dtype if wider) and added to float64
+accumulators, so the result does not depend on how tokens are batched (up to float32 rounding inside
+a chunk).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class MLPStatistics:
         device: torch.device | str = "cpu",
         sample_positions: Tensor | None = None,
         chunk_tokens: int = 8192,
+        activation_dtype: torch.dtype = torch.float32,
     ) -> None:
         f64 = dict(dtype=torch.float64, device=device)
         self.gram = torch.zeros(width, width, **f64)
@@ -46,6 +49,7 @@ class MLPStatistics:
         self.mass = torch.zeros((), **f64)
         self.count = 0
         self.chunk_tokens = chunk_tokens
+        self.activation_dtype = activation_dtype
         # Global token positions (sorted) whose inputs x are kept for refitting.
         self.sample_positions = sample_positions
         self._sample_rows: list[Tensor] = []
@@ -67,7 +71,8 @@ class MLPStatistics:
     ) -> None:
         """Add tokens x (n, d): z from ``features``; y from ``target`` (default: the same MLP) plus
         ``offset`` (n, d) if given (an error-correction term added to the target); ``weight`` (n,)
-        per-token weights w_n (default 1)."""
+        per-token weights w_n (default 1).  z and y are computed in ``activation_dtype`` (the
+        weights must be in it), their products in float32."""
         x = x.reshape(-1, x.shape[-1])
         offset = None if offset is None else offset.reshape(-1, offset.shape[-1])
         weight = None if weight is None else weight.reshape(-1)
@@ -76,9 +81,10 @@ class MLPStatistics:
         self.weighted |= weight is not None
         self._keep_sample_rows(x, offset, weight)
         for start in range(0, x.shape[0], self.chunk_tokens):
-            xc = x[start : start + self.chunk_tokens].to(self.gram.device, torch.float32)
+            xc = x[start : start + self.chunk_tokens].to(self.gram.device, self.activation_dtype)
             z = features.intermediate(xc)
             y = features.output_from_intermediate(z) if target is None else target(xc)
+            z, y = z.float(), y.float()
             if offset is not None:
                 y = y + offset[start : start + self.chunk_tokens].to(y)
             w = None if weight is None else weight[start : start + self.chunk_tokens].to(z)
@@ -86,22 +92,25 @@ class MLPStatistics:
 
     def add(self, z: Tensor, y: Tensor, weight: Tensor | None = None) -> None:
         """Add precomputed intermediate activations z (n, m), targets y (n, d), token weights (n,)."""
-        if not (torch.isfinite(z).all() and torch.isfinite(y).all()):
-            raise NonFiniteStatisticsError(
-                "calibration activations contain NaN or inf; check the model dtype (float16 overflow?) "
-                "and the calibration data"
-            )
         if weight is None:
             wz, wy, mass = z, y, float(z.shape[0])
         else:
             if not (torch.isfinite(weight).all() and (weight >= 0).all()):
                 raise NonFiniteStatisticsError("token weights must be finite and non-negative")
             wz, wy, mass = z * weight[:, None], y * weight[:, None], float(weight.double().sum())
-        self.gram += (wz.T @ z).double()
+        gram = wz.T @ z
+        y_sq = (wy.double() * y.double()).sum()
+        # a NaN or inf in z or y makes sum w z_i^2 (diag of the Gram) or sum w ||y||^2 non-finite
+        if not (torch.isfinite(gram.diagonal()).all() and torch.isfinite(y_sq)):
+            raise NonFiniteStatisticsError(
+                "calibration activations contain NaN or inf; check the model dtype (float16 overflow?) "
+                "and the calibration data"
+            )
+        self.gram += gram.double()
         self.cross += (wy.T @ z).double()
         self.z_sum += wz.sum(0).double()
         self.y_sum += wy.sum(0).double()
-        self.y_sq += (wy.double() * y.double()).sum()
+        self.y_sq += y_sq
         self.mass += mass
         self.count += z.shape[0]
 
@@ -151,9 +160,22 @@ class MLPStatistics:
 
 def sample_token_positions(total_tokens: int, n_sample: int, seed: int) -> Tensor | None:
     """Sorted random positions in [0, total_tokens) to keep for refitting (all if n_sample >= total)."""
-    if n_sample <= 0:
-        return None
-    if n_sample >= total_tokens:
-        return torch.arange(total_tokens)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(total_tokens, generator=gen)[:n_sample].sort().values
+    positions, _ = refit_token_positions(total_tokens, n_sample, 0, seed)
+    return positions
+
+
+def refit_token_positions(total_tokens: int, n_fit: int, n_holdout: int, seed: int) -> tuple[Tensor | None, Tensor | None]:
+    """(sorted positions of the fit and held-out rows, bool mask (n,) of the held-out ones, or None).
+
+    One random permutation: its first ``n_fit`` entries are the fit rows (the same for any
+    ``n_holdout``), the next ``n_holdout`` the held-out rows (fewer if the tokens run out)."""
+    if n_fit <= 0:
+        return None, None
+    if n_fit >= total_tokens:
+        return torch.arange(total_tokens), None
+    perm = torch.randperm(total_tokens, generator=torch.Generator().manual_seed(seed))
+    chosen = perm[: n_fit + max(n_holdout, 0)]
+    order = chosen.sort()
+    if chosen.numel() == n_fit:
+        return order.values, None
+    return order.values, order.indices >= n_fit
