@@ -112,7 +112,7 @@ def _time_one(job: dict[str, Any]) -> dict[str, Any]:
     stages["save"] = save_seconds
     seconds = report.seconds["total"]
     return {
-        "model": path, "recipe": job["recipe"], "sparsity": job["sparsity"], "calibration": job["calib"],
+        "model": Path(path).name, "recipe": job["recipe"], "sparsity": job["sparsity"], "calibration": job["calib"],
         "tokens": report.calibration_shape[0] * report.calibration_shape[1],
         "calibration_shape": report.calibration_shape,
         "seconds": seconds, "floor_seconds": floor, "ratio": seconds / floor,
@@ -150,7 +150,7 @@ def main() -> None:
     stage_names = sorted({k for r in rows for k in r["stages"]})
     print(markdown_table(
         ["model", "recipe", "tokens", "seconds", "floor s", "ratio", *stage_names, "machine"],
-        [[Path(r["model"]).name, r["recipe"], r["tokens"], r["seconds"], r["floor_seconds"], r["ratio"],
+        [[r["model"], r["recipe"], r["tokens"], r["seconds"], r["floor_seconds"], r["ratio"],
           *[r["stages"].get(k, "") for k in stage_names], r["machine"]] for r in rows],
     ))
 
