@@ -46,17 +46,20 @@ class LayerReport:
 
 
 class _ErrorMeter:
-    """Accumulates ||dense(x) - pruned(x)||^2 and ||dense(x)||^2 over MLP inputs x."""
+    """Accumulates ||dense(x) - y||^2 and ||dense(x)||^2 over MLP inputs x and the pruned MLP's
+    outputs y, as ``_capture_mlp`` records them for each batch (x, z, y)."""
 
-    def __init__(self, dense: MLPWeights, pruned: MLPWeights) -> None:
-        self.dense, self.pruned = dense, pruned
+    def __init__(self, dense: MLPWeights, captured: list[Tensor]) -> None:
+        self.dense, self.captured = dense, captured
         self.num = 0.0
         self.den = 0.0
 
-    def __call__(self, _module: nn.Module, args: tuple) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1])
+    def __call__(self, _batch: int, _output: Tensor) -> None:
+        x, _z, y = self.captured
+        self.captured.clear()
+        x = x.reshape(-1, x.shape[-1])
         yd = self.dense(x).float()
-        self.num += float((yd - self.pruned(x).float()).pow(2).sum())
+        self.num += float((yd - y.reshape(yd.shape).float()).pow(2).sum())
         self.den += float(yd.pow(2).sum())
 
     @property
@@ -131,13 +134,15 @@ def prune_layer_mlp(
 
     t0 = time.perf_counter()
     work = compute_copy(layer, device, dtype)
-    meter = _ErrorMeter(dense.to(device, dtype), result.weights.to(device, dtype))
-    handle = adapter.mlp_input_linear(work).register_forward_pre_hook(meter)
+    captured: list[Tensor] = []
+    hooks = _capture_mlp(adapter, work, captured)
+    meter = _ErrorMeter(dense.to(device, dtype), captured)
     try:
         with attention.use(adapter.attention_module(work), device):
-            outputs = run_layer(work, inputs, device, dtype)
+            outputs = run_layer(work, inputs, device, dtype, on_output=meter)
     finally:
-        handle.remove()
+        for hook in hooks:
+            hook.remove()
     meter.num, meter.den = distributed.all_reduce_sum([meter.num, meter.den])
     seconds["propagate"] = time.perf_counter() - t0
     history = result.refit_history
@@ -183,21 +188,34 @@ def collect_statistics(
     target = None if target is None else target.to(device, dtype)
     work = compute_copy(layer, device, dtype)
     captured: list[Tensor] = []
-    hook = adapter.mlp_input_linear(work).register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    hooks = _capture_mlp(adapter, work, captured)
 
     def finish(batch: int, output: Tensor) -> None:
         offset = offset_for(batch, output) if offset_for is not None else None
         weight = weight_for(batch, output) if weight_for is not None else None
-        stats.update(captured.pop(), features, target, offset, weight)
+        x, z, y = captured
+        captured.clear()
+        stats.update(x, features, target, offset, weight, z=z, y=y)
 
     replay = nullcontext() if attention is None else attention.use(adapter.attention_module(work), device)
     try:
         with replay:
             run_layer(work, inputs, device, dtype, keep_outputs=False, on_output=finish)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     distributed.all_reduce_statistics(stats)
     return stats
+
+
+def _capture_mlp(adapter: ArchitectureAdapter, layer: nn.Module, captured: list[Tensor]) -> list[Any]:
+    """Hooks appending, per forward of ``layer``, its MLP input x, intermediate z and output y (the
+    down projection's input and output) to ``captured``; the caller removes them."""
+    down = adapter.mlp_linears(layer)["down"]
+    return [
+        adapter.mlp_input_linear(layer).register_forward_pre_hook(lambda _m, args: captured.append(args[0])),
+        down.register_forward_hook(lambda _m, args, out: captured.extend((args[0], out))),
+    ]
 
 
 PerBatch = Callable[[int, Tensor], Tensor]

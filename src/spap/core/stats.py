@@ -68,12 +68,18 @@ class MLPStatistics:
         target: MLPWeights | None = None,
         offset: Tensor | None = None,
         weight: Tensor | None = None,
+        z: Tensor | None = None,
+        y: Tensor | None = None,
     ) -> None:
         """Add tokens x (n, d): z from ``features``; y from ``target`` (default: the same MLP) plus
         ``offset`` (n, d) if given (an error-correction term added to the target); ``weight`` (n,)
         per-token weights w_n (default 1).  z and y are computed in ``activation_dtype`` (the
-        weights must be in it), their products in float32."""
+        weights must be in it), their products in float32.  ``z`` (n, m) and, without ``target``,
+        ``y`` (n, d): these tokens' activations as the layer computed them, used instead of
+        recomputing them."""
         x = x.reshape(-1, x.shape[-1])
+        z_all = None if z is None else z.reshape(-1, z.shape[-1])
+        y_all = None if y is None or target is not None else y.reshape(-1, y.shape[-1])
         offset = None if offset is None else offset.reshape(-1, offset.shape[-1])
         weight = None if weight is None else weight.reshape(-1)
         if weight is not None and weight.shape[0] != x.shape[0]:
@@ -81,10 +87,14 @@ class MLPStatistics:
         self.weighted |= weight is not None
         self._keep_sample_rows(x, offset, weight)
         for start in range(0, x.shape[0], self.chunk_tokens):
-            xc = x[start : start + self.chunk_tokens].to(self.gram.device, self.activation_dtype)
-            z = features.intermediate(xc)
-            y = features.output_from_intermediate(z) if target is None else target(xc)
-            z, y = z.float(), y.float()
+            chunk = slice(start, start + self.chunk_tokens)
+            xc = x[chunk].to(self.gram.device, self.activation_dtype)
+            zc = features.intermediate(xc) if z_all is None else z_all[chunk]
+            if target is not None:
+                yc = target(xc)
+            else:
+                yc = features.output_from_intermediate(zc) if y_all is None else y_all[chunk]
+            z, y = zc.to(self.gram.device, torch.float32), yc.to(self.gram.device, torch.float32)
             if offset is not None:
                 y = y + offset[start : start + self.chunk_tokens].to(y)
             w = None if weight is None else weight[start : start + self.chunk_tokens].to(z)
