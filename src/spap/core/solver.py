@@ -129,15 +129,12 @@ def prune_mlp(
         fit, held = _split_rows(rows, holdout_mask)
         x, offset, token_weight = fit
         x = perturbed_rows(x, cfg.refit_input_noise)  # targets below: the dense MLP at the same rows
-        with torch.no_grad():
-            y = weights(x) if offset is None else weights(x) + offset
-            holdout = None
-            if held is not None:
-                hx, hoffset, hweight = held
-                holdout = Holdout(hx, weights(hx) if hoffset is None else weights(hx) + hoffset, hweight)
         use_autocast = refit_dtype is not None and refit_dtype != torch.float32
         ctx = torch.autocast(x.device.type, dtype=refit_dtype) if use_autocast else nullcontext()
         with ctx:
+            with torch.no_grad():  # dense targets in the refit's matmul dtype, as the statistics' targets
+                y = _targets(weights, x, offset)
+                holdout = None if held is None else Holdout(held[0], _targets(weights, held[0], held[1]), held[2])
             if rule == "alternating":
                 new, history = alternating_refit(
                     new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, fit_bias, cfg.refit_proximal,
@@ -152,6 +149,12 @@ def prune_mlp(
     if refit and new is closed_form:  # early stopping kept the start: nothing to re-fit on all tokens
         return MLPPruneResult(new, kept, error, history, penalty_trace, timings, refit_accepted=False)
     return MLPPruneResult(new, kept, error, history, penalty_trace, timings, needs_final_ls=refit, closed_form=closed_form)
+
+
+def _targets(weights: MLPWeights, x: Tensor, offset: Tensor | None) -> Tensor:
+    """dense(x) (+ offset), float32 (n, d)."""
+    y = weights(x).float()
+    return y if offset is None else y + offset
 
 
 Rows = list  # [x (n, d), offset (n, d) or None, token weight (n,) or None]
