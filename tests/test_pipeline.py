@@ -218,3 +218,25 @@ def test_attention_replay_changes_nothing(family, monkeypatch):
     assert [r.error for r in report.layers] == [r.error for r in expected.layers]
     for a, b in zip(replayed.state_dict().values(), recomputed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap", "cfsp"])
+def test_score_rules_need_only_the_gram_diagonal(method, monkeypatch):
+    """Score rules accumulate diag(G) and sums only, and prune exactly as with the full statistics."""
+    from spap.core.solver_config import SolverConfig as Config
+
+    from dataclasses import replace
+
+    ids = tiny_ids()
+    config = replace(fast_config(0.25, method=method), allocation="uniform")  # every layer pruned
+    assert not config.solver.needs_gram
+    diagonal = tiny_model("qwen2")
+    report = spap.prune(diagonal, config=config, calibration_ids=ids)
+    assert all(layer.error_ls is None and layer.error > 0 for layer in report.layers)
+    monkeypatch.setattr(Config, "needs_gram", property(lambda self: True))
+    full = tiny_model("qwen2")
+    expected = spap.prune(full, config=config, calibration_ids=ids)
+    assert [r.kept for r in report.layers] == [r.kept for r in expected.layers]
+    assert [r.error for r in report.layers] == pytest.approx([r.error for r in expected.layers], rel=1e-6)
+    for a, b in zip(diagonal.state_dict().values(), full.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -6,6 +6,7 @@ import copy
 import inspect
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,7 @@ def save_pruned(
         pad_mlps_to_uniform(model)
     config = export_config(model)
     needs_code = hasattr(config, "auto_map")
+    started = time.perf_counter()
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         original = model.config
         model.config = config
@@ -151,6 +153,7 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if report is not None:
+            report = {**report, "seconds": {**report.get("seconds", {}), "save": time.perf_counter() - started}}
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
         if calibration_ids is not None:
             torch.save(calibration_ids.cpu(), tmp / CALIBRATION_FILE)

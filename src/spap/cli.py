@@ -207,7 +207,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
     sources = _ppl_sources(args.ppl) if args.eval and is_main else []
     torch.manual_seed(cfg.seed)
+    started = time.perf_counter()
     model, tokenizer, path = load_model(args.model)
+    load_seconds = time.perf_counter() - started
     print(f"model {path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     metrics: dict[str, Any] = {}
     if sources:
@@ -225,6 +227,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if not is_main:  # data-parallel workers: rank 0 writes the checkpoint
         return 0
     data = report.to_dict()
+    data["seconds"]["load"] = load_seconds
     data["model"] = path
     data["metrics"] = metrics
     data["command"] = " ".join(sys.argv)

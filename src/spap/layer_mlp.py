@@ -33,7 +33,8 @@ class LayerReport:
     width_after: int
     kept: list[int]
     error: float  # ||y_pruned - y_dense||^2 / ||y_dense||^2 on all calibration tokens (compute dtype)
-    error_ls: float  # same, from float64 statistics (token-weighted if so configured), after selection + LS
+    error_ls: float | None  # same, from float64 statistics (token-weighted if so configured), after selection +
+    # reconstruction (None for score rules, whose statistics hold no Gram matrix)
     error_refit: float | None = None  # same, after the final refit (None without one)
     refit_accepted: bool | None = None  # False: the refit was discarded (early stopping or safeguard)
     refit_first: float | None = None
@@ -104,7 +105,8 @@ def prune_layer_mlp(
     attention = AttentionCache()  # the first pass records the attention, later passes replay it
     t0 = time.perf_counter()
     stats = collect_statistics(
-        adapter, layer, inputs, device, dtype, dense, None, positions, offsets_first, weights_first, attention
+        adapter, layer, inputs, device, dtype, dense, None, positions, offsets_first, weights_first, attention,
+        full=cfg.solver.needs_gram,
     )
     seconds["attention"] = attention.seconds
     seconds["statistics"] = time.perf_counter() - t0 - attention.seconds
@@ -175,6 +177,7 @@ def collect_statistics(
     offset_for: Callable[[int, Tensor], Tensor | None] | None = None,
     weight_for: Callable[[int, Tensor], Tensor | None] | None = None,
     attention: AttentionCache | None = None,
+    full: bool = True,
 ) -> MLPStatistics:
     """Run ``layer`` on all calibration inputs and accumulate statistics of its MLP inputs.
 
@@ -182,8 +185,9 @@ def collect_statistics(
     products in float32.  ``offset_for(batch, layer_output)`` may return a per-token correction added
     to the targets, ``weight_for(batch, layer_output)`` per-token weights (B, S) of the least-squares
     terms.  ``attention``: record the layer's attention outputs on the first pass, replay them after.
+    ``full`` False: diag(G) and the sums only (for score rules).
     """
-    stats = MLPStatistics(features.width, features.hidden_size, device, positions, activation_dtype=dtype)
+    stats = MLPStatistics(features.width, features.hidden_size, device, positions, activation_dtype=dtype, full=full)
     features = features.to(device, dtype)
     target = None if target is None else target.to(device, dtype)
     work = compute_copy(layer, device, dtype)

@@ -52,15 +52,18 @@ def probe_layers(
         scores = error = None
         if needs_statistics:
             dense = adapter.read_mlp(layer).to(device, torch.float32)
-            stats = collect_statistics(adapter, layer, inputs, device, dtype, dense, None, None)
-            k = max(1, int(round(cfg.sparsity * dense.width)))
-            problem = QuadraticLS.from_stats(stats)
-            pruned = score_select(problem, k, cfg.solver)
-            sub = problem.restrict(torch.nonzero(~pruned).flatten())
-            w, _ = sub.solve(cfg.solver.damping * problem.mean_diag)
-            error = 2 * sub.objective(w)
+            energy_needed = cfg.allocation_rule == "structprune"  # FLAP's ranking needs diag(G) only
+            stats = collect_statistics(adapter, layer, inputs, device, dtype, dense, None, None, full=energy_needed)
+            if energy_needed:
+                k = max(1, int(round(cfg.sparsity * dense.width)))
+                problem = QuadraticLS.from_stats(stats)
+                pruned = score_select(problem, k, cfg.solver)
+                sub = problem.restrict(torch.nonzero(~pruned).flatten())
+                w, _ = sub.solve(cfg.solver.damping * problem.mean_diag)
+                error = 2 * sub.objective(w)
+                del problem, sub
             scores = neuron_scores("flap", dense.down, stats).cpu()
-            del stats, problem, sub
+            del stats
         outputs = run_layer(compute_copy(layer, device, dtype), inputs, device, dtype)
         angular = mean_angular_distance(inputs.hidden, outputs.hidden)
         inputs = outputs

@@ -36,6 +36,8 @@ class QuadraticLS:
 
     @classmethod
     def from_stats(cls, stats: MLPStatistics, keep: Tensor | None = None) -> "QuadraticLS":
+        if not stats.full:
+            raise ValueError("least squares needs the full Gram matrix; these statistics hold its diagonal only")
         problem = cls(stats.gram, stats.cross, stats.z_sum, stats.y_sum, stats.y_sq, float(stats.mass))
         return problem if keep is None else problem.restrict(keep)
 

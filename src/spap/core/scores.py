@@ -29,7 +29,7 @@ SCORE_RULES = ("magnitude", "wanda-sp", "fasp", "flap", "cfsp")
 def neuron_scores(rule: str, down: Tensor, stats: MLPStatistics) -> Tensor:
     """Importance (m,) in float64 of each neuron under ``rule``."""
     w = down.double()
-    z_sq = stats.gram.diagonal().clamp_min(0)  # ||z_i||^2 = G_ii
+    z_sq = stats.z_sq.clamp_min(0)  # ||z_i||^2 = G_ii
     if rule == "magnitude":
         return w.norm(dim=0)
     if rule == "wanda-sp":

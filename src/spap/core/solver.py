@@ -30,7 +30,8 @@ class MLPPruneResult:
 
     weights: MLPWeights
     kept: Tensor  # (m - k,) sorted indices into the original neurons
-    error_ls: float  # relative error on all calibration tokens after selection + reconstruction
+    error_ls: float | None  # relative error on all calibration tokens after selection + reconstruction
+    # (None for score rules, whose statistics hold no Gram matrix)
     refit_history: list[float] = field(default_factory=list)
     penalty_objective: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -113,8 +114,10 @@ def prune_mlp(
             comp = weights.down[:, pruned].double() @ stats.z_mean.to(weights.down.device, torch.float64)[pruned]
             base = torch.zeros_like(comp) if weights.down_bias is None else weights.down_bias.double()
             new = replace(new, down_bias=(base + comp).float())
-        problem = QuadraticLS.from_stats(stats, kept)
-        error = problem.relative_error(new.down.to(problem.gram.device), _bias(new, problem))
+        error = None  # statistics without the Gram matrix cannot give it; the pipeline measures the error
+        if stats.full:
+            problem = QuadraticLS.from_stats(stats, kept)
+            error = problem.relative_error(new.down.to(problem.gram.device), _bias(new, problem))
     timings["reconstruct"] = time.perf_counter() - t0
 
     history: list[float] = []

@@ -103,6 +103,12 @@ class SolverConfig:
         return self.refit or METHOD_DEFAULTS[self.method][1]
 
     @property
+    def needs_gram(self) -> bool:
+        """Whether the solve needs the full Gram / cross statistics (SPAP's selection or any least
+        squares); score rules with no or a bias-only reconstruction need diag(G) and sum z only."""
+        return self.method == "spap" or self.refit_rule in ("ls", "alternating", "gd")
+
+    @property
     def holdout_tokens(self) -> int:
         """Held-out rows the refit's early stopping needs (0 without early stopping)."""
         return self.refit_holdout_tokens if self.needs_sample and self.refit_patience > 0 else 0

@@ -2,8 +2,8 @@
 
 For tokens x_n (n = 1..N), intermediate z_n in R^m and dense output y_n = W_down z_n + b in R^d:
 
-    gram  G = sum_n w_n z_n z_n^T    (m, m)
-    cross C = sum_n w_n y_n z_n^T    (d, m)
+    gram  G = sum_n w_n z_n z_n^T    (m, m)     (only its diagonal where ``full`` is False:
+    cross C = sum_n w_n y_n z_n^T    (d, m)      score rules need no G and no C)
     z_sum   = sum_n w_n z_n          (m,)      y_sum = sum_n w_n y_n  (d,)
     y_sq    = sum_n w_n ||y_n||^2    scalar    mass = sum_n w_n,  count = N
 
@@ -39,10 +39,12 @@ class MLPStatistics:
         sample_positions: Tensor | None = None,
         chunk_tokens: int = 8192,
         activation_dtype: torch.dtype = torch.float32,
+        full: bool = True,
     ) -> None:
         f64 = dict(dtype=torch.float64, device=device)
-        self.gram = torch.zeros(width, width, **f64)
-        self.cross = torch.zeros(hidden_size, width, **f64)
+        self.full = full  # False: only diag(G) (``z_sq``), z_sum and the y sums; no G, no C
+        self.gram = torch.zeros(width, width, **f64) if full else torch.zeros(width, **f64)
+        self.cross = torch.zeros(hidden_size, width if full else 0, **f64)
         self.z_sum = torch.zeros(width, **f64)
         self.y_sum = torch.zeros(hidden_size, **f64)
         self.y_sq = torch.zeros((), **f64)
@@ -108,16 +110,17 @@ class MLPStatistics:
             if not (torch.isfinite(weight).all() and (weight >= 0).all()):
                 raise NonFiniteStatisticsError("token weights must be finite and non-negative")
             wz, wy, mass = z * weight[:, None], y * weight[:, None], float(weight.double().sum())
-        gram = wz.T @ z
+        gram = wz.T @ z if self.full else (wz * z).sum(0)
         y_sq = (wy.double() * y.double()).sum()
         # a NaN or inf in z or y makes sum w z_i^2 (diag of the Gram) or sum w ||y||^2 non-finite
-        if not (torch.isfinite(gram.diagonal()).all() and torch.isfinite(y_sq)):
+        if not (torch.isfinite(gram.diagonal() if self.full else gram).all() and torch.isfinite(y_sq)):
             raise NonFiniteStatisticsError(
                 "calibration activations contain NaN or inf; check the model dtype (float16 overflow?) "
                 "and the calibration data"
             )
         self.gram += gram.double()
-        self.cross += (wy.T @ z).double()
+        if self.full:
+            self.cross += (wy.T @ z).double()
         self.z_sum += wz.sum(0).double()
         self.y_sum += wy.sum(0).double()
         self.y_sq += y_sq
@@ -154,6 +157,11 @@ class MLPStatistics:
         return torch.cat(self._sample_weights) if self._sample_weights else torch.zeros(0)
 
     @property
+    def z_sq(self) -> Tensor:
+        """sum_n w_n z_ni^2 per neuron (m,): diag(G)."""
+        return self.gram.diagonal() if self.full else self.gram
+
+    @property
     def z_mean(self) -> Tensor:
         return self.z_sum / max(float(self.mass), 1e-30)
 
@@ -161,11 +169,11 @@ class MLPStatistics:
     def z_var(self) -> Tensor:
         """Per-neuron (weighted) variance of z over tokens (population variance)."""
         n = max(float(self.mass), 1e-30)
-        return (self.gram.diagonal() / n - self.z_mean.pow(2)).clamp_min(0)
+        return (self.z_sq / n - self.z_mean.pow(2)).clamp_min(0)
 
     def state_tensors(self) -> list[Tensor]:
         """Tensors that are plain sums over tokens (for an all-reduce across data-parallel ranks)."""
-        return [self.gram, self.cross, self.z_sum, self.y_sum, self.y_sq, self.mass]
+        return [t for t in (self.gram, self.cross, self.z_sum, self.y_sum, self.y_sq, self.mass) if t.numel()]
 
 
 def sample_token_positions(total_tokens: int, n_sample: int, seed: int) -> Tensor | None:
