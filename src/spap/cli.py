@@ -27,6 +27,7 @@ _SOLVER_HELP = {
     "momentum": "alpha, soft-mask momentum",
     "score_exponent": "t, importance exponent",
     "ramp": "fraction of rounds over which the target count grows to k",
+    "penalty_patience": "stop the penalty loop once the full-size mask is unchanged this many rounds (0: all rounds)",
     "damping": "ridge relative to mean diag(G)",
     "refit_rounds": "final alternating-minimisation rounds",
     "refit_grad_steps": "gradient steps on W_up/W_gate per round",

@@ -41,11 +41,16 @@ def test_woodbury_penalty_loop_equals_the_direct_loop(seed):
     mlp = random_mlp(d=24, m=96, seed=seed)
     x = torch.randn(1500, 6, generator=g) @ torch.randn(6, 24, generator=g) + 0.2 * torch.randn(1500, 24, generator=g)
     problem = QuadraticLS.from_stats(stats_for(mlp, x))
-    cfg = SolverConfig()
+    cfg = SolverConfig(penalty_patience=0)
     mask, trace = penalty_select(problem, 40, cfg)
     expected_mask, expected_objective = direct_penalty_select(problem, 40, cfg)
     assert torch.equal(mask, expected_mask)
     assert trace.objective == pytest.approx(expected_objective, rel=1e-9, abs=1e-12)
+    # early stop once the full-size mask has settled: fewer rounds, the same mask here
+    early_mask, early_trace = penalty_select(problem, 40, SolverConfig(penalty_patience=2))
+    assert len(early_trace.objective) < cfg.penalty_rounds
+    assert early_trace.objective == trace.objective[: len(early_trace.objective)]
+    assert torch.equal(early_mask, expected_mask)
 
 
 def test_holdout_positions_leave_the_fit_rows_unchanged():

@@ -96,7 +96,7 @@ def test_penalty_loop_is_no_worse_than_one_shot_scores_on_correlated_neurons():
 def test_penalty_trace_records_rounds_and_ramp():
     mlp = random_mlp(m=30)
     x = torch.randn(200, 12)
-    cfg = SolverConfig(penalty_rounds=10, ramp=0.5)
+    cfg = SolverConfig(penalty_rounds=10, ramp=0.5, penalty_patience=0)  # every round
     mask, trace = penalty_select(QuadraticLS.from_stats(stats_for(mlp, x)), 8, cfg)
     assert int(mask.sum()) == 8
     assert len(trace.objective) == 10

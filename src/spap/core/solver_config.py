@@ -35,6 +35,9 @@ class SolverConfig:
     score_exponent:  t: importance ||W[:, i]||^2 G_ii^(1-t) / ([A^-1]_ii)^t (t=1: compensated
                      removal cost, t=0: uncompensated cost); see spap.core.selection.
     ramp:            fraction of the K rounds over which the target count k_r grows to k.
+    penalty_patience: stop the penalty loop once the bottom-k set at the full count k has not
+                     changed for this many rounds (the remaining momentum updates are applied in
+                     closed form); 0 runs every round.
     damping:         ridge delta relative to mean(diag(G)) in every least-squares solve.
     refit_rounds:    rounds of the final alternating minimisation.
     refit_grad_steps: gradient steps on W_up/W_gate per refit round (Armijo backtracking).
@@ -63,6 +66,7 @@ class SolverConfig:
     momentum: float = 0.3
     score_exponent: float = 0.5
     ramp: float = 0.6
+    penalty_patience: int = 2
     damping: float = 1e-2
     refit_rounds: int = 20
     refit_grad_steps: int = 3
@@ -89,8 +93,8 @@ class SolverConfig:
             raise ValueError("ramp must be in (0, 1]")
         if self.rho_growth < 1 or self.rho_init < 0 or self.damping < 0:
             raise ValueError("need rho_growth >= 1, rho_init >= 0, damping >= 0")
-        if self.refit_patience < 0 or self.refit_holdout_tokens < 0:
-            raise ValueError("refit_patience and refit_holdout_tokens must be >= 0")
+        if self.refit_patience < 0 or self.refit_holdout_tokens < 0 or self.penalty_patience < 0:
+            raise ValueError("penalty_patience, refit_patience and refit_holdout_tokens must be >= 0")
         if not self.refit_input_noise >= 0:  # also rejects NaN
             raise ValueError(f"refit_input_noise must be >= 0, got {self.refit_input_noise}")
 
