@@ -9,7 +9,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results}
-PY=${PY:-python}
+PY=${PY:-python3}
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"  # spap from this checkout, installed or not
 if [ "${SMOKE:-0}" = 1 ]; then
   shape=smoke; speed_args=(--device cpu --new-tokens 4 --prefill-len 16 --decode-batch 2)
   scale_args=(--device cpu --n-samples 2 --seq-len 16); tag=smoke-cpu
