@@ -13,8 +13,9 @@ round computes Z only at trial points.
 ``gradient_refit`` is the ablation that updates all parameters together by plain (backtracking)
 gradient descent for the same number of evaluations.
 With held-out rows (``Holdout``) and a patience P, both stop once the held-out error has not improved
-for P rounds and return the weights of the best round (the start counts as round 0), so a refit that
-only fits its sample stops after P rounds.
+for P rounds and return the weights of the best round (the start counts as round 0, judged with its
+W_down re-fit on the sample like every round's), so a refit that only fits its sample stops after P
+rounds.
 ``perturbed_rows`` makes the refit inputs x_n + sigma rms(x_n) eps_n (targets: the dense MLP there),
 so the refit also matches the dense MLP's response to small changes of its input.
 """
@@ -165,14 +166,24 @@ class Holdout:
 
 class _EarlyStopping:
     """Tracks the best weights by held-out error; ``stop(weights)`` is True after ``patience`` rounds
-    without improvement.  Without held-out rows (or patience 0) it never stops and keeps the last."""
+    without improvement.  Without held-out rows (or patience 0) it never stops and keeps the last.
 
-    def __init__(self, start: MLPWeights, holdout: Holdout | None, patience: int) -> None:
+    ``reference``: the weights whose held-out error the start is judged by (default: ``start``).
+    The alternating refit passes the start's W_up/W_gate with W_down re-fit on the refit sample,
+    as every later round's W_down is: the start's own W_down was fit on all calibration tokens,
+    the held-out ones included, which would favour the start unfairly."""
+
+    def __init__(self, holdout: Holdout | None, patience: int) -> None:
         self.holdout = holdout if patience > 0 else None
         self.patience = patience
-        self.best = start
-        self.best_error = self.holdout.error(start) if self.holdout is not None else 0.0
+        self.best: MLPWeights | None = None
+        self.best_error = float("inf")
         self.since_best = 0
+
+    def begin(self, start: MLPWeights, reference: MLPWeights | None = None) -> None:
+        self.best = start
+        if self.holdout is not None:
+            self.best_error = self.holdout.error(start if reference is None else reference)
 
     def stop(self, weights: MLPWeights) -> bool:
         if self.holdout is None:
@@ -221,8 +232,9 @@ def alternating_refit(
     damping, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _THETA)
     history: list[float] = []
     lr, point = None, None
-    early = _EarlyStopping(weights, holdout, patience)
-    for _ in range(rounds):
+    early = _EarlyStopping(holdout, patience)
+    start = weights
+    for r in range(rounds):
         with torch.no_grad():  # z of the last accepted step, if any, is z at the current W_up/W_gate
             z = weights.intermediate(x) if point is None else point.z.detach()
             problem = QuadraticLS.from_data(z, y, token_weight, product_dtype=torch.float32)
@@ -230,6 +242,8 @@ def alternating_refit(
             w, b = problem.solve(damping, fit_bias=fit_bias)
             bias = b.to(x) if fit_bias else weights.down_bias
             weights = replace(weights, down=w.to(x), down_bias=bias)
+        if r == 0:  # judge the start with its W_down fit on the sample too (see _EarlyStopping)
+            early.begin(start, weights)
         weights, lr, value, point = armijo_descent(weights, _THETA, x, loss, grad_steps, lr, point)
         history.append(value / y_half)
         if early.stop(weights):
@@ -245,7 +259,8 @@ def gradient_refit(
     _, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _ALL)
     history: list[float] = []
     lr, point = None, None
-    early = _EarlyStopping(weights, holdout, patience)
+    early = _EarlyStopping(holdout, patience)
+    early.begin(weights)
     for _ in range(rounds):
         weights, lr, value, point = armijo_descent(weights, _ALL, x, loss, grad_steps + 1, lr, point)
         history.append(value / y_half)
