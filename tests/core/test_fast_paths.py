@@ -73,6 +73,8 @@ def test_refit_early_stopping_returns_the_best_held_out_round():
     rounds = 30
     _, every = alternating_refit(pruned, x, mlp(x), rounds, 3, 1e-3, False)
     assert len(every) == rounds
+    none, no_rounds = alternating_refit(pruned, x, mlp(x), 0, 3, 1e-3, False, holdout=holdout, patience=2)
+    assert none is pruned and no_rounds == []
     best, history = alternating_refit(pruned, x, mlp(x), rounds, 3, 1e-3, False, holdout=holdout, patience=2)
     assert len(history) < rounds
     # the start is judged with W_down re-fit on the sample (no gradient steps), as every round is

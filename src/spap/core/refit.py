@@ -168,22 +168,21 @@ class _EarlyStopping:
     """Tracks the best weights by held-out error; ``stop(weights)`` is True after ``patience`` rounds
     without improvement.  Without held-out rows (or patience 0) it never stops and keeps the last.
 
-    ``reference``: the weights whose held-out error the start is judged by (default: ``start``).
-    The alternating refit passes the start's W_up/W_gate with W_down re-fit on the refit sample,
-    as every later round's W_down is: the start's own W_down was fit on all calibration tokens,
-    the held-out ones included, which would favour the start unfairly."""
+    ``judge_start(reference)``: the weights whose held-out error the start is judged by.  The
+    alternating refit passes the start's W_up/W_gate with W_down re-fit on the refit sample, as every
+    later round's W_down is: the start's own W_down was fit on all calibration tokens, the held-out
+    ones included, which would favour the start unfairly."""
 
-    def __init__(self, holdout: Holdout | None, patience: int) -> None:
+    def __init__(self, start: MLPWeights, holdout: Holdout | None, patience: int) -> None:
         self.holdout = holdout if patience > 0 else None
         self.patience = patience
-        self.best: MLPWeights | None = None
+        self.best = start
         self.best_error = float("inf")
         self.since_best = 0
 
-    def begin(self, start: MLPWeights, reference: MLPWeights | None = None) -> None:
-        self.best = start
+    def judge_start(self, reference: MLPWeights) -> None:
         if self.holdout is not None:
-            self.best_error = self.holdout.error(start if reference is None else reference)
+            self.best_error = self.holdout.error(reference)
 
     def stop(self, weights: MLPWeights) -> bool:
         if self.holdout is None:
@@ -232,8 +231,7 @@ def alternating_refit(
     damping, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _THETA)
     history: list[float] = []
     lr, point = None, None
-    early = _EarlyStopping(holdout, patience)
-    start = weights
+    early = _EarlyStopping(weights, holdout, patience)
     for r in range(rounds):
         with torch.no_grad():  # z of the last accepted step, if any, is z at the current W_up/W_gate
             z = weights.intermediate(x) if point is None else point.z.detach()
@@ -243,7 +241,7 @@ def alternating_refit(
             bias = b.to(x) if fit_bias else weights.down_bias
             weights = replace(weights, down=w.to(x), down_bias=bias)
         if r == 0:  # judge the start with its W_down fit on the sample too (see _EarlyStopping)
-            early.begin(start, weights)
+            early.judge_start(weights)
         weights, lr, value, point = armijo_descent(weights, _THETA, x, loss, grad_steps, lr, point)
         history.append(value / y_half)
         if early.stop(weights):
@@ -259,8 +257,8 @@ def gradient_refit(
     _, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _ALL)
     history: list[float] = []
     lr, point = None, None
-    early = _EarlyStopping(holdout, patience)
-    early.begin(weights)
+    early = _EarlyStopping(weights, holdout, patience)
+    early.judge_start(weights)
     for _ in range(rounds):
         weights, lr, value, point = armijo_descent(weights, _ALL, x, loss, grad_steps + 1, lr, point)
         history.append(value / y_half)

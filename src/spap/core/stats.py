@@ -98,8 +98,8 @@ class MLPStatistics:
                 yc = features.output_from_intermediate(zc) if y_all is None else y_all[chunk]
             z, y = zc.to(self.gram.device, torch.float32), yc.to(self.gram.device, torch.float32)
             if offset is not None:
-                y = y + offset[start : start + self.chunk_tokens].to(y)
-            w = None if weight is None else weight[start : start + self.chunk_tokens].to(z)
+                y = y + offset[chunk].to(y)
+            w = None if weight is None else weight[chunk].to(z)
             self.add(z, y, w)
 
     def add(self, z: Tensor, y: Tensor, weight: Tensor | None = None) -> None:
