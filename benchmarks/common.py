@@ -7,8 +7,9 @@ import multiprocessing as mp
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # name: PruneConfig overrides; "solver" holds SolverConfig overrides
@@ -32,12 +33,34 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 
 SHAPES = {  # public config values of the named models (random weights)
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True),
-    "smoke": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,  # script checks
-                  num_key_value_heads=2, vocab_size=512),
+    "llama3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "llama3-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    "smoke": dict(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,  # script checks
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
 }
 
 
@@ -92,16 +115,24 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     if job["variant"] != "dense":
         solver = SolverConfig(**{**overrides.pop("solver", {}), **job.get("solver", {})})
         cfg = PruneConfig(
-            sparsity=job["sparsity"], solver=solver, calibration=CalibrationConfig(**job["calibration"]),
-            seed=job["seed"], **overrides,
+            sparsity=job["sparsity"],
+            solver=solver,
+            calibration=CalibrationConfig(**job["calibration"]),
+            seed=job["seed"],
+            **overrides,
         )
         report = spap.prune(model, tokenizer, cfg)
         row.update(
-            prune_seconds=report.seconds["total"], peak_rss_gib=report.memory["peak_rss_gib"],
-            parameters=report.parameters_after, parameters_before=report.parameters_before,
-            widths=report.widths, mean_layer_error=sum(r.error for r in report.layers) / len(report.layers),
-            config=report.config, calibration_shape=report.calibration_shape,
-            allocation=report.extra.get("allocation"), device=report.device,
+            prune_seconds=report.seconds["total"],
+            peak_rss_gib=report.memory["peak_rss_gib"],
+            parameters=report.parameters_after,
+            parameters_before=report.parameters_before,
+            widths=report.widths,
+            mean_layer_error=sum(r.error for r in report.layers) / len(report.layers),
+            config=report.config,
+            calibration_shape=report.calibration_shape,
+            allocation=report.extra.get("allocation"),
+            device=report.device,
             refit_rejected=[r.index for r in report.layers if r.refit_accepted is False],
             layer_errors=[dict(ls=r.error_ls, refit=r.error_refit) for r in report.layers],
         )
@@ -122,7 +153,9 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
         row["ppl"][str(seq_len)] = r.to_dict()
     for task in job.get("tasks", []):
         name, examples = load_task(task, job.get("task_limit"))
-        row.setdefault("zeroshot", {})[name] = evaluate_task(model, tokenizer, examples, name, dtype=dtype, progress=False).to_dict()
+        row.setdefault("zeroshot", {})[name] = evaluate_task(
+            model, tokenizer, examples, name, dtype=dtype, progress=False
+        ).to_dict()
     row["seconds"] = time.perf_counter() - t0
     return row
 
@@ -153,7 +186,12 @@ def run_isolated(job: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, A
 
 
 def capture_dense(
-    model: Any, adapter: Any, ids: Any, layer_ids: list[int], outputs: bool = False, batch_size: int = 4,
+    model: Any,
+    adapter: Any,
+    ids: Any,
+    layer_ids: list[int],
+    outputs: bool = False,
+    batch_size: int = 4,
     dtype: Any = None,
 ) -> tuple[dict[int, Any], dict[int, Any]]:
     """MLP inputs x (N, d) of the dense model at ``layer_ids`` (autocast forwards in ``dtype``, default
@@ -166,11 +204,19 @@ def capture_dense(
     hs: dict[int, list] = {i: [] for i in layer_ids} if outputs else {}
     handles = []
     for i in layer_ids:
-        handles.append(adapter.mlp_input_linear(layers[i]).register_forward_pre_hook(
-            lambda _m, a, i=i: xs[i].append(a[0].flatten(0, -2).float().cpu())))
+        handles.append(
+            adapter.mlp_input_linear(layers[i]).register_forward_pre_hook(
+                lambda _m, a, i=i: xs[i].append(a[0].flatten(0, -2).float().cpu())
+            )
+        )
         if outputs:
-            handles.append(layers[i].register_forward_hook(
-                lambda _m, _a, o, i=i: hs[i].append((o[0] if isinstance(o, tuple) else o).flatten(0, -2).float().cpu())))
+            handles.append(
+                layers[i].register_forward_hook(
+                    lambda _m, _a, o, i=i: hs[i].append(
+                        (o[0] if isinstance(o, tuple) else o).flatten(0, -2).float().cpu()
+                    )
+                )
+            )
     try:
         dtype = torch.bfloat16 if dtype is None else dtype
         with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):

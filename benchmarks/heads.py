@@ -35,8 +35,8 @@ def layer_shapes(model_name: str) -> dict[str, int]:
     proj = adapter.attention_projections(layer)
     n_heads, n_kv, _ = adapter.attention_shape(layer)
     return {
-        "mlp": sum(l.weight.numel() for l in adapter.mlp_linears(layer).values()),
-        "attn": sum(l.weight.numel() for l in proj.values()),
+        "mlp": sum(lin.weight.numel() for lin in adapter.mlp_linears(layer).values()),
+        "attn": sum(lin.weight.numel() for lin in proj.values()),
         "q_o": proj["q"].weight.numel() + proj["o"].weight.numel(),
         "n_kv": n_kv,
         "per_group": n_heads // n_kv,
@@ -60,28 +60,47 @@ def reusable_rows(path: Path, base: dict, variant: str) -> dict[float, dict]:
     if not same:
         print(f"--reuse {path}: settings differ from this run, nothing reused", flush=True)
         return {}
-    return {r["sparsity"]: r for r in data["rows"]
-            if r["variant"] == variant and r.get("config", {}).get("target", "mlp") == "mlp"}
+    return {
+        r["sparsity"]: r
+        for r in data["rows"]
+        if r["variant"] == variant and r.get("config", {}).get("target", "mlp") == "mlp"
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.4])
-    ap.add_argument("--variant", default="spap", choices=[v for v in VARIANTS if v != "dense"],
-                    help="pruning method variant used for both curves")
-    ap.add_argument("--head-unit", default="kv-group", choices=["kv-group", "query"],
-                    help="remove whole KV groups, or query heads inside every KV group (k/v kept)")
-    ap.add_argument("--heads", type=int, default=1,
-                    help="units removed per layer in the combined runs: KV groups, or query heads per KV group")
+    ap.add_argument(
+        "--variant",
+        default="spap",
+        choices=[v for v in VARIANTS if v != "dense"],
+        help="pruning method variant used for both curves",
+    )
+    ap.add_argument(
+        "--head-unit",
+        default="kv-group",
+        choices=["kv-group", "query"],
+        help="remove whole KV groups, or query heads inside every KV group (k/v kept)",
+    )
+    ap.add_argument(
+        "--heads",
+        type=int,
+        default=1,
+        help="units removed per layer in the combined runs: KV groups, or query heads per KV group",
+    )
     ap.add_argument("--ppl-file", required=True)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--calib", default="bundled")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--reuse", default=None, metavar="QUALITY_JSON",
-                    help="take MLP-only rows from a quality.py results file measured with the same settings")
+    ap.add_argument(
+        "--reuse",
+        default=None,
+        metavar="QUALITY_JSON",
+        help="take MLP-only rows from a quality.py results file measured with the same settings",
+    )
     args = ap.parse_args()
     shapes = layer_shapes(args.model)
     p_mlp = shapes["mlp"]
@@ -89,12 +108,26 @@ def main() -> None:
     suffix = "-query" if args.head_unit == "query" else ""
     out = Path(args.out or f"results/heads{suffix}-{Path(args.model).name}.json")
     rows = load_rows(out) if args.resume else []
-    meta = {"model": args.model, "machine": machine(), "mlp_params_per_layer": p_mlp, "attn_params_per_layer": shapes["attn"],
-            "head_unit": args.head_unit, "head_fraction": h, "heads_removed": label, "variant": args.variant,
-            "command": " ".join(sys.argv)}
-    base = {"model": args.model, "seed": 0, "ppl_file": args.ppl_file, "seq_lens": [args.seq_len],
-            "max_tokens": args.max_tokens, "eval_dtype": "bfloat16",
-            "calibration": {"source": args.calib, "n_samples": 128, "seq_len": 2048, "seed": 0}}
+    meta = {
+        "model": args.model,
+        "machine": machine(),
+        "mlp_params_per_layer": p_mlp,
+        "attn_params_per_layer": shapes["attn"],
+        "head_unit": args.head_unit,
+        "head_fraction": h,
+        "heads_removed": label,
+        "variant": args.variant,
+        "command": " ".join(sys.argv),
+    }
+    base = {
+        "model": args.model,
+        "seed": 0,
+        "ppl_file": args.ppl_file,
+        "seq_lens": [args.seq_len],
+        "max_tokens": args.max_tokens,
+        "eval_dtype": "bfloat16",
+        "calibration": {"source": args.calib, "n_samples": 128, "seq_len": 2048, "seed": 0},
+    }
     reusable = reusable_rows(Path(args.reuse), base, args.variant) if args.reuse else {}
     combined = "mlp+heads" if args.head_unit == "kv-group" else "mlp+query-heads"
     jobs = []
@@ -115,17 +148,35 @@ def main() -> None:
         row.update(kind=kind, removed_per_layer=removed, removed_fraction=removed / (p_mlp + shapes["attn"]))
         rows.append(row)
         save_rows(out, rows, meta)
-        print(f"{kind:10s} mlp {s:.3f} removed {removed / 1e6:.3f}M/layer ppl {row['ppl'][str(args.seq_len)]['perplexity']:.2f}", flush=True)
+        print(
+            f"{kind:10s} mlp {s:.3f} removed {removed / 1e6:.3f}M/layer ppl {row['ppl'][str(args.seq_len)]['perplexity']:.2f}",
+            flush=True,
+        )
     print(write_outputs(rows, out, args.seq_len, label))
 
 
 def write_outputs(rows: list[dict], out: Path, seq_len: int, heads_removed: str) -> str:
     """Markdown table and PNG: perplexity vs parameters removed, one curve per kind."""
     key = str(seq_len)
-    table = [[r["kind"], f"{r['sparsity']:.1%}", heads_removed if r["kind"] != "mlp-only" else "0",
-              f"{r['removed_fraction']:.1%}", f"{1 - r['parameters'] / r['parameters_before']:.1%}", r["ppl"][key]["perplexity"]]
-             for r in sorted(rows, key=lambda r: (r["removed_per_layer"], r["kind"]))]
-    header = ["variant", "MLP sparsity", "heads removed per layer", "layer params removed", "model params removed", f"ppl@{seq_len}"]
+    table = [
+        [
+            r["kind"],
+            f"{r['sparsity']:.1%}",
+            heads_removed if r["kind"] != "mlp-only" else "0",
+            f"{r['removed_fraction']:.1%}",
+            f"{1 - r['parameters'] / r['parameters_before']:.1%}",
+            r["ppl"][key]["perplexity"],
+        ]
+        for r in sorted(rows, key=lambda r: (r["removed_per_layer"], r["kind"]))
+    ]
+    header = [
+        "variant",
+        "MLP sparsity",
+        "heads removed per layer",
+        "layer params removed",
+        "model params removed",
+        f"ppl@{seq_len}",
+    ]
     text = markdown_table(header, table)
     out.with_suffix(".md").write_text(text + "\n")
     plt = headless_pyplot()
@@ -133,7 +184,11 @@ def write_outputs(rows: list[dict], out: Path, seq_len: int, heads_removed: str)
         return text
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for kind in sorted({r["kind"] for r in rows}):
-        pts = sorted((1 - r["parameters"] / r["parameters_before"], r["ppl"][key]["perplexity"]) for r in rows if r["kind"] == kind)
+        pts = sorted(
+            (1 - r["parameters"] / r["parameters_before"], r["ppl"][key]["perplexity"])
+            for r in rows
+            if r["kind"] == kind
+        )
         ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
     ax.set_yscale("log")
     ax.set_xlabel("model parameters removed (%)")

@@ -87,8 +87,11 @@ def _time_one(job: dict[str, Any]) -> dict[str, Any]:
     overrides = dict(RECIPES[job["recipe"]])
     solver = SolverConfig(**overrides.pop("solver", {}))
     cfg = PruneConfig(
-        sparsity=job["sparsity"], solver=solver, seed=job["seed"],
-        calibration=CalibrationConfig(job["calib"], job["n_samples"], job["seq_len"], job["seed"]), **overrides,
+        sparsity=job["sparsity"],
+        solver=solver,
+        seed=job["seed"],
+        calibration=CalibrationConfig(job["calib"], job["n_samples"], job["seq_len"], job["seed"]),
+        **overrides,
     )
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.compute_dtype, device)
@@ -112,17 +115,29 @@ def _time_one(job: dict[str, Any]) -> dict[str, Any]:
     stages["save"] = save_seconds
     seconds = report.seconds["total"]
     return {
-        "model": Path(path).name, "recipe": job["recipe"], "sparsity": job["sparsity"], "calibration": job["calib"],
+        "model": Path(path).name,
+        "recipe": job["recipe"],
+        "sparsity": job["sparsity"],
+        "calibration": job["calib"],
         "tokens": report.calibration_shape[0] * report.calibration_shape[1],
         "calibration_shape": report.calibration_shape,
-        "seconds": seconds, "floor_seconds": floor, "ratio": seconds / floor,
+        "seconds": seconds,
+        "floor_seconds": floor,
+        "ratio": seconds / floor,
         "stages": {k: round(v, 2) for k, v in stages.items()},
-        "floor": {"forward_flops": forward, "statistics_flops": stats, "compute_dtype": str(dtype).replace("torch.", ""),
-                  "compute_flops_per_s": rate_compute, "float32_flops_per_s": rate_f32},
-        "peak_rss_gib": report.memory["peak_rss_gib"], "peak_gpu_gib": report.memory.get("peak_gpu_gib"),
+        "floor": {
+            "forward_flops": forward,
+            "statistics_flops": stats,
+            "compute_dtype": str(dtype).replace("torch.", ""),
+            "compute_flops_per_s": rate_compute,
+            "float32_flops_per_s": rate_f32,
+        },
+        "peak_rss_gib": report.memory["peak_rss_gib"],
+        "peak_gpu_gib": report.memory.get("peak_gpu_gib"),
         "refit_rounds": [r.refit_rounds for r in report.layers],
         "errors": [r.error for r in report.layers],
-        "machine": machine(), "device": report.device,
+        "machine": machine(),
+        "device": report.device,
     }
 
 
@@ -148,11 +163,24 @@ def main() -> None:
         save_rows(out, rows, {"command": " ".join(sys.argv)})
         print(f"{recipe}: {row['seconds']:.0f} s, floor {row['floor_seconds']:.0f} s, ratio {row['ratio']:.2f}")
     stage_names = sorted({k for r in rows for k in r["stages"]})
-    print(markdown_table(
-        ["model", "recipe", "tokens", "seconds", "floor s", "ratio", *stage_names, "machine"],
-        [[r["model"], r["recipe"], r["tokens"], r["seconds"], r["floor_seconds"], r["ratio"],
-          *[r["stages"].get(k, "") for k in stage_names], r["machine"]] for r in rows],
-    ))
+    print(
+        markdown_table(
+            ["model", "recipe", "tokens", "seconds", "floor s", "ratio", *stage_names, "machine"],
+            [
+                [
+                    r["model"],
+                    r["recipe"],
+                    r["tokens"],
+                    r["seconds"],
+                    r["floor_seconds"],
+                    r["ratio"],
+                    *[r["stages"].get(k, "") for k in stage_names],
+                    r["machine"],
+                ]
+                for r in rows
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

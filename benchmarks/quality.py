@@ -24,7 +24,12 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--name", default=None, help="results file tag (default: model name)")
-    ap.add_argument("--methods", nargs="+", default=["spap", "magnitude", "wanda-sp", "fasp", "flap", "cfsp"], choices=list(VARIANTS))
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["spap", "magnitude", "wanda-sp", "fasp", "flap", "cfsp"],
+        choices=list(VARIANTS),
+    )
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
     ap.add_argument("--calib", default="bundled")
     ap.add_argument("--n-samples", type=int, default=128)
@@ -35,7 +40,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--eval-dtype", default="bfloat16")
     ap.add_argument("--tasks", nargs="*", default=[], help="zero-shot task files evaluated too")
     ap.add_argument("--task-limit", type=int, default=None)
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="PruneConfig overrides, e.g. temperature=0.5")
+    ap.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="PruneConfig overrides, e.g. temperature=0.5"
+    )
     ap.add_argument("--solver-set", nargs="*", default=[], metavar="KEY=VALUE", help="SolverConfig overrides")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default="results")
@@ -67,8 +74,12 @@ def pivot_table(rows: list[dict], seq_len: int) -> str:
 
 def write_outputs(rows: list[dict], out: Path, seq_lens: list[int], title: str) -> str:
     tasks = sorted({t for r in rows for t in r.get("zeroshot", {})})
-    header = (["method", "sparsity", "params (M)"] + [f"ppl@{s}" for s in seq_lens]
-              + [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")] + ["prune s", "peak RSS GiB"])
+    header = (
+        ["method", "sparsity", "params (M)"]
+        + [f"ppl@{s}" for s in seq_lens]
+        + [f"{t} {m}" for t in tasks for m in ("acc", "acc_norm")]
+        + ["prune s", "peak RSS GiB"]
+    )
     machines = any("machine" in r for r in rows)  # rows of one file may come from different machines
     header += ["machine"] if machines else []
     table_rows = []
@@ -122,19 +133,34 @@ def main() -> None:
     out = Path(args.out_dir) / f"quality-{tag}.json"
     rows = load_rows(out) if args.resume else []
     meta = {
-        "model": args.model, "machine": machine(), "ppl_file": args.ppl_file, "seq_lens": args.seq_lens,
-        "max_tokens": args.max_tokens, "eval_dtype": args.eval_dtype,
+        "model": args.model,
+        "machine": machine(),
+        "ppl_file": args.ppl_file,
+        "seq_lens": args.seq_lens,
+        "max_tokens": args.max_tokens,
+        "eval_dtype": args.eval_dtype,
         "calibration": {"source": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len, "seed": args.seed},
-        "command": " ".join(sys.argv), "overrides": parse_sets(args.set), "solver_overrides": parse_sets(args.solver_set),
+        "command": " ".join(sys.argv),
+        "overrides": parse_sets(args.set),
+        "solver_overrides": parse_sets(args.solver_set),
     }
     for variant, sparsity in plan_jobs(args.methods, args.sparsities):
         if any(r["variant"] == variant and r["sparsity"] == sparsity for r in rows):
             continue
         job = {
-            "model": args.model, "variant": variant, "sparsity": sparsity, "seed": args.seed,
-            "calibration": meta["calibration"], "ppl_file": args.ppl_file, "seq_lens": args.seq_lens,
-            "max_tokens": args.max_tokens, "eval_dtype": args.eval_dtype, "tasks": args.tasks,
-            "task_limit": args.task_limit, "overrides": parse_sets(args.set), "solver": parse_sets(args.solver_set),
+            "model": args.model,
+            "variant": variant,
+            "sparsity": sparsity,
+            "seed": args.seed,
+            "calibration": meta["calibration"],
+            "ppl_file": args.ppl_file,
+            "seq_lens": args.seq_lens,
+            "max_tokens": args.max_tokens,
+            "eval_dtype": args.eval_dtype,
+            "tasks": args.tasks,
+            "task_limit": args.task_limit,
+            "overrides": parse_sets(args.set),
+            "solver": parse_sets(args.solver_set),
         }
         if args.save_dir and variant != "dense":
             job["save"] = str(Path(args.save_dir) / f"{variant}-{sparsity:g}")

@@ -33,12 +33,19 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="sequences generated together (default: all n); 32 with --seed 0 reproduces "
-                         "`spap prune --calib self` token for token")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences generated together (default: all n); 32 with --seed 0 reproduces "
+        "`spap prune --calib self` token for token",
+    )
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    ap.add_argument("--dtype", default="auto",
-                    help="weights while sampling, as spap prune's --compute-dtype: auto, bfloat16, float32, ...")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights while sampling, as spap prune's --compute-dtype: auto, bfloat16, float32, ...",
+    )
     ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.pt and PREFIX.txt")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -46,8 +53,7 @@ def main() -> None:
     model, tok, _ = load_model(args.model)
     t0 = time.perf_counter()
     batch_size = args.batch_size or args.n
-    ids = self_generated(model, tok, args.n, args.seq_len, args.seed, batch_size=batch_size,
-                         dtype=dtype, device=device)
+    ids = self_generated(model, tok, args.n, args.seq_len, args.seed, batch_size=batch_size, dtype=dtype, device=device)
     print(f"sampled {tuple(ids.shape)} tokens on {device} ({dtype}) in {time.perf_counter() - t0:.0f}s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

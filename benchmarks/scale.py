@@ -24,8 +24,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import SHAPES, VARIANTS, machine, markdown_table, run_isolated, shape_model  # noqa: E402
 
 
-def run(shape: str, layers: int | None, variant: str, sparsity: float, n_samples: int, seq_len: int,
-        device: str, dtype: str, seed: int) -> dict:
+def run(
+    shape: str,
+    layers: int | None,
+    variant: str,
+    sparsity: float,
+    n_samples: int,
+    seq_len: int,
+    device: str,
+    dtype: str,
+    seed: int,
+) -> dict:
     import spap
     from spap.config import PruneConfig
     from spap.core import SolverConfig
@@ -36,18 +45,33 @@ def run(shape: str, layers: int | None, variant: str, sparsity: float, n_samples
     build_seconds = time.perf_counter() - t0
     ids = torch.randint(0, model.config.vocab_size, (n_samples, seq_len), generator=torch.Generator().manual_seed(seed))
     overrides = dict(VARIANTS[variant])
-    cfg = PruneConfig(sparsity=sparsity, solver=SolverConfig(**overrides.pop("solver", {})), device=device,
-                      compute_dtype=dtype, seed=seed, **overrides)
+    cfg = PruneConfig(
+        sparsity=sparsity,
+        solver=SolverConfig(**overrides.pop("solver", {})),
+        device=device,
+        compute_dtype=dtype,
+        seed=seed,
+        **overrides,
+    )
     report = spap.prune(model, config=cfg, calibration_ids=ids)
     per_layer = [layer.seconds["total"] for layer in report.layers]
     return {
-        "shape": shape, "layers": model.config.num_hidden_layers, "variant": variant, "sparsity": sparsity,
-        "calibration_shape": [n_samples, seq_len], "device": report.device, "dtype": dtype,
-        "parameters_before": report.parameters_before, "parameters_after": report.parameters_after,
+        "shape": shape,
+        "layers": model.config.num_hidden_layers,
+        "variant": variant,
+        "sparsity": sparsity,
+        "calibration_shape": [n_samples, seq_len],
+        "device": report.device,
+        "dtype": dtype,
+        "parameters_before": report.parameters_before,
+        "parameters_after": report.parameters_after,
         "host_weight_gib": report.parameters_before * torch.finfo(getattr(torch, dtype)).bits / 8 / 2**30,
-        "build_seconds": build_seconds, "prune_seconds": report.seconds["total"],
-        "seconds_per_layer": sum(per_layer) / len(per_layer), "layer_seconds": per_layer,
-        "memory": report.memory, "mean_layer_error": sum(r.error for r in report.layers) / len(report.layers),
+        "build_seconds": build_seconds,
+        "prune_seconds": report.seconds["total"],
+        "seconds_per_layer": sum(per_layer) / len(per_layer),
+        "layer_seconds": per_layer,
+        "memory": report.memory,
+        "mean_layer_error": sum(r.error for r in report.layers) / len(report.layers),
     }
 
 
@@ -72,15 +96,48 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for shape in args.shape:
-        job = dict(shape=shape, layers=args.layers, variant=args.variant, sparsity=args.sparsity,
-                   n_samples=args.n_samples, seq_len=args.seq_len, device=args.device, dtype=args.dtype, seed=args.seed)
+        job = dict(
+            shape=shape,
+            layers=args.layers,
+            variant=args.variant,
+            sparsity=args.sparsity,
+            n_samples=args.n_samples,
+            seq_len=args.seq_len,
+            device=args.device,
+            dtype=args.dtype,
+            seed=args.seed,
+        )
         rows.append(run_isolated(job, run_job))  # own process: peak host RSS is this shape's
         out.write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "rows": rows}, indent=2))
         print(json.dumps(rows[-1], indent=1), flush=True)
-    table = [[r["shape"], r["layers"], r["parameters_before"] / 1e9, r["host_weight_gib"], r["seconds_per_layer"],
-              r["prune_seconds"], r["memory"].get("peak_gpu_gib", "-"), r["memory"]["peak_rss_gib"]] for r in rows]
-    print(markdown_table(["shape", "layers", "params (B)", "host weights GiB", "s / layer", "total s",
-                          "peak GPU GiB", "peak host RSS GiB"], table))
+    table = [
+        [
+            r["shape"],
+            r["layers"],
+            r["parameters_before"] / 1e9,
+            r["host_weight_gib"],
+            r["seconds_per_layer"],
+            r["prune_seconds"],
+            r["memory"].get("peak_gpu_gib", "-"),
+            r["memory"]["peak_rss_gib"],
+        ]
+        for r in rows
+    ]
+    print(
+        markdown_table(
+            [
+                "shape",
+                "layers",
+                "params (B)",
+                "host weights GiB",
+                "s / layer",
+                "total s",
+                "peak GPU GiB",
+                "peak host RSS GiB",
+            ],
+            table,
+        )
+    )
     print(f"wrote {out}")
 
 

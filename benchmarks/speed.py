@@ -104,23 +104,40 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--shape", choices=list(SHAPES), default=None)
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.5])
-    ap.add_argument("--heads", type=float, default=0.0, help="also remove this fraction of heads per layer (--head-unit)")
-    ap.add_argument("--combos", nargs="+", default=None, metavar="MLP[:HEADS]",
-                    help="rows as MLP sparsity[:head fraction] (overrides --sparsities/--heads), e.g. 0.3 0.3:0.25")
-    ap.add_argument("--head-unit", default="kv-group", choices=["kv-group", "query"],
-                    help="kv-group: whole KV groups; query: query heads inside every KV group")
+    ap.add_argument(
+        "--heads", type=float, default=0.0, help="also remove this fraction of heads per layer (--head-unit)"
+    )
+    ap.add_argument(
+        "--combos",
+        nargs="+",
+        default=None,
+        metavar="MLP[:HEADS]",
+        help="rows as MLP sparsity[:head fraction] (overrides --sparsities/--heads), e.g. 0.3 0.3:0.25",
+    )
+    ap.add_argument(
+        "--head-unit",
+        default="kv-group",
+        choices=["kv-group", "query"],
+        help="kv-group: whole KV groups; query: query heads inside every KV group",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prefill-batch", type=int, default=4)
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--decode-batch", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--width-multiples", type=int, nargs="+", default=[64], help="round kept MLP widths to these multiples")
+    ap.add_argument(
+        "--width-multiples", type=int, nargs="+", default=[64], help="round kept MLP widths to these multiples"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    settings = dict(prefill_batch=args.prefill_batch, prefill_len=args.prefill_len,
-                    decode_batch=args.decode_batch, new_tokens=args.new_tokens)
+    settings = dict(
+        prefill_batch=args.prefill_batch,
+        prefill_len=args.prefill_len,
+        decode_batch=args.decode_batch,
+        new_tokens=args.new_tokens,
+    )
     combos = [parse_combo(c) for c in args.combos] if args.combos else [(s, args.heads) for s in args.sparsities]
     tag = args.shape or Path(args.model).name
     suffix = ("-query-heads" if args.head_unit == "query" else "-heads") if any(h for _, h in combos) else ""
@@ -129,30 +146,74 @@ def main() -> None:
     dense_model = build(args.shape, args.model, dtype, args.device)
     dense = measure(dense_model, **settings)  # once: every ratio below shares this denominator
     dense_flops = forward_flops(dense_model, args.prefill_len)
-    meta = {"machine": machine(), "device": args.device, "dtype": args.dtype, "settings": settings,
-            "width_multiples": args.width_multiples, "torch": torch.__version__, "graphs": args.device.startswith("cuda")}
+    meta = {
+        "machine": machine(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "settings": settings,
+        "width_multiples": args.width_multiples,
+        "torch": torch.__version__,
+        "graphs": args.device.startswith("cuda"),
+    }
     results = []
     for s, heads in combos:
         for multiple in args.width_multiples:
             pruned = shrink(dense_model, s, heads, multiple, args.head_unit)
             c = compare_results(dense, measure(pruned, **settings))
-            c.update(sparsity=s, heads=heads, head_unit=args.head_unit, width_multiple=multiple,
-                     prefill_flop_ratio=dense_flops / forward_flops(pruned, args.prefill_len))
+            c.update(
+                sparsity=s,
+                heads=heads,
+                head_unit=args.head_unit,
+                width_multiple=multiple,
+                prefill_flop_ratio=dense_flops / forward_flops(pruned, args.prefill_len),
+            )
             unit = "query heads per KV group" if args.head_unit == "query" else "KV groups"
-            print(f"\n== MLP sparsity {s:.0%}, width multiple {multiple}" + (f", {heads:.0%} of {unit}" if heads else "") + " ==")
+            print(
+                f"\n== MLP sparsity {s:.0%}, width multiple {multiple}"
+                + (f", {heads:.0%} of {unit}" if heads else "")
+                + " =="
+            )
             print(format_comparison(c), flush=True)
             results.append(c)
             del pruned
             out.write_text(json.dumps({**meta, "results": results}, indent=2))  # after each row: partial runs keep rows
-    rows = [[f"{r['sparsity']:.0%}", f"{r['heads']:.0%}", r["width_multiple"], r["byte_ratio_limit"],
-             r["decode_speedup_batch1"], r["decode_speedup_batch1"] / r["byte_ratio_limit"], r["decode_speedup_batched"],
-             r["decode_speedup_batched"] / r["byte_ratio_limit"], r["prefill_flop_ratio"], r["prefill_speedup"],
-             r["prefill_speedup"] / r["prefill_flop_ratio"], r["weight_memory_ratio"]]
-            for r in results]
+    rows = [
+        [
+            f"{r['sparsity']:.0%}",
+            f"{r['heads']:.0%}",
+            r["width_multiple"],
+            r["byte_ratio_limit"],
+            r["decode_speedup_batch1"],
+            r["decode_speedup_batch1"] / r["byte_ratio_limit"],
+            r["decode_speedup_batched"],
+            r["decode_speedup_batched"] / r["byte_ratio_limit"],
+            r["prefill_flop_ratio"],
+            r["prefill_speedup"],
+            r["prefill_speedup"] / r["prefill_flop_ratio"],
+            r["weight_memory_ratio"],
+        ]
+        for r in results
+    ]
     print()
-    print(markdown_table(["MLP", "heads", "multiple", "byte limit", "decode x (b=1)", "b=1 / limit",
-                          f"decode x (b={args.decode_batch})", f"b={args.decode_batch} / limit", "FLOP ratio",
-                          "prefill x", "prefill / FLOP", "weight mem ratio"], rows))
+    print(
+        markdown_table(
+            [
+                "MLP",
+                "heads",
+                "multiple",
+                "byte limit",
+                "decode x (b=1)",
+                "b=1 / limit",
+                f"decode x (b={args.decode_batch})",
+                f"b={args.decode_batch} / limit",
+                "FLOP ratio",
+                "prefill x",
+                "prefill / FLOP",
+                "weight mem ratio",
+            ],
+            rows,
+        )
+    )
     print(f"wrote {out}")
 
 

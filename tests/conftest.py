@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    GemmaConfig,
     Gemma2Config,
     Gemma3TextConfig,
+    GemmaConfig,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
@@ -21,15 +21,22 @@ VOCAB = 97
 def tiny_config(family: str):
     common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, max_position_embeddings=128)
     if family == "llama":
-        return LlamaConfig(**common, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+        return LlamaConfig(
+            **common, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True
+        )
     if family == "qwen2":
         return Qwen2Config(**common, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2)
     if family == "mistral":
         return MistralConfig(**common, intermediate_size=44, num_attention_heads=4, num_key_value_heads=1)
     if family == "qwen2_sliding":  # layers 1.. use a 4-token sliding window, layer 0 full attention
         return Qwen2Config(
-            **common, intermediate_size=40, num_attention_heads=4, num_key_value_heads=2,
-            use_sliding_window=True, sliding_window=4, max_window_layers=1,
+            **common,
+            intermediate_size=40,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
         )
     gemma = dict(**common, intermediate_size=36, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     if family == "gemma":  # GeGLU, scaled embeddings, explicit head_dim
@@ -40,8 +47,14 @@ def tiny_config(family: str):
         return Gemma3TextConfig(**gemma, sliding_window=8, sliding_window_pattern=2)
     if family == "opt":
         return OPTConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, ffn_dim=56, num_attention_heads=4,
-            max_position_embeddings=128, word_embed_proj_dim=32, do_layer_norm_before=True,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=3,
+            ffn_dim=56,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+            do_layer_norm_before=True,
         )
     raise ValueError(family)
 
@@ -80,7 +93,9 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False, initial_alphabet=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False, initial_alphabet=[]
+    )
     tok.train_from_iterator([bundled_text()[:20000]], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 

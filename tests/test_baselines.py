@@ -17,7 +17,11 @@ def test_baseline_prunes_requested_count_and_reloads(family, method, tmp_path):
     model, ids = tiny_model(family), tiny_ids()
     adapter = get_adapter(model)
     widths = [adapter.mlp_width(layer) for layer in adapter.decoder_layers(model)]
-    report = spap.prune(model, config=PruneConfig(sparsity=0.3, compute_dtype="float32", solver=SolverConfig(method=method)), calibration_ids=ids)
+    report = spap.prune(
+        model,
+        config=PruneConfig(sparsity=0.3, compute_dtype="float32", solver=SolverConfig(method=method)),
+        calibration_ids=ids,
+    )
     removed = [m - w for m, w in zip(widths, report.widths)]
     if method in ("flap", "cfsp"):  # global allocations: exact total, per-layer counts may differ
         assert sum(removed) == round(0.3 * sum(widths))
@@ -34,4 +38,3 @@ def test_baseline_prunes_requested_count_and_reloads(family, method, tmp_path):
 
         remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
         assert torch.equal(logits(remote, ids), logits(model, ids))
-

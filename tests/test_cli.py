@@ -12,11 +12,35 @@ def test_prune_command_writes_loadable_checkpoint_and_report(tiny_checkpoint, tm
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     out = tmp_path / "pruned"
-    code = main([
-        "prune", str(tiny_checkpoint), "--sparsity", "0.25", "--out", str(out), "--calib", str(text),
-        "--n-samples", "4", "--seq-len", "32", "--compute-dtype", "float32", "--refit-rounds", "2",
-        "--refit-tokens", "32", "--eval", "--ppl", str(text), "--ppl-seq-len", "32", "--eval-dtype", "float32",
-    ])
+    code = main(
+        [
+            "prune",
+            str(tiny_checkpoint),
+            "--sparsity",
+            "0.25",
+            "--out",
+            str(out),
+            "--calib",
+            str(text),
+            "--n-samples",
+            "4",
+            "--seq-len",
+            "32",
+            "--compute-dtype",
+            "float32",
+            "--refit-rounds",
+            "2",
+            "--refit-tokens",
+            "32",
+            "--eval",
+            "--ppl",
+            str(text),
+            "--ppl-seq-len",
+            "32",
+            "--eval-dtype",
+            "float32",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "pruning.json").read_text())
     assert report["widths"] == [36, 36, 36]
@@ -82,7 +106,16 @@ def test_bad_input_fails_with_clear_message_and_no_output(tiny_checkpoint, tmp_p
 
 def test_self_generated_calibration_is_saved_and_reuse_reproduces_the_pruning(tiny_checkpoint, tmp_path):
     common = [
-        "--sparsity", "0.25", "--n-samples", "3", "--seq-len", "16", "--compute-dtype", "float32", "--refit", "ls",
+        "--sparsity",
+        "0.25",
+        "--n-samples",
+        "3",
+        "--seq-len",
+        "16",
+        "--compute-dtype",
+        "float32",
+        "--refit",
+        "ls",
     ]
     first, second = tmp_path / "self", tmp_path / "reused"
     assert main(["prune", str(tiny_checkpoint), "--out", str(first), "--calib", "self", *common]) == 0
@@ -100,8 +133,9 @@ def test_self_generated_calibration_is_saved_and_reuse_reproduces_the_pruning(ti
 def test_solver_flags_reach_the_config():
     from spap.cli import _config_from_args, build_parser
 
-    args = build_parser().parse_args(["prune", "--out", "x", "--no-refit-safeguard", "--refit-proximal", "0.5",
-                                      "--refit-input-noise", "0.3"])
+    args = build_parser().parse_args(
+        ["prune", "--out", "x", "--no-refit-safeguard", "--refit-proximal", "0.5", "--refit-input-noise", "0.3"]
+    )
     solver = _config_from_args(args).solver
     assert solver.refit_safeguard is False and solver.refit_proximal == 0.5 and solver.refit_input_noise == 0.3
     assert _config_from_args(build_parser().parse_args(["prune", "--out", "x"])).solver.refit_safeguard is True
@@ -120,7 +154,9 @@ def test_head_flags_reach_the_config():
 def test_cfsp_flags_reach_the_config():
     from spap.cli import _config_from_args, build_parser
 
-    cfg = _config_from_args(build_parser().parse_args(["prune", "--out", "x", "--method", "cfsp", "--angular-slope", "5"]))
+    cfg = _config_from_args(
+        build_parser().parse_args(["prune", "--out", "x", "--method", "cfsp", "--angular-slope", "5"])
+    )
     assert cfg.solver.method == "cfsp" and cfg.allocation_rule == "angular" and cfg.angular_slope == 5.0
     assert PruneConfig.from_json(cfg.to_json()) == cfg
     default = _config_from_args(build_parser().parse_args(["prune", "--out", "x", "--allocation", "angular"]))

@@ -35,7 +35,9 @@ def test_cuda_speed_comparison_runs_with_graphs():
     dense = tiny_model("llama").to("cuda", torch.bfloat16)
     pruned = tiny_model("llama")
     spap.prune(pruned, config=fast_config(0.5, refit="ls"), calibration_ids=tiny_ids())
-    result = compare(dense, pruned.to("cuda", torch.bfloat16), prefill_batch=2, prefill_len=32, decode_batch=2, new_tokens=8)
+    result = compare(
+        dense, pruned.to("cuda", torch.bfloat16), prefill_batch=2, prefill_len=32, decode_batch=2, new_tokens=8
+    )
     assert result["byte_ratio_limit"] > 1
     assert result["dense"]["peak_gpu_gib"] is not None
 

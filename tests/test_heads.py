@@ -16,7 +16,11 @@ from .test_pipeline import logits
 
 def head_config(target: str, head_sparsity: float, sparsity: float = 0.25, head_unit: str = "kv-group") -> PruneConfig:
     return PruneConfig(
-        sparsity=sparsity, target=target, head_sparsity=head_sparsity, head_unit=head_unit, compute_dtype="float32",
+        sparsity=sparsity,
+        target=target,
+        head_sparsity=head_sparsity,
+        head_unit=head_unit,
+        compute_dtype="float32",
         solver=SolverConfig(refit="ls"),
     )
 
@@ -59,8 +63,16 @@ def test_head_groups_removed_consistently_and_reload(family, tmp_path):
 def test_invalid_stock_head_count_falls_back_to_shape_aware_loader(tmp_path):
     """hidden_size % num_attention_heads != 0 after pruning: LlamaConfig rejects it, spap's class loads it."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, head_dim=8, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     ids = tiny_ids()
     spap.prune(model, config=head_config("attn", 0.25), calibration_ids=ids)  # 4 -> 3 heads; 32 % 3 != 0
@@ -104,8 +116,16 @@ def test_query_heads_the_stock_config_rejects_load_with_their_group_size(tmp_pat
     """9 -> 6 query heads with hidden_size 27: LlamaConfig rejects 27 % 6, so num_key_value_groups
     travels as a module attribute and spap's loader restores it."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=27, intermediate_size=40, num_hidden_layers=2,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=8, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=27,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     ids = tiny_ids()
     spap.prune(model, config=head_config("attn", 1 / 3, head_unit="query"), calibration_ids=ids)

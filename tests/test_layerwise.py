@@ -28,7 +28,9 @@ def test_sliding_window_layers_get_their_own_mask():
     model = tiny_model("qwen2_sliding")
     assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
     _chain_matches_the_model(model)
-    inputs = capture_layer_inputs(model, model.model.layers, tiny_ids(n=2, seq_len=16), 2, torch.device("cpu"), torch.float32)
+    inputs = capture_layer_inputs(
+        model, model.model.layers, tiny_ids(n=2, seq_len=16), 2, torch.device("cpu"), torch.float32
+    )
     table = inputs.kwargs_by_layer
     assert table[1] is table[2] and table[0] is not table[1]  # one record per kind of layer
 

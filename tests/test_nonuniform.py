@@ -52,7 +52,10 @@ def test_pad_to_uniform_loads_with_stock_transformers(tmp_path):
 def test_global_allocations_meet_the_budget_in_the_pipeline(allocation_rule):
     model, ids = tiny_model("llama"), tiny_ids(n=8, seq_len=32)
     cfg = PruneConfig(
-        sparsity=0.4, allocation=allocation_rule, compute_dtype="float32", max_sparsity=0.8,
+        sparsity=0.4,
+        allocation=allocation_rule,
+        compute_dtype="float32",
+        max_sparsity=0.8,
         solver=SolverConfig(refit="ls"),
     )
     report = spap.prune(model, config=cfg, calibration_ids=ids)
@@ -91,7 +94,11 @@ def test_width_multiple_under_uniform_allocation_keeps_one_stock_width(tmp_path)
 def test_width_multiple_under_global_allocation_keeps_the_budget():
     model, ids = tiny_model("llama"), tiny_ids(n=8, seq_len=32)
     cfg = PruneConfig(
-        sparsity=0.3, allocation="structprune", width_multiple=8, compute_dtype="float32", max_sparsity=0.8,
+        sparsity=0.3,
+        allocation="structprune",
+        width_multiple=8,
+        compute_dtype="float32",
+        max_sparsity=0.8,
         solver=SolverConfig(refit="ls"),
     )
     report = spap.prune(model, config=cfg, calibration_ids=ids)

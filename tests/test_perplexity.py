@@ -32,8 +32,9 @@ def test_perplexity_is_exp_mean_nll_of_the_scored_positions(lm_and_text, score_f
     model, tok, text = lm_and_text
     seq_len = 32
     nll = window_nll(model, tok, text, seq_len)
-    got = perplexity(model, tok, text, seq_len, batch_size=3, dtype=torch.float32, progress=False,
-                     score_from=score_from)
+    got = perplexity(
+        model, tok, text, seq_len, batch_size=3, dtype=torch.float32, progress=False, score_from=score_from
+    )
     assert got.n_windows == nll.shape[0]
     assert got.n_predicted_tokens == nll[:, score_from:].numel()
     assert got.perplexity == pytest.approx(math.exp(float(nll[:, score_from:].mean())), rel=1e-5)

@@ -167,7 +167,9 @@ def test_token_weighting_rejects_models_that_normalise_the_mlp_output(family):
     model = AutoModelForCausalLM.from_config(config).eval()
     cfg = fast_config(0.2, refit="ls")
     cfg.token_weighting = "residual"
-    with pytest.raises(ValueError, match=f"token_weighting needs layers whose MLP output is added last; {family} is not"):
+    with pytest.raises(
+        ValueError, match=f"token_weighting needs layers whose MLP output is added last; {family} is not"
+    ):
         spap.prune(model, config=cfg, calibration_ids=tiny_ids())
 
 
@@ -192,7 +194,9 @@ def test_attention_replay_changes_nothing(family, monkeypatch):
     from spap.layerwise import AttentionCache
 
     ids = tiny_ids()
-    config = PruneConfig(sparsity=0.25, compute_dtype="bfloat16", solver=SolverConfig(refit_rounds=2, refit_tokens=64, refit_patience=0))
+    config = PruneConfig(
+        sparsity=0.25, compute_dtype="bfloat16", solver=SolverConfig(refit_rounds=2, refit_tokens=64, refit_patience=0)
+    )
 
     def counted_prune() -> tuple[torch.nn.Module, spap.PruneReport, int]:
         model = tiny_model(family)
@@ -200,7 +204,9 @@ def test_attention_replay_changes_nothing(family, monkeypatch):
         attention_class = type(adapter.attention_module(adapter.decoder_layers(model)[0]))
         calls = []
         original = attention_class.forward
-        monkeypatch.setattr(attention_class, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        monkeypatch.setattr(
+            attention_class, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+        )
         report = spap.prune(model, config=config, calibration_ids=ids)
         monkeypatch.setattr(attention_class, "forward", original)
         return model, report, len(calls)
@@ -223,9 +229,9 @@ def test_attention_replay_changes_nothing(family, monkeypatch):
 @pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "flap", "cfsp"])
 def test_score_rules_need_only_the_gram_diagonal(method, monkeypatch):
     """Score rules accumulate diag(G) and sums only, and prune exactly as with the full statistics."""
-    from spap.core.solver_config import SolverConfig as Config
-
     from dataclasses import replace
+
+    from spap.core.solver_config import SolverConfig as Config
 
     ids = tiny_ids()
     config = replace(fast_config(0.25, method=method), allocation="uniform")  # every layer pruned

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 @contextmanager
@@ -21,12 +21,13 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         raise FileExistsError(f"{target} exists and is not empty (pass overwrite=True / --overwrite)")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o777 & ~_current_umask())
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _usual_modes(tmp)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{tmp.name[-8:]}")
@@ -34,3 +35,20 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     tmp.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _usual_modes(root: Path) -> None:
+    """Give every file and directory under ``root`` the mode a plain write would (0666 / 0777 minus
+    the umask, i.e. 644 / 755 usually): some writers (safetensors) create files 0600 via a temp file."""
+    umask = _current_umask()
+    for directory, subdirs, files in os.walk(root):
+        for name in subdirs:
+            os.chmod(Path(directory) / name, 0o777 & ~umask)
+        for name in files:
+            os.chmod(Path(directory) / name, 0o666 & ~umask)
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

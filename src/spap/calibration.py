@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -107,7 +107,11 @@ def sample_windows(ids: Tensor, n_samples: int, seq_len: int, seed: int, bos_id:
     if slots < n_samples:
         log.warning(
             "calibration text has %d tokens: only %d windows of %d tokens fit (asked for %d); using %d",
-            ids.numel(), slots, seq_len, n_samples, slots,
+            ids.numel(),
+            slots,
+            seq_len,
+            n_samples,
+            slots,
         )
         n_samples = slots
     gen = torch.Generator().manual_seed(seed)
@@ -134,8 +138,13 @@ def load_token_file(path: str | Path, n_samples: int, seq_len: int) -> Tensor:
         raise ValueError(f"{path} must hold a non-empty 2-D integer tensor of token ids (n, seq_len)")
     if ids.shape[0] < n_samples or ids.shape[1] < seq_len:
         log.warning(
-            "%s holds %d x %d tokens (asked for %d x %d); using %d x %d", path, *ids.shape, n_samples, seq_len,
-            min(n_samples, ids.shape[0]), min(seq_len, ids.shape[1]),
+            "%s holds %d x %d tokens (asked for %d x %d); using %d x %d",
+            path,
+            *ids.shape,
+            n_samples,
+            seq_len,
+            min(n_samples, ids.shape[0]),
+            min(seq_len, ids.shape[1]),
         )
     return ids[:n_samples, :seq_len].long()
 
@@ -220,7 +229,7 @@ def self_generated(
     weights cast to ``dtype`` on ``device`` (``weights_as``; the model's own weights are untouched).
     The KV cache is static (allocated once for seq_len tokens).  Both for speed: on a 2-core CPU this
     sampled 1.98x to 2.25x as fast as autocast (which re-casts every weight at every step) with the growing
-    cache (benchmarks/generation_speed.py)."""
+    cache (benchmarks/studies/generation_speed.py)."""
     start = start_token(tokenizer)
     torch.manual_seed(seed)
     with weights_as(model, device, dtype) as where:
@@ -253,7 +262,12 @@ class _GenerationProgress:
 
 
 def sample_sequences(
-    model, start: int, n_samples: int, seq_len: int, batch_size: int, device: torch.device,
+    model,
+    start: int,
+    n_samples: int,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
     cache_implementation: str | None = "static",
 ) -> Tensor:
     """(n_samples, seq_len) ids sampled at temperature 1 from ``start``, ``batch_size`` at a time, with
@@ -265,9 +279,18 @@ def sample_sequences(
             b = min(batch_size, n_samples - first)
             prompt = torch.full((b, 1), start, dtype=torch.long, device=device)
             seqs = model.generate(
-                prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0,
-                top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=start,
-                streamer=progress, cache_implementation=cache_implementation, disable_compile=True,
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=seq_len - 1,
+                min_new_tokens=seq_len - 1,
+                pad_token_id=start,
+                streamer=progress,
+                cache_implementation=cache_implementation,
+                disable_compile=True,
             )
             out.append(seqs[:, :seq_len].cpu())
     return torch.cat(out)

@@ -7,11 +7,13 @@ import inspect
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import remote_code
 from .adapters import get_adapter
@@ -53,7 +55,7 @@ def export_config(model: nn.Module) -> Any:
     """A config for ``model``'s current shapes: uniform MLP width written to the stock field, and
     ``spap_linear_shapes`` for anything the stock class would build differently."""
     adapter = get_adapter(model)
-    config = copy.deepcopy(model.config)
+    config: Any = copy.deepcopy(model.config)
     widths = [adapter.mlp_width(layer) for layer in adapter.decoder_layers(model)]
     setattr(config, adapter.width_attribute, max(widths))
     _set_uniform_heads(adapter, model, config)
@@ -123,8 +125,12 @@ def save_pruned(
     overwrite: bool = False,
     pad_to_uniform: bool = False,
     calibration_ids: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``model`` (+ tokenizer, + ``pruning.json``) to ``out_dir`` atomically.
+
+    ``dtype``: floating-point weights are written in this dtype (None: as they are in memory); the
+    model in memory is left unchanged.
 
     ``calibration_ids`` (n, seq_len), if given, are saved as calibration_ids.pt (reusable with
     ``--calib DIR/calibration_ids.pt``; worth it for self-generated calibration, which is slow).
@@ -138,11 +144,13 @@ def save_pruned(
     config = export_config(model)
     needs_code = hasattr(config, "auto_map")
     started = time.perf_counter()
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp, _cast_floating(model, dtype):
         original = model.config
+        if dtype is not None:
+            config.dtype = str(dtype).removeprefix("torch.")
         model.config = config
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            cast(Any, model).save_pretrained(tmp, safe_serialization=True)
         finally:
             model.config = original
         if needs_code:
@@ -160,9 +168,29 @@ def save_pruned(
     if needs_code:
         log.info(
             "%s: layer shapes differ from the stock config; load with spap.load_pretrained(dir) or "
-            "AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)", out_dir
+            "AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)",
+            out_dir,
         )
     return out_dir
+
+
+@contextmanager
+def _cast_floating(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """Within the block, floating-point parameters and buffers hold ``dtype`` copies; the original
+    tensors are restored afterwards (tied parameters are one object and are cast once)."""
+    if dtype is None:
+        yield
+        return
+    originals: list[tuple[Any, Tensor]] = []
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            originals.append((tensor, tensor.data))
+            tensor.data = tensor.data.to(dtype)
+    try:
+        yield
+    finally:
+        for tensor, data in originals:
+            tensor.data = data
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,7 @@ _SOLVER_HELP = {
     "refit_tokens": "calibration tokens used by the refit",
     "refit_patience": "stop the refit after this many rounds without held-out improvement (0: all rounds)",
     "refit_holdout_tokens": "calibration tokens the refit's early stopping measures on",
+    "refit_min_gain": "a round must lower the held-out error by this fraction to count as improving",
     "refit_proximal": "trust-region strength of the refit (0: off)",
     "refit_input_noise": "sigma: refit on inputs x + sigma rms(x) eps, dense targets there (0: off)",
 }
@@ -46,7 +52,9 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refit", default=None, choices=REFITS, help="override the method's reconstruction")
     g.add_argument("--fit-bias", default="auto", choices=["auto", "yes", "no"])
     g.add_argument(
-        "--no-refit-safeguard", dest="refit_safeguard", action="store_false",
+        "--no-refit-safeguard",
+        dest="refit_safeguard",
+        action="store_false",
         help="keep the refit even where it raises the objective on all calibration tokens",
     )
     defaults = SolverConfig()
@@ -55,36 +63,96 @@ def _add_solver_args(p: argparse.ArgumentParser) -> None:
         g.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"{text} (default {value})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+_EXPERT_FLAGS = {
+    "--head-unit",
+    "--temperature",
+    "--angular-slope",
+    "--min-sparsity",
+    "--max-sparsity",
+    "--pad-to-uniform",
+    "--error-correction",
+    "--token-weighting",
+    "--batch-size",
+    "--compute-dtype",
+    "--ppl-seq-len",
+    "--eval-dtype",
+    "--selection",
+    "--fit-bias",
+    "--no-refit-safeguard",
+    *("--" + name.replace("_", "-") for name in _SOLVER_HELP),
+}
+"""Flags listed by ``--help-all`` only: solver constants and research options."""
+
+
+def _hide_expert_flags(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if set(action.option_strings) & _EXPERT_FLAGS:
+            action.help = argparse.SUPPRESS
+
+
+def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spap", description="Structured pruning of Hugging Face causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prune", help="prune MLP neurons and write a smaller checkpoint")
-    p.add_argument("model", nargs="?", default=None, help="checkpoint dir, .gguf file or hub id (default: embedded SmolLM2-135M)")
+    p.add_argument(
+        "model", nargs="?", default=None, help="checkpoint dir, .gguf file or hub id (default: embedded SmolLM2-135M)"
+    )
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of MLP neurons to remove, in [0, 1)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument(
+        "--save-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the written weights (auto: the input checkpoint's; bfloat16 for GGUF input)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--target", default="mlp", choices=["mlp", "attn", "both"], help="prune MLP neurons, attention heads or both")
-    p.add_argument("--head-sparsity", type=float, default=0.0,
-                   help="fraction of attention heads removed per layer, in units of --head-unit")
-    p.add_argument("--head-unit", default="kv-group", choices=HEAD_UNITS,
-                   help="kv-group: whole KV groups with their query heads; query: the same number of query heads in every KV group")
-    p.add_argument("--allocation", default="auto", choices=ALLOCATIONS, help="auto: global for flap, angular for cfsp, else uniform")
+    p.add_argument(
+        "--target", default="mlp", choices=["mlp", "attn", "both"], help="prune MLP neurons, attention heads or both"
+    )
+    p.add_argument(
+        "--head-sparsity",
+        type=float,
+        default=0.0,
+        help="fraction of attention heads removed per layer, in units of --head-unit",
+    )
+    p.add_argument(
+        "--head-unit",
+        default="kv-group",
+        choices=HEAD_UNITS,
+        help="kv-group: whole KV groups with their query heads; query: the same number of query heads in every KV group",
+    )
+    p.add_argument(
+        "--allocation",
+        default="auto",
+        choices=ALLOCATIONS,
+        help="auto: global for flap, angular for cfsp, else uniform",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="structprune softmax temperature T")
-    p.add_argument("--angular-slope", type=float, default=CFSP_SLOPE, help=f"angular (CFSP) sigmoid slope (default {CFSP_SLOPE:g})")
+    p.add_argument(
+        "--angular-slope", type=float, default=CFSP_SLOPE, help=f"angular (CFSP) sigmoid slope (default {CFSP_SLOPE:g})"
+    )
     p.add_argument("--min-sparsity", type=float, default=0.0, help="per-layer lower bound (non-uniform allocations)")
     p.add_argument("--max-sparsity", type=float, default=0.9, help="per-layer upper bound (non-uniform allocations)")
     p.add_argument("--width-multiple", type=int, default=1, help="round kept MLP widths to multiples of this")
-    p.add_argument("--pad-to-uniform", action="store_true", help="zero-pad non-uniform widths to the maximum (stock-loadable everywhere)")
+    p.add_argument(
+        "--pad-to-uniform",
+        action="store_true",
+        help="zero-pad non-uniform widths to the maximum (stock-loadable everywhere)",
+    )
     p.add_argument("--error-correction", type=float, default=0.0, help="beta: also correct upstream error (0..1)")
     p.add_argument(
-        "--token-weighting", default="none", choices=TOKEN_WEIGHTINGS,
+        "--token-weighting",
+        default="none",
+        choices=TOKEN_WEIGHTINGS,
         help="experimental; residual: weight each token's reconstruction error by 1/||h||^2 of the residual "
         "stream (better for SPAP at long context, breaks fasp; docs/hyperparameters.md)",
     )
     p.add_argument(
-        "--calib", default="bundled",
+        "--calib",
+        default="bundled",
         help="bundled | self | text FILE | token-id FILE.pt (e.g. calibration_ids.pt of a --calib self run) | hf:NAME[:CONFIG[:SPLIT]]",
     )
     p.add_argument("--n-samples", type=int, default=128)
@@ -99,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-seq-len", type=int, default=2048)
     p.add_argument("--eval-dtype", default="bfloat16", help="matmul dtype for evaluation (autocast)")
     _add_solver_args(p)
+    p.add_argument("--help-all", action="help", help="show every option, solver constants included, and exit")
+    if not show_all:
+        _hide_expert_flags(p)
 
     e = sub.add_parser("eval", help="evaluate a (pruned) checkpoint")
     e.add_argument("model", nargs="?", default=None, help="checkpoint dir (default: embedded SmolLM2-135M)")
@@ -106,8 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--dtype", default="bfloat16", help="matmul dtype (autocast); float32 for exact")
     e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--score-from", type=int, default=0, metavar="K",
-                   help="score only predictions at window positions >= K (seq_len/2: llama.cpp's convention)")
+    e.add_argument(
+        "--score-from",
+        type=int,
+        default=0,
+        metavar="K",
+        help="score only predictions at window positions >= K (seq_len/2: llama.cpp's convention)",
+    )
     e.add_argument("--tasks", nargs="*", default=None, help="zero-shot task files (BIG-bench .json or .jsonl)")
     e.add_argument("--limit", type=int, default=None, help="first N examples per task")
     e.add_argument("--batch-size", type=int, default=16)
@@ -129,7 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(Exception):
+    """A bad argument or input path: one line on stderr, exit status 2."""
+
+
 def _config_from_args(args: argparse.Namespace) -> PruneConfig:
+    try:
+        return _build_config(args)
+    except (ValueError, TypeError, OSError) as exc:  # invalid values, unreadable or malformed --config
+        raise UsageError(str(exc)) from exc
+
+
+def _build_config(args: argparse.Namespace) -> PruneConfig:
     if args.config:
         return PruneConfig.from_json(Path(args.config).read_text())
     solver_kwargs = {f.name: getattr(args, f.name) for f in fields(SolverConfig) if hasattr(args, f.name)}
@@ -159,7 +246,7 @@ def _ppl_sources(files: list[str] | None) -> list[str]:
     sources = files or ["bundled-heldout"]
     for src in sources:
         if src != "bundled-heldout" and not Path(src).is_file():
-            raise FileNotFoundError(f"perplexity text not found: {src}")
+            raise UsageError(f"perplexity text not found: {src}")
     return sources
 
 
@@ -173,12 +260,19 @@ def _perplexities(
     out = {}
     for src in sources:
         result = perplexity(
-            model, tokenizer, load_text(src), seq_len, dtype=resolve_dtype(dtype, next(model.parameters()).device),
-            max_windows=max_windows, score_from=score_from,
+            model,
+            tokenizer,
+            load_text(src),
+            seq_len,
+            dtype=resolve_dtype(dtype, next(model.parameters()).device),
+            max_windows=max_windows,
+            score_from=score_from,
         )
         out[src] = result.to_dict()
         scored = f", scored from position {score_from}" if score_from else ""
-        print(f"  perplexity {result.perplexity:9.3f}  ({Path(src).name}, seq_len {seq_len}, {result.n_windows} windows{scored}, {result.dtype})")
+        print(
+            f"  perplexity {result.perplexity:9.3f}  ({Path(src).name}, seq_len {seq_len}, {result.n_windows} windows{scored}, {result.dtype})"
+        )
     return out
 
 
@@ -198,14 +292,16 @@ def _init_distributed(cfg: PruneConfig) -> bool:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .checkpoint import save_pruned
-    from .models import load_model
+    from .models import load_model, source_dtype
     from .pipeline import prune
+    from .runtime import resolve_device
+    from .summary import format_summary, quick_speed
 
     cfg = _config_from_args(args)
     is_main = _init_distributed(cfg)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise UsageError(f"{out} exists and is not an empty directory; pass --overwrite to replace it")
     sources = _ppl_sources(args.ppl) if args.eval and is_main else []
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
@@ -231,13 +327,24 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data["seconds"]["load"] = load_seconds
     data["model"] = path
     data["metrics"] = metrics
-    data["command"] = " ".join(sys.argv)
+    data["command"] = args.command_line  # how to reproduce the run
     generated = report.calibration_ids if cfg.calibration.source == "self" else None  # slow to redo: keep
+    save_dtype = source_dtype(path) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+    data["save_dtype"] = str(save_dtype).removeprefix("torch.")
     save_pruned(
-        model, out, tokenizer, data, overwrite=args.overwrite, pad_to_uniform=args.pad_to_uniform,
+        model,
+        out,
+        tokenizer,
+        data,
+        overwrite=args.overwrite,
+        pad_to_uniform=args.pad_to_uniform,
         calibration_ids=generated,
+        dtype=save_dtype,
     )
-    print(f"wrote {out} (load with transformers' AutoModelForCausalLM.from_pretrained or spap.load_pretrained)")
+    device = resolve_device(cfg.device)
+    speed = quick_speed(path, out, str(device)) if sources and device.type == "cpu" else None
+    stock = not (out / "modeling_spap.py").exists()
+    print(format_summary(out, {**data, "seconds": report.seconds}, metrics, speed, stock))
     return 0
 
 
@@ -247,14 +354,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model
     from .runtime import resolve_device, resolve_dtype
 
-    check_score_from(args.score_from, args.seq_len)  # fail before loading the model
-    tasks = [load_task(t, args.limit) for t in args.tasks or []]  # fail early on missing/bad files
+    try:  # bad arguments fail before the model loads
+        check_score_from(args.score_from, args.seq_len)
+        tasks = [load_task(t, args.limit) for t in args.tasks or []]
+    except (ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from exc
     sources = _ppl_sources(args.ppl) if args.ppl is not None or not (tasks or args.harness) else []
     model, tokenizer, path = load_model(args.model, device=str(resolve_device(args.device)))
     print(f"{path}:")
     results: dict[str, Any] = {}
     if sources:
-        results["perplexity"] = _perplexities(model, tokenizer, sources, args.seq_len, args.dtype, args.max_windows, args.score_from)
+        results["perplexity"] = _perplexities(
+            model, tokenizer, sources, args.seq_len, args.dtype, args.max_windows, args.score_from
+        )
     if tasks:
         dtype = resolve_dtype(args.dtype, next(model.parameters()).device)
         results["zeroshot"] = {}
@@ -283,8 +395,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dense, _, dense_path = load_model(args.dense, dtype=args.dtype, device=device)
     pruned, _, pruned_path = load_model(args.pruned, dtype=args.dtype, device=device)
     result = compare(
-        dense, pruned, prefill_batch=args.prefill_batch, prefill_len=args.prefill_len,
-        decode_batch=args.decode_batch, new_tokens=args.new_tokens,
+        dense,
+        pruned,
+        prefill_batch=args.prefill_batch,
+        prefill_len=args.prefill_len,
+        decode_batch=args.decode_batch,
+        new_tokens=args.new_tokens,
     )
     result.update(dense_model=dense_path, pruned_model=pruned_path, device=device, dtype=args.dtype)
     print(f"{dense_path} vs {pruned_path} on {device} ({args.dtype}):")
@@ -312,16 +428,54 @@ def _merge_json(file: Path, update: dict[str, Any]) -> None:
     os.replace(tmp, file)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that temporary output is removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _describe(exc: BaseException) -> str:
+    """One line naming the problem and, where spap knows it, what to do."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on the device ({exc.filename or 'output'}); free space or choose another --out"
+    if type(exc).__name__ == "SafetensorError":
+        return f"cannot read a safetensors file ({exc}); the checkpoint is truncated or corrupt: copy it again"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    known = (ValueError, OSError, RuntimeError, UsageError)
+    return text if isinstance(exc, known) else f"{type(exc).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    """Exit status: 0 success, 2 bad arguments or input paths, 1 runtime failure, 130/143 interrupted
+    (SIGINT/SIGTERM).  Errors print one line on stderr (the traceback with --debug); an unfinished
+    output directory is removed in every case."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(show_all="--help-all" in argv).parse_args(argv)
+    args.command_line = shlex.join(["spap", *argv])
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "plot": cmd_plot}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as exc:
-        print(f"spap: error: {exc}", file=sys.stderr)
-        return 2
+    except (KeyboardInterrupt, _Terminated) as exc:
+        print("spap: interrupted; nothing was written", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        usage = isinstance(exc, (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError))
+        hint = "" if args.debug or usage else " (--debug shows the traceback)"
+        print(f"spap: error: {_describe(exc)}{hint}", file=sys.stderr)
+        return 2 if usage else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ class CalibrationConfig:
     seq_len: int = 2048
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples (--n-samples) must be >= 1, got {self.n_samples}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len (--seq-len) must be >= 2 tokens, got {self.seq_len}")
+
 
 @dataclass
 class PruneConfig:
@@ -106,7 +112,9 @@ class PruneConfig:
         if not 0.0 <= self.error_correction <= 1.0:
             raise ValueError("error_correction must be in [0, 1]")
         if self.token_weighting not in TOKEN_WEIGHTINGS:
-            raise ValueError(f"unknown token_weighting {self.token_weighting!r}; choose one of {', '.join(TOKEN_WEIGHTINGS)}")
+            raise ValueError(
+                f"unknown token_weighting {self.token_weighting!r}; choose one of {', '.join(TOKEN_WEIGHTINGS)}"
+            )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.angular_slope <= 0:
@@ -135,11 +143,11 @@ class PruneConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PruneConfig":
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
         return _from_dict(cls, data)
 
     @classmethod
-    def from_json(cls, text: str) -> "PruneConfig":
+    def from_json(cls, text: str) -> PruneConfig:
         return cls.from_dict(json.loads(text))
 
 
@@ -150,7 +158,8 @@ def _from_dict(cls: type, data: dict[str, Any]) -> Any:
         raise ValueError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
-        default = known[name].default_factory() if callable(known[name].default_factory) else None  # type: ignore[misc]
+        factory: Any = known[name].default_factory
+        default = factory() if callable(factory) else None
         if is_dataclass(default) and isinstance(value, dict):
             value = _from_dict(type(default), value)
         kwargs[name] = value

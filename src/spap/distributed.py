@@ -87,7 +87,9 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def broadcast_weights(weights: MLPWeights | None, template: MLPWeights, kept: Tensor | None) -> tuple[MLPWeights, Tensor]:
+def broadcast_weights(
+    weights: MLPWeights | None, template: MLPWeights, kept: Tensor | None
+) -> tuple[MLPWeights, Tensor]:
     """Rank 0's pruned weights and kept indices on every rank (``template`` gives dtypes/devices)."""
     if not active():
         assert weights is not None and kept is not None
@@ -95,10 +97,10 @@ def broadcast_weights(weights: MLPWeights | None, template: MLPWeights, kept: Te
     device = _device_for_collectives(template.up)
     n_kept = torch.tensor([kept.numel() if kept is not None else 0], device=device)
     dist.broadcast(n_kept, 0)
-    kept_buf = kept.to(device) if rank() == 0 else torch.zeros(int(n_kept), dtype=torch.long, device=device)
+    kept_buf = kept.to(device) if kept is not None else torch.zeros(int(n_kept), dtype=torch.long, device=device)
     dist.broadcast(kept_buf, 0)
     names = ("up", "down", "gate", "up_bias", "gate_bias", "down_bias")
-    received = {}
+    received: dict[str, Tensor | None] = {}
     for name in names:
         has = torch.tensor([int(weights is not None and getattr(weights, name) is not None)], device=device)
         dist.broadcast(has, 0)
@@ -115,9 +117,7 @@ def broadcast_weights(weights: MLPWeights | None, template: MLPWeights, kept: Te
             buf = torch.zeros(*[int(s) for s in shape if int(s) > 0], device=device)
         dist.broadcast(buf, 0)
         received[name] = buf.to(template.up.device)
-    from dataclasses import replace
-
-    return replace(template, **received), kept_buf.cpu()
+    return template.with_fields(received), kept_buf.cpu()
 
 
 def broadcast_object(obj):

@@ -15,8 +15,14 @@ from .layerwise import LayerInputs, compute_copy, run_layer
 
 
 def prune_layer_heads(
-    model: nn.Module, adapter: ArchitectureAdapter, layer: nn.Module, index: int, inputs: LayerInputs,
-    cfg: PruneConfig, device: torch.device, dtype: torch.dtype,
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    layer: nn.Module,
+    index: int,
+    inputs: LayerInputs,
+    cfg: PruneConfig,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> tuple[list[int], float]:
     """Remove round(head_sparsity * n_kv) KV groups of ``layer`` (head_unit "kv-group") or
     round(head_sparsity * n_heads / n_kv) query heads of every KV group ("query"), and re-fit its
@@ -71,11 +77,15 @@ def query_heads_to_prune(head_sparsity: float, n_heads: int, n_kv: int) -> int:
     per_group = n_heads // n_kv
     k = int(round(head_sparsity * per_group))
     if per_group == 1:
-        raise ValueError("head_unit 'query' needs grouped-query attention (several query heads per KV head); "
-                         "this model has one query head per KV head: use head_unit 'kv-group'")
+        raise ValueError(
+            "head_unit 'query' needs grouped-query attention (several query heads per KV head); "
+            "this model has one query head per KV head: use head_unit 'kv-group'"
+        )
     if not 0 < k < per_group:
-        raise ValueError(f"head_sparsity {head_sparsity} removes {k} of the {per_group} query heads of each KV group; "
-                         f"choose a value in [{0.5 / per_group:.3f}, {1 - 0.5 / per_group:.3f})")
+        raise ValueError(
+            f"head_sparsity {head_sparsity} removes {k} of the {per_group} query heads of each KV group; "
+            f"choose a value in [{0.5 / per_group:.3f}, {1 - 0.5 / per_group:.3f})"
+        )
     return k
 
 

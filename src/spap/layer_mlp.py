@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +41,7 @@ class LayerReport:
     refit_first: float | None = None
     refit_last: float | None = None
     refit_rounds: int | None = None  # rounds the refit ran (early stopping may end it before refit_rounds)
+    refit_holdout: list[float] = field(default_factory=list)  # relative held-out error: start, then each round
     seconds: dict[str, float] = field(default_factory=dict)
     kv_groups_kept: list[int] | None = None  # attention: KV groups kept (None: heads not pruned)
     query_heads_kept: list[int] | None = None  # attention, head_unit "query": query heads kept
@@ -105,7 +107,17 @@ def prune_layer_mlp(
     attention = AttentionCache()  # the first pass records the attention, later passes replay it
     t0 = time.perf_counter()
     stats = collect_statistics(
-        adapter, layer, inputs, device, dtype, dense, None, positions, offsets_first, weights_first, attention,
+        adapter,
+        layer,
+        inputs,
+        device,
+        dtype,
+        dense,
+        None,
+        positions,
+        offsets_first,
+        weights_first,
+        attention,
         full=cfg.solver.needs_gram,
     )
     seconds["attention"] = attention.seconds
@@ -113,14 +125,24 @@ def prune_layer_mlp(
     sample_x, sample_offsets, sample_weights = stats.sample_inputs(), stats.sample_offsets(), stats.sample_weights()
     result = on_rank0(
         lambda: prune_mlp(dense, stats, k, cfg.solver, sample_x, dtype, sample_offsets, sample_weights, holdout_mask),
-        dense, cfg,
+        dense,
+        cfg,
     )
     del stats
     adapter.write_mlp(layer, result.weights)
     if result.needs_final_ls:  # W_up/W_gate changed on a sample: refit W_down on all tokens
         t0 = time.perf_counter()
         stats = collect_statistics(
-            adapter, layer, inputs, device, dtype, result.weights.to(device), dense, None, offsets_again, weights_again,
+            adapter,
+            layer,
+            inputs,
+            device,
+            dtype,
+            result.weights.to(device),
+            dense,
+            None,
+            offsets_again,
+            weights_again,
             attention,
         )
         seconds["statistics"] += time.perf_counter() - t0
@@ -128,8 +150,12 @@ def prune_layer_mlp(
         fit_bias = resolve_fit_bias(cfg.solver, dense)
         result = on_rank0(lambda: finalize_down(result, stats, cfg.solver, fit_bias), dense, cfg, result)
         if result.refit_accepted is False:
-            log.info("layer %d: the refit raised the calibration error (%.4g -> %.4g); kept the closed form",
-                     index, result.error_ls, result.error_refit)
+            log.info(
+                "layer %d: the refit raised the calibration error (%.4g -> %.4g); kept the closed form",
+                index,
+                result.error_ls,
+                result.error_refit,
+            )
         adapter.write_mlp(layer, result.weights)
         del stats
         seconds["final_ls"] = time.perf_counter() - t0
@@ -160,6 +186,7 @@ def prune_layer_mlp(
         refit_first=history[0] if history else None,
         refit_last=history[-1] if history else None,
         refit_rounds=len(history) if result.refit_accepted is not None else None,
+        refit_holdout=[round(e, 6) for e in result.refit_holdout],
         seconds={**result.seconds, **seconds},
     )
     return report, outputs

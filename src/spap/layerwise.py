@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -105,8 +106,12 @@ def _same(a: Any, b: Any) -> bool:
         return True
     if isinstance(a, Tensor) or isinstance(b, Tensor):
         return (
-            isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dtype == b.dtype
-            and a.device == b.device and bool(torch.equal(a, b))
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and bool(torch.equal(a, b))
         )
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
@@ -171,7 +176,9 @@ def capture_layer_inputs(
                     for g in groups:  # layers with equal kwargs share one list
                         table.append([] if g == len(table) else table[g])
                 elif batch_groups != groups:
-                    raise RuntimeError(f"decoder layers received differently grouped arguments in different batches: {groups} vs {batch_groups}")
+                    raise RuntimeError(
+                        f"decoder layers received differently grouped arguments in different batches: {groups} vs {batch_groups}"
+                    )
                 for i, g in enumerate(groups):
                     if g == i:
                         table[i].append(_map_tensors(batch_kwargs[i], _to(offload)))

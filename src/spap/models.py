@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -53,6 +54,29 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return out_dir
+
+
+GGUF_SOURCE_DTYPE = torch.bfloat16
+"""dtype a pruned GGUF-sourced model is written in by default: GGUF weights are quantised, their
+float originals (LLaMA, Qwen, SmolLM2 releases) bf16; the conversion cache itself is float32."""
+
+
+def source_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint was published in: config.json's ``dtype`` (``torch_dtype`` in older
+    files), bfloat16 for spap's GGUF conversions, float32 when the config says nothing."""
+    path = Path(path)
+    if path.parent == cache_root() and (path.name.startswith("gguf-") or path.name == "smollm2-135m-instruct"):
+        return GGUF_SOURCE_DTYPE
+    config_file = path / "config.json"
+    if not config_file.is_file():  # a hub id: transformers resolves it; read its config the same way
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path)).to_dict()
+    else:
+        config = json.loads(config_file.read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    value = getattr(torch, str(name).removeprefix("torch."), None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
 
 
 def resolve_model(name_or_path: str | None) -> str:

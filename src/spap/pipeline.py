@@ -14,8 +14,7 @@ from . import distributed
 from .adapters import get_adapter
 from .calibration import calibration_tokens
 from .config import PruneConfig
-from .core import NonFiniteStatisticsError
-from .core import allocation
+from .core import NonFiniteStatisticsError, allocation
 from .core.stats import refit_token_positions
 from .layer_heads import prune_layer_heads, query_heads_to_prune
 from .layer_mlp import LayerReport, prune_layer_mlp
@@ -69,7 +68,8 @@ def _warn_unaligned(kept_widths: list[int], multiple: int = 8) -> None:
         log.warning(
             "kept MLP widths %s are not multiples of %d; on GPUs such widths can make the pruned model "
             "slower than the dense one. Use --width-multiple 64 (PruneConfig.width_multiple) for GPU deployment.",
-            odd[:4], multiple,
+            odd[:4],
+            multiple,
         )
 
 
@@ -145,9 +145,12 @@ def prune(
         )
         positions = distributed.local_positions(positions, first * seq_len, last * seq_len)
 
-    for option, used in (("error_correction", cfg.error_correction > 0), ("token_weighting", cfg.token_weighting != "none")):
+    for option, used in (
+        ("error_correction", cfg.error_correction > 0),
+        ("token_weighting", cfg.token_weighting != "none"),
+    ):
         if used and not adapter.mlp_output_is_residual(model):
-            raise ValueError(f"{option} needs layers whose MLP output is added last; {model.config.model_type} is not")
+            raise ValueError(f"{option} needs layers whose MLP output is added last; {_model_type(model)} is not")
     dense_inputs = inputs if cfg.error_correction > 0 else None
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(layers)), desc=f"{cfg.solver.method} {cfg.sparsity:.0%}", unit="layer")
@@ -180,7 +183,7 @@ def prune(
     seconds["total"] = time.perf_counter() - t_start
     return PruneReport(
         config=cfg.to_dict(),
-        model_type=model.config.model_type,
+        model_type=_model_type(model),
         layers=reports,
         calibration_shape=list(calibration_ids.shape),
         parameters_before=params_before,
@@ -193,3 +196,8 @@ def prune(
         extra={"allocation": _allocation_record(counts, probe)} if probe else {},
         calibration_ids=calibration_ids,
     )
+
+
+def _model_type(model: nn.Module) -> str:
+    config: Any = model.config
+    return str(config.model_type)

@@ -35,14 +35,16 @@ def plot_layers(checkpoint: str | Path, out: str | Path | None = None) -> Path:
     twin.set_yscale("log")
     twin.set_ylabel("||y_pruned - y_dense||² / ||y_dense||²")
     solver = report["config"].get("solver", {})
-    title = (f"{solver.get('method', '?')}, sparsity {report['config'].get('sparsity', 0):.0%}, "
-             f"allocation {report['config'].get('allocation', '?')}")
+    title = (
+        f"{solver.get('method', '?')}, sparsity {report['config'].get('sparsity', 0):.0%}, "
+        f"allocation {report['config'].get('allocation', '?')}"
+    )
     if any(layer.get("kv_groups_kept") is not None for layer in layers):
         kept = [len(layer["kv_groups_kept"]) if layer.get("kv_groups_kept") is not None else None for layer in layers]
         title += f"; KV groups kept {min(k for k in kept if k is not None)}..{max(k for k in kept if k is not None)}"
     ax.set_title(title)
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
+    ax.legend(handles, [str(h.get_label()) for h in handles], loc="lower left", fontsize=8)
     fig.tight_layout()
     path = Path(out) if out else Path(checkpoint) / "layers.png"
     fig.savefig(path, dpi=110)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +41,12 @@ def mean_angular_distance(before: list[Tensor], after: list[Tensor]) -> float:
 
 
 def probe_layers(
-    model: nn.Module, adapter: ArchitectureAdapter, ids: Tensor, cfg: PruneConfig, device: torch.device, dtype: torch.dtype
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    ids: Tensor,
+    cfg: PruneConfig,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> list[LayerProbe]:
     """One dense pass, one layer in memory at a time: per-layer angular distance and, for the rules that
     use them ("global", "structprune"), FLAP scores and the pruning energy."""
@@ -75,16 +81,32 @@ def probe_layers(
     return probes
 
 
+T = TypeVar("T")
+
+
 def allocate(cfg: PruneConfig, widths: list[int], probe: list[LayerProbe]) -> list[int]:
     """Per-layer prune counts for a global allocation rule."""
     if cfg.allocation_rule == "global":
-        return allocation.global_ranking([p.flap_scores for p in probe], cfg.sparsity, cfg.min_sparsity, cfg.max_sparsity)
+        return allocation.global_ranking(
+            [_required(p.flap_scores) for p in probe], cfg.sparsity, cfg.min_sparsity, cfg.max_sparsity
+        )
     if cfg.allocation_rule == "structprune":
         return allocation.energy_softmax(
-            widths, [p.energy for p in probe], cfg.sparsity, cfg.temperature, cfg.min_sparsity, cfg.max_sparsity
+            widths,
+            [_required(p.energy) for p in probe],
+            cfg.sparsity,
+            cfg.temperature,
+            cfg.min_sparsity,
+            cfg.max_sparsity,
         )
     if cfg.allocation_rule == "angular":
         return allocation.angular_sigmoid(
             widths, [p.angular for p in probe], cfg.sparsity, cfg.angular_slope, cfg.min_sparsity, cfg.max_sparsity
         )
     raise ValueError(f"unknown allocation {cfg.allocation!r}")
+
+
+def _required(value: T | None) -> T:
+    """A probe field the chosen allocation rule computed (``probe_layers`` fills what it needs)."""
+    assert value is not None
+    return value

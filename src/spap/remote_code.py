@@ -10,6 +10,8 @@ transformers: spap copies it into such checkpoints as ``modeling_spap.py`` so th
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` works without spap installed.
 """
 
+from typing import Any
+
 from torch import nn
 
 
@@ -19,7 +21,9 @@ def apply_spap_shapes(model: nn.Module, config) -> None:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, attr)
-        new = nn.Linear(int(in_features), int(out_features), bias=bool(has_bias), device=old.weight.device, dtype=old.weight.dtype)
+        new = nn.Linear(
+            int(in_features), int(out_features), bias=bool(has_bias), device=old.weight.device, dtype=old.weight.dtype
+        )
         setattr(parent, attr, new)
     for name, attributes in (getattr(config, "spap_module_attributes", None) or {}).items():
         module = model.get_submodule(name)
@@ -27,7 +31,7 @@ def apply_spap_shapes(model: nn.Module, config) -> None:
             setattr(module, key, value)
 
 
-def spap_model_class(base: type) -> type:
+def spap_model_class(base: Any) -> Any:
     """Subclass of a transformers causal-LM class that applies ``apply_spap_shapes`` on construction."""
 
     def __init__(self, config, *args, **kwargs):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-
 from common import capture_dense
 
 from spap.adapters import get_adapter
+
 from ..conftest import tiny_ids, tiny_model
 
 

@@ -1,12 +1,12 @@
-"""benchmarks/disjoint_split.py: the calibration tail shares no token with the evaluated prefix."""
+"""benchmarks/studies/disjoint_split.py: the calibration tail shares no token with the evaluated prefix."""
 
 from __future__ import annotations
 
 import pytest
-
 from disjoint_split import tail_after
 
 from spap.calibration import bundled_text, tokenize
+
 from ..conftest import tiny_tokenizer
 
 

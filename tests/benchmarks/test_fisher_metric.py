@@ -1,15 +1,15 @@
-"""benchmarks/fisher_metric.py: the Fisher matrices and the metric change of coordinates."""
+"""benchmarks/studies/fisher_metric.py: the Fisher matrices and the metric change of coordinates."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from fisher_metric import OutputMetric, layer_output_fisher
 
 from spap.adapters import get_adapter
 from spap.core import MLPStatistics, MLPWeights
 from spap.core.linalg import QuadraticLS
+
 from ..conftest import tiny_ids, tiny_model
 
 
@@ -23,8 +23,10 @@ def test_fisher_equals_per_token_gradients_of_the_summed_loss():
     expected = [torch.zeros_like(m) for m in fisher]
     for row in ids:  # one sequence at a time, loss written out by hand
         outputs: list[torch.Tensor] = []
-        handles = [layer.register_forward_hook(lambda _m, _a, o: outputs.append(o[0] if isinstance(o, tuple) else o))
-                   for layer in adapter.decoder_layers(model)]
+        handles = [
+            layer.register_forward_hook(lambda _m, _a, o, out=outputs: out.append(o[0] if isinstance(o, tuple) else o))
+            for layer in adapter.decoder_layers(model)
+        ]
         try:
             logits = model(input_ids=row[None], use_cache=False).logits[0]
         finally:
@@ -51,8 +53,12 @@ def test_metric_coordinates_round_trip_and_keep_the_closed_form():
     normalised = fisher / fisher.diagonal().mean() + 0.1 * torch.eye(d, dtype=torch.float64)
     torch.testing.assert_close((metric.root @ metric.root).double(), normalised, rtol=1e-4, atol=1e-5)
 
-    mlp = MLPWeights(up=torch.randn(m, d, generator=gen), down=torch.randn(d, m, generator=gen),
-                     activation=F.silu, gate=torch.randn(m, d, generator=gen))
+    mlp = MLPWeights(
+        up=torch.randn(m, d, generator=gen),
+        down=torch.randn(d, m, generator=gen),
+        activation=F.silu,
+        gate=torch.randn(m, d, generator=gen),
+    )
     back = metric.from_metric(metric.to_metric(mlp))
     torch.testing.assert_close(back.down, mlp.down, rtol=1e-4, atol=1e-5)
     x = torch.randn(n, d, generator=gen)

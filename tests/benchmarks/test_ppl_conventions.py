@@ -1,4 +1,4 @@
-"""benchmarks/ppl_conventions.py: each convention reads the test file as its name says."""
+"""benchmarks/studies/ppl_conventions.py: each convention reads the test file as its name says."""
 
 from __future__ import annotations
 
@@ -14,4 +14,8 @@ def test_each_convention_turns_the_file_into_its_own_text(tmp_path):
     assert texts["raw-crlf"] == " = Title = \r\n Body one .\r\n Body two .\r\n"
     assert texts["text-mode"] == " = Title = \n Body one .\n Body two .\n"
     assert {name: fraction for name, (_, fraction) in CONVENTIONS.items()} == {
-        "spap": 0.0, "spap-second-half": 0.5, "raw-crlf": 0.0, "text-mode": 0.0}
+        "spap": 0.0,
+        "spap-second-half": 0.5,
+        "raw-crlf": 0.0,
+        "text-mode": 0.0,
+    }

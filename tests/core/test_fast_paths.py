@@ -83,3 +83,30 @@ def test_refit_early_stopping_returns_the_best_held_out_round():
     for r in range(1, len(history) + 1):  # no earlier stop point beats the returned weights
         earlier, _ = alternating_refit(pruned, x, mlp(x), r, 3, 1e-3, False)
         assert holdout.error(best) <= holdout.error(earlier) * (1 + 1e-6)
+
+
+def test_refit_min_gain_stops_where_rounds_gain_little_and_keeps_the_best():
+    """On plenty of rows the held-out error keeps falling; with a minimum relative gain the refit
+    stops at the first round that gains less, still returning that round if it is the best.  The
+    held-out errors of the start and every round run are recorded."""
+    mlp = random_mlp(d=16, m=48, seed=5)
+    pruned = mlp.select(torch.arange(24))
+    g = torch.Generator().manual_seed(1)
+    x, x_held = torch.randn(4000, 16, generator=g), torch.randn(2000, 16, generator=g)
+    rounds = 12
+    every_holdout = Holdout(x_held, mlp(x_held))
+    _, every = alternating_refit(pruned, x, mlp(x), rounds, 3, 1e-3, False, holdout=every_holdout, patience=rounds)
+    errors = every_holdout.errors  # start, then one per round
+    assert len(errors) == rounds + 1 and errors[-1] < errors[0]
+    gains = [1 - b / a for a, b in zip(errors[:-1], errors[1:])]
+    threshold = sorted(gains)[len(gains) // 2]  # some rounds gain more, some less
+    expected_stop = next(i for i, gain in enumerate(gains) if gain < threshold) + 1
+    holdout = Holdout(x_held, mlp(x_held))
+    best, history = alternating_refit(
+        pruned, x, mlp(x), rounds, 3, 1e-3, False, holdout=holdout, patience=1, min_gain=threshold
+    )
+    assert len(history) == expected_stop
+    assert holdout.errors == pytest.approx(errors[: expected_stop + 1], rel=1e-6)
+    assert holdout.error(best) == pytest.approx(
+        min(errors[: expected_stop + 1]) * float((holdout.y**2).sum()), rel=1e-6
+    )

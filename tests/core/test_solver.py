@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from spap.core import MLPStatistics, MLPWeights, SolverConfig, prune_mlp
-from spap.core.solver import finalize_down
 from spap.core.linalg import QuadraticLS
 from spap.core.refit import alternating_refit, gradient_refit
 from spap.core.scores import neuron_scores
 from spap.core.selection import penalty_select
+from spap.core.solver import finalize_down
 
 from .test_linalg_stats import random_mlp
 

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..core.mlp import MLPWeights
 
@@ -54,13 +54,14 @@ class ArchitectureAdapter(ABC):
     def write_mlp(self, layer: nn.Module, weights: MLPWeights) -> None:
         """Replace the MLP Linears by ones of the new width holding ``weights`` (cast to the layer dtype)."""
         lin = self.mlp_linears(layer)
-        new = {
+        new: dict[str, tuple[Tensor | None, Tensor | None]] = {
             "up": (weights.up, weights.up_bias),
             "down": (weights.down, weights.down_bias),
         }
         if "gate" in lin:
             new["gate"] = (weights.gate, weights.gate_bias)
         for role, (w, b) in new.items():
+            assert w is not None  # gate is listed only for gated MLPs
             self._replace_linear(layer, lin[role], w, b)
 
     def mlp_output_is_residual(self, model: nn.Module) -> bool:
@@ -88,14 +89,18 @@ class ArchitectureAdapter(ABC):
         """Config fields that describe uniform head counts ({} if the stock config cannot)."""
         return {}
 
-    def keep_kv_groups(self, layer: nn.Module, keep: list[int], o_weight: torch.Tensor, o_bias: torch.Tensor | None) -> dict[str, int]:
+    def keep_kv_groups(
+        self, layer: nn.Module, keep: list[int], o_weight: torch.Tensor, o_bias: torch.Tensor | None
+    ) -> dict[str, int]:
         """Keep only KV groups ``keep`` (rows of q/k/v, o_proj columns <- o_weight); returns module attributes set."""
         n_heads, n_kv, _ = self.attention_shape(layer)
         per_group = n_heads // n_kv
         q_heads = [g * per_group + j for g in keep for j in range(per_group)]
         return self._keep_heads(layer, q_heads, keep, o_weight, o_bias)
 
-    def keep_query_heads(self, layer: nn.Module, keep: list[int], o_weight: torch.Tensor, o_bias: torch.Tensor | None) -> dict[str, int]:
+    def keep_query_heads(
+        self, layer: nn.Module, keep: list[int], o_weight: torch.Tensor, o_bias: torch.Tensor | None
+    ) -> dict[str, int]:
         """Keep only query heads ``keep`` (rows of q, o_proj columns <- o_weight), every KV head; the
         same number must remain in every KV group.  Returns module attributes set."""
         n_heads, n_kv, _ = self.attention_shape(layer)
@@ -106,7 +111,12 @@ class ArchitectureAdapter(ABC):
         return self._keep_heads(layer, keep, list(range(n_kv)), o_weight, o_bias)
 
     def _keep_heads(
-        self, layer: nn.Module, q_heads: list[int], kv_heads: list[int], o_weight: torch.Tensor, o_bias: torch.Tensor | None
+        self,
+        layer: nn.Module,
+        q_heads: list[int],
+        kv_heads: list[int],
+        o_weight: torch.Tensor,
+        o_bias: torch.Tensor | None,
     ) -> dict[str, int]:
         head_dim = self.attention_shape(layer)[2]
         proj = self.attention_projections(layer)
@@ -118,7 +128,9 @@ class ArchitectureAdapter(ABC):
         for name, idx in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
             old = proj[name]
             if old.out_features != len(idx):
-                self._replace_linear(layer, old, old.weight.detach()[idx], None if old.bias is None else old.bias.detach()[idx])
+                self._replace_linear(
+                    layer, old, old.weight.detach()[idx], None if old.bias is None else old.bias.detach()[idx]
+                )
         self._replace_linear(layer, proj["o"], o_weight, o_bias)
         attributes = self.head_attributes(len(q_heads), len(kv_heads))
         module = self.attention_module(layer)
@@ -129,8 +141,12 @@ class ArchitectureAdapter(ABC):
     def attention_module(self, layer: nn.Module) -> nn.Module:
         return layer.self_attn
 
-    def _replace_linear(self, layer: nn.Module, old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+    def _replace_linear(
+        self, layer: nn.Module, old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        module = nn.Linear(
+            weight.shape[1], weight.shape[0], bias=bias is not None, device=old.weight.device, dtype=old.weight.dtype
+        )
         with torch.no_grad():
             module.weight.copy_(weight)
             if bias is not None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 from .base import ArchitectureAdapter
 
 
 class LlamaAdapter(ArchitectureAdapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    model_types: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3")
     width_attribute = "intermediate_size"
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

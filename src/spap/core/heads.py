@@ -57,7 +57,12 @@ def prune_kv_groups(
 
 
 def prune_query_heads(
-    o_weight: Tensor, o_bias: Tensor | None, stats: MLPStatistics, n_heads: int, n_kv_heads: int, n_prune_per_group: int,
+    o_weight: Tensor,
+    o_bias: Tensor | None,
+    stats: MLPStatistics,
+    n_heads: int,
+    n_kv_heads: int,
+    n_prune_per_group: int,
     cfg: SolverConfig,
 ) -> HeadPruneResult:
     """Choose ``n_prune_per_group`` query heads to remove from every KV group and re-fit W_o.
@@ -65,7 +70,9 @@ def prune_query_heads(
     o_weight: (d, n_heads * head_dim); query head h belongs to KV group h // (n_heads / n_kv_heads).
     """
     if n_heads % n_kv_heads or o_weight.shape[1] % n_heads:
-        raise ValueError(f"o_proj with {o_weight.shape[1]} inputs cannot hold {n_heads} heads in {n_kv_heads} KV groups")
+        raise ValueError(
+            f"o_proj with {o_weight.shape[1]} inputs cannot hold {n_heads} heads in {n_kv_heads} KV groups"
+        )
     per_group = n_heads // n_kv_heads
     if not 0 <= n_prune_per_group < per_group:
         raise ValueError(f"cannot prune {n_prune_per_group} of the {per_group} query heads of each KV group")
@@ -75,7 +82,12 @@ def prune_query_heads(
 
 
 def _select_and_refit(
-    o_weight: Tensor, o_bias: Tensor | None, stats: MLPStatistics, groups: Tensor, n_prune: int, cfg: SolverConfig,
+    o_weight: Tensor,
+    o_bias: Tensor | None,
+    stats: MLPStatistics,
+    groups: Tensor,
+    n_prune: int,
+    cfg: SolverConfig,
     blocks: Tensor | None,
 ) -> HeadPruneResult:
     """SPAP selection over column ``groups`` (n_prune in total, or per block), then closed-form W_o."""

@@ -35,7 +35,7 @@ class QuadraticLS:
     count: float  # sum of token weights (the number of tokens when unweighted)
 
     @classmethod
-    def from_stats(cls, stats: MLPStatistics, keep: Tensor | None = None) -> "QuadraticLS":
+    def from_stats(cls, stats: MLPStatistics, keep: Tensor | None = None) -> QuadraticLS:
         if not stats.full:
             raise ValueError("least squares needs the full Gram matrix; these statistics hold its diagonal only")
         problem = cls(stats.gram, stats.cross, stats.z_sum, stats.y_sum, stats.y_sq, float(stats.mass))
@@ -44,7 +44,7 @@ class QuadraticLS:
     @classmethod
     def from_data(
         cls, z: Tensor, y: Tensor, weight: Tensor | None = None, product_dtype: torch.dtype = torch.float64
-    ) -> "QuadraticLS":
+    ) -> QuadraticLS:
         """Statistics of rows z (n, m), y (n, d) with optional token weights (n,), stored in float64.
 
         ``product_dtype``: dtype of the products Z^T Z and Y^T Z (autocast off).  float32 is about
@@ -61,13 +61,13 @@ class QuadraticLS:
         sums = (wz.sum(0, dtype=torch.float64), wy.sum(0, dtype=torch.float64), (wy.double() * y.double()).sum())
         return cls(gram.double(), cross.double(), *sums, mass)
 
-    def restrict(self, keep: Tensor) -> "QuadraticLS":
+    def restrict(self, keep: Tensor) -> QuadraticLS:
         keep = keep.to(self.gram.device)
         return QuadraticLS(
             self.gram[keep][:, keep], self.cross[:, keep], self.z_sum[keep], self.y_sum, self.y_sq, self.count
         )
 
-    def centered(self) -> "QuadraticLS":
+    def centered(self) -> QuadraticLS:
         """The problem for z - mean(z), y - mean(y): a fit with a free intercept, intercept eliminated."""
         n = max(self.count, 1e-30)
         zm, ym = self.z_sum / n, self.y_sum / n

@@ -13,8 +13,8 @@ Pruning neuron i removes row i of W_up / W_gate (and their biases) and column i 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,11 @@ class MLPWeights:
     def __call__(self, x: Tensor) -> Tensor:
         return self.output_from_intermediate(self.intermediate(x))
 
-    def select(self, keep: Tensor) -> "MLPWeights":
+    def with_fields(self, fields: Mapping[str, Tensor | None]) -> MLPWeights:
+        """A copy with the named fields (up, gate, down, up_bias, gate_bias, down_bias) replaced."""
+        return replace(self, **fields)  # type: ignore[arg-type]
+
+    def select(self, keep: Tensor) -> MLPWeights:
         """The MLP restricted to neurons ``keep`` (LongTensor of indices, in order)."""
 
         def rows(t: Tensor | None) -> Tensor | None:
@@ -75,7 +79,7 @@ class MLPWeights:
 
         return replace(
             self,
-            up=rows(self.up),
+            up=self.up[keep].clone(),
             gate=rows(self.gate),
             up_bias=rows(self.up_bias),
             gate_bias=rows(self.gate_bias),
@@ -83,7 +87,7 @@ class MLPWeights:
             down_bias=None if self.down_bias is None else self.down_bias.clone(),
         )
 
-    def padded(self, width: int) -> "MLPWeights":
+    def padded(self, width: int) -> MLPWeights:
         """The same function with ``width - m`` extra inert neurons (zero rows in, zero columns out).
 
         Requires act(0) == 0 (SiLU, GELU, ReLU) for non-gated MLPs with zero bias on the padding.
@@ -97,17 +101,22 @@ class MLPWeights:
 
         down = torch.cat([self.down, self.down.new_zeros(self.down.shape[0], extra)], dim=1)
         return replace(
-            self, up=rows(self.up), gate=rows(self.gate), up_bias=rows(self.up_bias), gate_bias=rows(self.gate_bias), down=down
+            self,
+            up=torch.cat([self.up, self.up.new_zeros(extra, *self.up.shape[1:])]),
+            gate=rows(self.gate),
+            up_bias=rows(self.up_bias),
+            gate_bias=rows(self.gate_bias),
+            down=down,
         )
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "MLPWeights":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MLPWeights:
         def cast(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device=device, dtype=dtype)
 
         return replace(
             self,
-            up=cast(self.up),
-            down=cast(self.down),
+            up=self.up.to(device=device, dtype=dtype),
+            down=self.down.to(device=device, dtype=dtype),
             gate=cast(self.gate),
             up_bias=cast(self.up_bias),
             gate_bias=cast(self.gate_bias),

@@ -13,7 +13,7 @@ round computes Z only at trial points.
 ``gradient_refit`` is the ablation that updates all parameters together by plain (backtracking)
 gradient descent for the same number of evaluations.
 With held-out rows (``Holdout``) and a patience P, both stop once the held-out error has not improved
-for P rounds and return the weights of the best round (the start counts as round 0, judged with its
+(by at least a relative ``min_gain``) for P rounds and return the weights of the best round (the start counts as round 0, judged with its
 W_down re-fit on the sample like every round's), so a refit that only fits its sample stops after P
 rounds.
 ``perturbed_rows`` makes the refit inputs x_n + sigma rms(x_n) eps_n (targets: the dense MLP there),
@@ -22,8 +22,8 @@ so the refit also matches the dense MLP's response to small changes of its input
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -112,16 +112,19 @@ def armijo_descent(
     """
 
     def evaluate(params: dict[str, Tensor]) -> Evaluated:
-        trial = replace(weights, **params)
+        trial = weights.with_fields(params)
         z = trial.intermediate(x)
         return Evaluated(params, z, loss(trial, z))
 
     if start is None:
-        leaves = {n: getattr(weights, n).detach().requires_grad_(True) for n in names if getattr(weights, n) is not None}
+        leaves = {
+            n: getattr(weights, n).detach().requires_grad_(True) for n in names if getattr(weights, n) is not None
+        }
         point = evaluate(leaves)
     else:  # consume ``start``: its z is released below, and the loss is re-evaluated at the new W_down
         point = start
-        point.value = loss(replace(weights, **point.params), point.z)
+        assert point.z is not None  # an unused point keeps its graph
+        point.value = loss(weights.with_fields(point.params), point.z)
     fresh = True
     for _ in range(steps):
         grads = torch.autograd.grad(point.value, list(point.params.values()))
@@ -145,7 +148,7 @@ def armijo_descent(
             lr *= 0.25
         if not fresh:
             break
-    final = replace(weights, **{n: p.detach() for n, p in point.params.items()})
+    final = weights.with_fields({n: p.detach() for n, p in point.params.items()})
     return final, lr, float(point.value.detach()), point if fresh else None
 
 
@@ -157,25 +160,31 @@ class Holdout:
     x: Tensor
     y: Tensor
     token_weight: Tensor | None = None
+    errors: list[float] = field(default_factory=list)  # relative error of each ``error`` call, in order
 
     @torch.no_grad()
     def error(self, weights: MLPWeights) -> float:
-        """sum_n w_n ||y_n - mlp(x_n)||^2."""
-        return float(_weighted_sq_sum(self.y - weights(self.x), self.token_weight).sum())
+        """sum_n w_n ||y_n - mlp(x_n)||^2; appends it relative to sum_n w_n ||y_n||^2 to ``errors``."""
+        error = float(_weighted_sq_sum(self.y - weights(self.x), self.token_weight).sum())
+        self.errors.append(error / (float(_weighted_sq_sum(self.y, self.token_weight).sum()) or 1.0))
+        return error
 
 
 class _EarlyStopping:
     """Tracks the best weights by held-out error; ``stop(weights)`` is True after ``patience`` rounds
-    without improvement.  Without held-out rows (or patience 0) it never stops and keeps the last.
+    without an improvement of at least ``min_gain`` (relative to the best error so far; a smaller
+    improvement still updates the best weights).  Without held-out rows (or patience 0) it never
+    stops and keeps the last.
 
     ``judge_start(reference)``: the weights whose held-out error the start is judged by.  The
     alternating refit passes the start's W_up/W_gate with W_down re-fit on the refit sample, as every
     later round's W_down is: the start's own W_down was fit on all calibration tokens, the held-out
     ones included, which would favour the start unfairly."""
 
-    def __init__(self, start: MLPWeights, holdout: Holdout | None, patience: int) -> None:
+    def __init__(self, start: MLPWeights, holdout: Holdout | None, patience: int, min_gain: float = 0.0) -> None:
         self.holdout = holdout if patience > 0 else None
         self.patience = patience
+        self.min_gain = min_gain
         self.best = start
         self.best_error = float("inf")
         self.since_best = 0
@@ -189,8 +198,10 @@ class _EarlyStopping:
             self.best = weights
             return False
         error = self.holdout.error(weights)
-        if error < self.best_error:
-            self.best, self.best_error, self.since_best = weights, error, 0
+        if error < self.best_error:  # the best round is kept; a gain below min_gain counts as none
+            gain = 1.0 - error / self.best_error
+            self.since_best = 0 if gain >= self.min_gain else self.since_best + 1
+            self.best, self.best_error = weights, error
         else:
             self.since_best += 1
         return self.since_best >= self.patience
@@ -198,8 +209,13 @@ class _EarlyStopping:
 
 @torch.no_grad()
 def _refit_objective(
-    weights: MLPWeights, x: Tensor, y: Tensor, damping_rel: float, proximal: float,
-    token_weight: Tensor | None, names: tuple[str, ...],
+    weights: MLPWeights,
+    x: Tensor,
+    y: Tensor,
+    damping_rel: float,
+    proximal: float,
+    token_weight: Tensor | None,
+    names: tuple[str, ...],
 ) -> tuple[float, Loss, float]:
     """(delta, F with the proximal term on ``names``, 1/2 sum_n w_n ||y_n||^2) for a refit start."""
     z = weights.intermediate(x)
@@ -221,6 +237,7 @@ def alternating_refit(
     token_weight: Tensor | None = None,
     holdout: Holdout | None = None,
     patience: int = 0,
+    min_gain: float = 0.0,
 ) -> tuple[MLPWeights, list[float]]:
     """Alternate closed-form (W_down, b_down) and gradient steps on W_up/W_gate; returns F/F_0 history.
 
@@ -231,14 +248,14 @@ def alternating_refit(
     damping, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _THETA)
     history: list[float] = []
     lr, point = None, None
-    early = _EarlyStopping(weights, holdout, patience)
+    early = _EarlyStopping(weights, holdout, patience, min_gain)
     for r in range(rounds):
         with torch.no_grad():  # z of the last accepted step, if any, is z at the current W_up/W_gate
-            z = weights.intermediate(x) if point is None else point.z.detach()
+            z = weights.intermediate(x) if point is None or point.z is None else point.z.detach()
             problem = QuadraticLS.from_data(z, y, token_weight, product_dtype=torch.float32)
             del z
             w, b = problem.solve(damping, fit_bias=fit_bias)
-            bias = b.to(x) if fit_bias else weights.down_bias
+            bias = b.to(x) if fit_bias and b is not None else weights.down_bias
             weights = replace(weights, down=w.to(x), down_bias=bias)
         if r == 0:  # judge the start with its W_down fit on the sample too (see _EarlyStopping)
             early.judge_start(weights)
@@ -250,14 +267,23 @@ def alternating_refit(
 
 
 def gradient_refit(
-    weights: MLPWeights, x: Tensor, y: Tensor, rounds: int, grad_steps: int, damping_rel: float,
-    proximal: float = 0.0, token_weight: Tensor | None = None, holdout: Holdout | None = None, patience: int = 0,
+    weights: MLPWeights,
+    x: Tensor,
+    y: Tensor,
+    rounds: int,
+    grad_steps: int,
+    damping_rel: float,
+    proximal: float = 0.0,
+    token_weight: Tensor | None = None,
+    holdout: Holdout | None = None,
+    patience: int = 0,
+    min_gain: float = 0.0,
 ) -> tuple[MLPWeights, list[float]]:
     """Ablation: plain backtracking gradient descent on all MLP weights, rounds * (grad_steps + 1) steps."""
     _, loss, y_half = _refit_objective(weights, x, y, damping_rel, proximal, token_weight, _ALL)
     history: list[float] = []
     lr, point = None, None
-    early = _EarlyStopping(weights, holdout, patience)
+    early = _EarlyStopping(weights, holdout, patience, min_gain)
     early.judge_start(weights)
     for _ in range(rounds):
         weights, lr, value, point = armijo_descent(weights, _ALL, x, loss, grad_steps + 1, lr, point)

@@ -106,7 +106,7 @@ class _PenalisedSolver:
     def __call__(self, penalty: Tensor | None) -> tuple[Tensor, Tensor]:
         """(W (d, m), diag(A^-1) (m,)) for per-neuron penalties ``penalty`` (m,) >= 0."""
         support = None if penalty is None else torch.nonzero(penalty > 0).flatten()
-        if support is None or support.numel() == 0:
+        if penalty is None or support is None or support.numel() == 0:
             return self.w0, self.b_inv_diag
         u_t = self.b_inv[support]  # (p, m) = U^T (B^-1 is symmetric)
         k = torch.diag(1.0 / penalty[support]) + u_t[:, support]
@@ -154,7 +154,8 @@ def penalty_select(
         w, inv_diag = solver(penalty)
         # W A = C gives <W G, W> = <W, C> - sum_i (delta + pi_i) ||W_i||^2: the error in O(d m)
         col_sq = w.pow(2).sum(0)
-        error = float(problem.y_sq - (w * problem.cross).sum() - ((damping + penalty) * col_sq).sum())
+        ridge = damping if penalty is None else damping + penalty
+        error = float(problem.y_sq - (w * problem.cross).sum() - (ridge * col_sq).sum())
         return _neuron_importance(w, inv_diag, gram_diag, cfg.score_exponent), w, error
 
     importance = importance_at(None)[0] if cfg.penalty_rounds == 0 else None
@@ -176,6 +177,7 @@ def penalty_select(
             decay = (1 - cfg.momentum) ** (cfg.penalty_rounds - r - 1)
             s = decay * s + (1 - decay) * chosen.double()
             break
+    assert importance is not None  # set before the loop when it runs no round
     by_importance = torch.sort(importance, stable=True).indices
     order = by_importance[torch.sort(-s[by_importance], stable=True).indices]
     if blocks is not None:

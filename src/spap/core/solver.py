@@ -39,13 +39,16 @@ class MLPPruneResult:
     error_refit: float | None = None  # relative error after the refit and the final closed-form W_down
     closed_form: MLPWeights | None = None  # weights before the refit (selection + closed-form W_down)
     refit_accepted: bool | None = None  # None: no refit; False: closed form kept (early stopping or safeguard)
+    refit_holdout: list[float] = field(default_factory=list)  # relative held-out error: start, then each round
 
 
 def resolve_fit_bias(cfg: SolverConfig, weights: MLPWeights) -> bool:
     return cfg.fit_bias == "yes" or (cfg.fit_bias == "auto" and weights.down_bias is not None)
 
 
-def select_neurons(weights: MLPWeights, stats: MLPStatistics, n_prune: int, cfg: SolverConfig) -> tuple[Tensor, list[float]]:
+def select_neurons(
+    weights: MLPWeights, stats: MLPStatistics, n_prune: int, cfg: SolverConfig
+) -> tuple[Tensor, list[float]]:
     """Bool mask (m,) of neurons to remove and the penalty-loop objective trace (empty for scores)."""
     if cfg.method != "spap":
         return bottom_k(neuron_scores(cfg.method, weights.down, stats), n_prune), []
@@ -58,13 +61,15 @@ def select_neurons(weights: MLPWeights, stats: MLPStatistics, n_prune: int, cfg:
     return score_select(problem, n_prune, cfg), []
 
 
-def least_squares_down(weights: MLPWeights, stats: MLPStatistics, cfg: SolverConfig, fit_bias: bool, keep: Tensor | None = None) -> tuple[MLPWeights, float]:
+def least_squares_down(
+    weights: MLPWeights, stats: MLPStatistics, cfg: SolverConfig, fit_bias: bool, keep: Tensor | None = None
+) -> tuple[MLPWeights, float]:
     """Closed-form W_down (and bias if ``fit_bias``) for ``weights`` from ``stats``; relative error."""
     full = QuadraticLS.from_stats(stats)
     problem = full if keep is None else full.restrict(keep)
     w, b = problem.solve(cfg.damping * full.mean_diag, fit_bias=fit_bias)
     new = replace(weights, down=w.float().to(weights.down.device))
-    if fit_bias:
+    if fit_bias and b is not None:
         new = replace(new, down_bias=b.float().to(weights.down.device))
     return new, problem.relative_error(w, b if fit_bias else _bias(new, problem))
 
@@ -140,18 +145,50 @@ def prune_mlp(
                 holdout = None if held is None else Holdout(held[0], _targets(weights, held[0], held[1]), held[2])
             if rule == "alternating":
                 new, history = alternating_refit(
-                    new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, fit_bias, cfg.refit_proximal,
-                    token_weight, holdout, cfg.refit_patience,
+                    new,
+                    x,
+                    y,
+                    cfg.refit_rounds,
+                    cfg.refit_grad_steps,
+                    cfg.damping,
+                    fit_bias,
+                    cfg.refit_proximal,
+                    token_weight,
+                    holdout,
+                    cfg.refit_patience,
+                    cfg.refit_min_gain,
                 )
             else:
                 new, history = gradient_refit(
-                    new, x, y, cfg.refit_rounds, cfg.refit_grad_steps, cfg.damping, cfg.refit_proximal, token_weight,
-                    holdout, cfg.refit_patience,
+                    new,
+                    x,
+                    y,
+                    cfg.refit_rounds,
+                    cfg.refit_grad_steps,
+                    cfg.damping,
+                    cfg.refit_proximal,
+                    token_weight,
+                    holdout,
+                    cfg.refit_patience,
+                    cfg.refit_min_gain,
                 )
         timings["refit"] = time.perf_counter() - t0
+    held_errors = [] if not refit or holdout is None else holdout.errors
     if refit and new is closed_form:  # early stopping kept the start: nothing to re-fit on all tokens
-        return MLPPruneResult(new, kept, error, history, penalty_trace, timings, refit_accepted=False)
-    return MLPPruneResult(new, kept, error, history, penalty_trace, timings, needs_final_ls=refit, closed_form=closed_form)
+        return MLPPruneResult(
+            new, kept, error, history, penalty_trace, timings, refit_accepted=False, refit_holdout=held_errors
+        )
+    return MLPPruneResult(
+        new,
+        kept,
+        error,
+        history,
+        penalty_trace,
+        timings,
+        needs_final_ls=refit,
+        closed_form=closed_form,
+        refit_holdout=held_errors,
+    )
 
 
 def _targets(weights: MLPWeights, x: Tensor, offset: Tensor | None) -> Tensor:
@@ -178,9 +215,10 @@ def finalize_down(result: MLPPruneResult, stats: MLPStatistics, cfg: SolverConfi
     ``result.error_ls`` (the closed form before the refit, same tokens, same weighting), return the
     closed-form weights instead; ``error_refit`` still records the rejected refit's error."""
     weights, error = least_squares_down(result.weights, stats, cfg, fit_bias)
-    accepted = not (cfg.refit_safeguard and result.closed_form is not None and error > result.error_ls)
-    if not accepted:
-        weights = result.closed_form
+    closed_form, error_ls = result.closed_form, result.error_ls
+    accepted = not (cfg.refit_safeguard and closed_form is not None and error_ls is not None and error > error_ls)
+    if not accepted and closed_form is not None:
+        weights = closed_form
     return replace(result, weights=weights, error_refit=error, needs_final_ls=False, refit_accepted=accepted)
 
 

@@ -46,6 +46,9 @@ class SolverConfig:
                      other calibration tokens is measured, and the refit stops once it has not
                      improved for this many rounds, returning the best round's weights (0: run
                      every round, no held-out rows).
+    refit_min_gain:  a round whose held-out error is less than this fraction below the best so far
+                     counts as no improvement for ``refit_patience`` (its weights are still kept if
+                     best); 0: any decrease counts.
     refit_proximal:  trust-region strength keeping refit weights near the closed-form start
                      (relative units, see spap.core.refit; 0 disables).
     refit_input_noise: sigma >= 0: the refit fits on inputs x + sigma rms(x) eps, eps ~ N(0, I), with
@@ -73,6 +76,7 @@ class SolverConfig:
     refit_tokens: int = 8192
     refit_patience: int = 1
     refit_holdout_tokens: int = 8192
+    refit_min_gain: float = 1e-3
     refit_proximal: float = 0.0
     refit_input_noise: float = 0.0
     refit_safeguard: bool = True
@@ -95,6 +99,8 @@ class SolverConfig:
             raise ValueError("need rho_growth >= 1, rho_init >= 0, damping >= 0")
         if self.refit_patience < 0 or self.refit_holdout_tokens < 0 or self.penalty_patience < 0:
             raise ValueError("penalty_patience, refit_patience and refit_holdout_tokens must be >= 0")
+        if not 0 <= self.refit_min_gain < 1:
+            raise ValueError(f"refit_min_gain must be in [0, 1), got {self.refit_min_gain}")
         if not self.refit_input_noise >= 0:  # also rejects NaN
             raise ValueError(f"refit_input_noise must be >= 0, got {self.refit_input_noise}")
 

@@ -18,6 +18,8 @@ a chunk).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -41,7 +43,7 @@ class MLPStatistics:
         activation_dtype: torch.dtype = torch.float32,
         full: bool = True,
     ) -> None:
-        f64 = dict(dtype=torch.float64, device=device)
+        f64: dict[str, Any] = dict(dtype=torch.float64, device=device)
         self.full = full  # False: only diag(G) (``z_sq``), z_sum and the y sums; no G, no C
         self.gram = torch.zeros(width, width, **f64) if full else torch.zeros(width, **f64)
         self.cross = torch.zeros(hidden_size, width if full else 0, **f64)
@@ -182,7 +184,9 @@ def sample_token_positions(total_tokens: int, n_sample: int, seed: int) -> Tenso
     return positions
 
 
-def refit_token_positions(total_tokens: int, n_fit: int, n_holdout: int, seed: int) -> tuple[Tensor | None, Tensor | None]:
+def refit_token_positions(
+    total_tokens: int, n_fit: int, n_holdout: int, seed: int
+) -> tuple[Tensor | None, Tensor | None]:
     """(sorted positions of the fit and held-out rows, bool mask (n,) of the held-out ones, or None).
 
     One random permutation: its first ``n_fit`` entries are the fit rows (the same for any

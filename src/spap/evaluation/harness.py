@@ -22,4 +22,7 @@ def run_harness(model, tokenizer, tasks: list[str], batch_size: int = 8, limit: 
             f"lm-eval could not run {tasks}: {exc}. Its datasets come from the Hugging Face hub; offline, "
             "point --tasks at local BIG-bench .json / .jsonl files instead (spap's built-in scorer)."
         ) from exc
-    return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))} for task, metrics in out["results"].items()}
+    return {
+        task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        for task, metrics in out["results"].items()
+    }

@@ -15,6 +15,7 @@ import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,8 +53,9 @@ def weight_bytes(model: nn.Module) -> int:
 
 def decode_bytes_per_step(model: nn.Module) -> int:
     """Bytes of weights read per decode step: everything but the input embedding (unless tied)."""
-    embedding = model.get_input_embeddings().weight
-    output = model.get_output_embeddings()
+    hf: Any = model  # a transformers PreTrainedModel
+    embedding = hf.get_input_embeddings().weight
+    output = hf.get_output_embeddings()
     tied = output is not None and output.weight is embedding
     skip = 0 if tied else embedding.numel() * embedding.element_size()
     return weight_bytes(model) - skip
@@ -65,9 +67,12 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def prefill_throughput(model: nn.Module, batch: int, seq_len: int, repeats: int = 3, dtype: torch.dtype | None = None) -> float:
+def prefill_throughput(
+    model: nn.Module, batch: int, seq_len: int, repeats: int = 3, dtype: torch.dtype | None = None
+) -> float:
     device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
+    config: Any = model.config
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
     with autocast_for(model, dtype):
         model(input_ids=ids, use_cache=False)  # warm-up
         _sync(device)
@@ -97,7 +102,12 @@ def _compiled_step(model: nn.Module) -> Callable:
 
 @torch.no_grad()
 def decode_latency(
-    model: nn.Module, batch: int, prompt_len: int = 64, new_tokens: int = 64, dtype: torch.dtype | None = None, graphs: bool | None = None
+    model: nn.Module,
+    batch: int,
+    prompt_len: int = 64,
+    new_tokens: int = 64,
+    dtype: torch.dtype | None = None,
+    graphs: bool | None = None,
 ) -> float:
     """Mean milliseconds per decode step (greedy, static KV cache) after a warm-up.
 
@@ -109,8 +119,9 @@ def decode_latency(
     device = next(model.parameters()).device
     graphs = device.type == "cuda" if graphs is None else graphs
     step = _compiled_step(model) if graphs else model.forward
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens + 1)
+    config: Any = model.config
+    ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device=device)
+    cache = StaticCache(config=config, max_cache_len=prompt_len + new_tokens + 1)
     with_cache = {cache_keyword(model): cache}
 
     def run(n: int) -> float:
@@ -140,7 +151,11 @@ def cache_keyword(model: nn.Module) -> str:
 
 
 def measure(
-    model: nn.Module, prefill_batch: int = 4, prefill_len: int = 512, decode_batch: int = 16, new_tokens: int = 64,
+    model: nn.Module,
+    prefill_batch: int = 4,
+    prefill_len: int = 512,
+    decode_batch: int = 16,
+    new_tokens: int = 64,
     dtype: torch.dtype | None = None,
 ) -> SpeedResult:
     """Speed of one model; peak_gpu_gib counts its weights and what its runs allocate, not other
@@ -190,7 +205,12 @@ def format_comparison(c: dict) -> str:
         ("weight memory (MiB)", d["weight_bytes"] / 2**20, p["weight_bytes"] / 2**20, c["weight_memory_ratio"]),
         ("prefill tokens/s", d["prefill_tokens_per_s"], p["prefill_tokens_per_s"], c["prefill_speedup"]),
         ("decode ms/token, batch 1", d["decode_ms_batch1"], p["decode_ms_batch1"], c["decode_speedup_batch1"]),
-        (f"decode ms/step, batch {d['decode_batch']}", d["decode_ms_batched"], p["decode_ms_batched"], c["decode_speedup_batched"]),
+        (
+            f"decode ms/step, batch {d['decode_batch']}",
+            d["decode_ms_batched"],
+            p["decode_ms_batched"],
+            c["decode_speedup_batched"],
+        ),
     ]
     lines = [f"{'':28s} {'dense':>12s} {'pruned':>12s} {'ratio':>8s}"]
     lines += [f"{name:28s} {a:12.2f} {b:12.2f} {r:8.3f}" for name, a, b, r in rows]

@@ -1,7 +1,7 @@
 """Where does one variant's perplexity differ from another's?  Splits the per-token NLL saved by
 ``layer_swap.py --token-nll DIR`` by position and by whether the token could be copied from context.
 
-    python benchmarks/token_loss_split.py DIR --base 0 --other 1 [--out results/x.json]
+    python benchmarks/studies/token_loss_split.py DIR --base 0 --other 1 [--out results/x.json]
 
 For the token predicted at position t+1 of a window (loss nll[t]):
   copyable  = the bigram (ids[t], ids[t+1]) already occurred at positions <= t of the window
@@ -63,12 +63,20 @@ def main() -> None:
     rows = []
     for name, mask in groups(dense["ids"]).items():
         diff = (other["nll"] - base["nll"])[mask]
-        row = dict(group=name, tokens=int(mask.sum()), dense=float(dense["nll"][mask].mean()),
-                   base=float(base["nll"][mask].mean()), other=float(other["nll"][mask].mean()),
-                   diff_mean=float(diff.mean()), diff_sum=float(diff.sum()))
+        row = dict(
+            group=name,
+            tokens=int(mask.sum()),
+            dense=float(dense["nll"][mask].mean()),
+            base=float(base["nll"][mask].mean()),
+            other=float(other["nll"][mask].mean()),
+            diff_mean=float(diff.mean()),
+            diff_sum=float(diff.sum()),
+        )
         rows.append(row)
-        print(f"{name:30s} {row['tokens']:6d} {row['dense']:7.4f} {row['base']:7.4f} {row['other']:7.4f} "
-              f"{row['diff_mean']:+11.5f} {row['diff_sum']:+8.1f}")
+        print(
+            f"{name:30s} {row['tokens']:6d} {row['dense']:7.4f} {row['base']:7.4f} {row['other']:7.4f} "
+            f"{row['diff_mean']:+11.5f} {row['diff_sum']:+8.1f}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(dict(base=base["variant"], other=other["variant"], rows=rows), indent=2))
 

@@ -5,19 +5,22 @@ the cache growing by one token per step); "cast copy + static cache" is ``spap.c
 self_generated`` now (weights swapped for a bf16 copy, cache allocated once).  Same n, seq_len, batch
 size and seed in one process; prints a table and writes JSON.
 
-    python benchmarks/generation_speed.py --n 32 --seq-len 512 --out results/generation-speed-smollm2-cpu.json
+    python benchmarks/studies/generation_speed.py --n 32 --seq-len 512 --out results/generation-speed-smollm2-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import machine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common
+from common import machine  # noqa: E402
+
 from spap.calibration import sample_sequences, self_generated, start_token
 from spap.models import load_model
 from spap.runtime import autocast_for, resolve_device, resolve_dtype
@@ -53,8 +56,14 @@ def main() -> None:
         t0 = time.perf_counter()
         ids = run()
         seconds = time.perf_counter() - t0
-        rows.append({"path": name, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
-                     "shape": list(ids.shape)})
+        rows.append(
+            {
+                "path": name,
+                "seconds": round(seconds, 1),
+                "tokens_per_s": round(tokens / seconds, 1),
+                "shape": list(ids.shape),
+            }
+        )
     ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     print(f"| path | seconds | tokens/s |  ({args.n} x {args.seq_len}, batch {args.batch_size}, {dtype}, {machine()})")
     print("|---|---|---|")
@@ -62,9 +71,17 @@ def main() -> None:
         print(f"| {r['path']} | {r['seconds']} | {r['tokens_per_s']} |")
     print(f"speed-up: {ratio:.2f}x")
     if args.out:
-        meta = {"model": str(path), "n": args.n, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                "seed": args.seed, "dtype": str(dtype), "machine": machine(), "torch": torch.__version__,
-                "threads": torch.get_num_threads()}
+        meta = {
+            "model": str(path),
+            "n": args.n,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "dtype": str(dtype),
+            "machine": machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        }
         Path(args.out).write_text(json.dumps({**meta, "rows": rows, "speedup": round(ratio, 2)}, indent=2))
 
 

@@ -2,8 +2,8 @@
 # Issue 2's comparison (spap, spap-no-refit, spap-no-penalty) and the refit on perturbed inputs
 # (--refit-input-noise SIGMA) in full-pipeline runs on one calibration sample, one command.
 #
-#   bash benchmarks/refit_noise_full.sh                        # GPU: self-generated 128 x 2048
-#   DEVICE=cpu DTYPE=float32 CALIB=bundled N=128 SIGMAS=1.0 bash benchmarks/refit_noise_full.sh
+#   bash benchmarks/studies/refit_noise_full.sh                        # GPU: self-generated 128 x 2048
+#   DEVICE=cpu DTYPE=float32 CALIB=bundled N=128 SIGMAS=1.0 bash benchmarks/studies/refit_noise_full.sh
 #
 # Environment (defaults in brackets): MODEL [smollm2], PPL [WikiText-2 test], CALIB [self: sampled once
 # with sample_text.py into $RESULTS/calib-self-NxSEQ.pt and reused], N [128], SEQ [2048], SIGMAS

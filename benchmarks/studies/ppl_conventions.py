@@ -10,19 +10,22 @@ same windows of seq_len tokens (stride = seq_len), and writes a JSON of the rows
 * ``raw-crlf``: the file's bytes as they are (CRLF line ends);
 * ``text-mode``: the file read in Python's text mode (``open(path).read()``: "\\n" line ends).
 
-    python benchmarks/ppl_conventions.py --ppl-file ../shared/data/wikitext-2-raw/wiki.test.raw \\
+    python benchmarks/studies/ppl_conventions.py --ppl-file ../shared/data/wikitext-2-raw/wiki.test.raw \\
         --out results/ppl-conventions-smollm2.json
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
-from common import machine, markdown_table, save_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common
+from common import machine, markdown_table, save_rows  # noqa: E402
 
 from spap.calibration import load_text
 from spap.evaluation.perplexity import perplexity
@@ -49,20 +52,41 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="JSON of the rows")
     args = ap.parse_args()
     model, tok, path = load_model(args.model)
-    meta = {"model": path, "ppl_file": str(args.ppl_file), "seq_len": args.seq_len, "dtype": args.dtype,
-            "max_windows": args.max_windows, "machine": machine(), "versions": versions()}
+    meta = {
+        "model": path,
+        "ppl_file": str(args.ppl_file),
+        "seq_len": args.seq_len,
+        "dtype": args.dtype,
+        "max_windows": args.max_windows,
+        "machine": machine(),
+        "versions": versions(),
+    }
     rows = []
     for name in args.conventions:
         to_text, fraction = CONVENTIONS[name]
         t0 = time.perf_counter()
-        r = perplexity(model, tok, to_text(args.ppl_file), args.seq_len, dtype=getattr(torch, args.dtype),
-                       max_windows=args.max_windows, score_from=int(fraction * args.seq_len))
+        r = perplexity(
+            model,
+            tok,
+            to_text(args.ppl_file),
+            args.seq_len,
+            dtype=getattr(torch, args.dtype),
+            max_windows=args.max_windows,
+            score_from=int(fraction * args.seq_len),
+        )
         rows.append({"convention": name, **r.to_dict(), "seconds": round(time.perf_counter() - t0, 1)})
-        print(f"{name}: ppl@{args.seq_len} {r.perplexity:.3f} ({r.n_windows} windows, "
-              f"{r.n_predicted_tokens} scored tokens)", flush=True)
+        print(
+            f"{name}: ppl@{args.seq_len} {r.perplexity:.3f} ({r.n_windows} windows, "
+            f"{r.n_predicted_tokens} scored tokens)",
+            flush=True,
+        )
         save_rows(args.out, rows, meta)
-    print(markdown_table(["convention", f"ppl@{args.seq_len}", "windows", "scored tokens"],
-                         [[r["convention"], r["perplexity"], r["n_windows"], r["n_predicted_tokens"]] for r in rows]))
+    print(
+        markdown_table(
+            ["convention", f"ppl@{args.seq_len}", "windows", "scored tokens"],
+            [[r["convention"], r["perplexity"], r["n_windows"], r["n_predicted_tokens"]] for r in rows],
+        )
+    )
 
 
 if __name__ == "__main__":

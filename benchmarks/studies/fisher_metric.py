@@ -42,6 +42,7 @@ def layer_output_fisher(
                 fisher[index].add_(g.T @ g)
 
             h.register_hook(accumulate)
+
         return hook
 
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -71,7 +72,7 @@ class OutputMetric:
     inverse_root: Tensor
 
     @classmethod
-    def from_fisher(cls, fisher: Tensor, ridge: float) -> "OutputMetric":
+    def from_fisher(cls, fisher: Tensor, ridge: float) -> OutputMetric:
         if ridge <= 0:
             raise ValueError(f"ridge must be > 0, got {ridge}")
         m = fisher.double()

@@ -1,7 +1,7 @@
 """Which layers does a solver variant help or hurt?  Prune a group of layers on dense inputs, swap
 them into the otherwise dense model, and measure perplexity plus two layer-error metrics.
 
-    python benchmarks/layer_swap.py --layers 10 11 12 13 14 15 16 17 18 19 \
+    python benchmarks/studies/layer_swap.py --layers 10 11 12 13 14 15 16 17 18 19 \
         --ppl-file ../shared/data/wikitext-2-raw/wiki.test.raw --variants '{"refit": "ls"}' '{}'
 
 Each variant is a JSON object of SolverConfig overrides (the rows of results/refit-diagnosis-smollm2
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # studies/, benchmarks/
 
 from common import capture_dense, machine  # noqa: E402
 from fisher_metric import OutputMetric, layer_output_fisher  # noqa: E402
@@ -54,8 +54,8 @@ from spap.core.refit import alternating_refit, perturbed_rows  # noqa: E402
 from spap.core.solver import MLPPruneResult, finalize_down, resolve_fit_bias  # noqa: E402
 from spap.core.stats import sample_token_positions  # noqa: E402
 from spap.evaluation.perplexity import perplexity  # noqa: E402
-from spap.models import load_model  # noqa: E402
 from spap.layer_mlp import residual_token_weights  # noqa: E402
+from spap.models import load_model  # noqa: E402
 
 
 def token_weights(mode: str, h: torch.Tensor) -> torch.Tensor | None:
@@ -71,9 +71,17 @@ def token_weights(mode: str, h: torch.Tensor) -> torch.Tensor | None:
     raise ValueError(f"unknown weighting {mode!r}")
 
 
-def solve(dense: MLPWeights, x: torch.Tensor, w: torch.Tensor | None, k: int, cfg: SolverConfig,
-          positions: torch.Tensor | None, metric: OutputMetric | None, metric_refit_only: bool,
-          refit_dtype: torch.dtype = torch.bfloat16) -> MLPPruneResult:
+def solve(
+    dense: MLPWeights,
+    x: torch.Tensor,
+    w: torch.Tensor | None,
+    k: int,
+    cfg: SolverConfig,
+    positions: torch.Tensor | None,
+    metric: OutputMetric | None,
+    metric_refit_only: bool,
+    refit_dtype: torch.dtype = torch.bfloat16,
+) -> MLPPruneResult:
     """Prune one MLP as the pipeline does (solve, then W_down on all tokens).  ``metric``: solve in
     Fisher coordinates; with ``metric_refit_only`` select and fit the closed form in plain coordinates
     and run only the alternating refit in Fisher coordinates (no safeguard)."""
@@ -89,8 +97,17 @@ def solve(dense: MLPWeights, x: torch.Tensor, w: torch.Tensor | None, k: int, cf
             with torch.no_grad():
                 y_s = target(x_s)
             with torch.autocast("cpu", dtype=refit_dtype, enabled=refit_dtype != torch.float32):
-                new, history = alternating_refit(metric.to_metric(res.weights), x_s, y_s, cfg.refit_rounds,
-                                                 cfg.refit_grad_steps, cfg.damping, fit_bias, cfg.refit_proximal, w_s)
+                new, history = alternating_refit(
+                    metric.to_metric(res.weights),
+                    x_s,
+                    y_s,
+                    cfg.refit_rounds,
+                    cfg.refit_grad_steps,
+                    cfg.damping,
+                    fit_bias,
+                    cfg.refit_proximal,
+                    w_s,
+                )
             res = replace(res, weights=new, refit_history=history, needs_final_ls=True)
     else:
         x_s = stats.sample_inputs() if cfg.needs_sample else None  # perturbed in prune_mlp (refit_input_noise)
@@ -108,7 +125,9 @@ def fisher_for(model: Any, adapter: Any, calib: torch.Tensor, args: argparse.Nam
         return torch.load(cache)
     t0 = time.perf_counter()
     fisher = layer_output_fisher(model, adapter, calib)
-    print(f"Fisher matrices of {len(fisher)} layers on {calib.numel()} calibration tokens: {time.perf_counter() - t0:.0f}s")
+    print(
+        f"Fisher matrices of {len(fisher)} layers on {calib.numel()} calibration tokens: {time.perf_counter() - t0:.0f}s"
+    )
     if cache is not None:
         torch.save(fisher, cache)
     return fisher
@@ -131,20 +150,35 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint dir (default: embedded SmolLM2-135M)")
     ap.add_argument("--layers", type=int, nargs="+", required=True)
-    ap.add_argument("--variants", nargs="+", required=True, help="JSON objects, e.g. '{\"refit\": \"ls\"}'")
+    ap.add_argument("--variants", nargs="+", required=True, help='JSON objects, e.g. \'{"refit": "ls"}\'')
     ap.add_argument("--ppl-file", required=True)
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows at 2048 (and 16x as many at 128)")
     ap.add_argument("--out", default="results/layer-swap.json")
-    ap.add_argument("--eval-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="perplexity matmul dtype; bfloat16 also reports agg16/tokrel16 (layer error in it)")
-    ap.add_argument("--compute-dtype", default="bfloat16", choices=["bfloat16", "float32"],
-                    help="matmul dtype of the dense capture and the refit (float32 where the CPU lacks bf16)")
+    ap.add_argument(
+        "--eval-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="perplexity matmul dtype; bfloat16 also reports agg16/tokrel16 (layer error in it)",
+    )
+    ap.add_argument(
+        "--compute-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="matmul dtype of the dense capture and the refit (float32 where the CPU lacks bf16)",
+    )
     ap.add_argument("--fisher-cache", default=None, help="load/save the layers' Fisher matrices here (.pt)")
-    ap.add_argument("--fisher-ids", default=None, help="token ids (n, seq_len) .pt to compute the Fisher on "
-                    "instead of the calibration windows, e.g. text sampled from the dense model (true Fisher)")
-    ap.add_argument("--token-nll", default=None, help="dir: save per-token NLL at 2048 of the dense model and "
-                    "each variant (token_loss_split.py reads them)")
+    ap.add_argument(
+        "--fisher-ids",
+        default=None,
+        help="token ids (n, seq_len) .pt to compute the Fisher on "
+        "instead of the calibration windows, e.g. text sampled from the dense model (true Fisher)",
+    )
+    ap.add_argument(
+        "--token-nll",
+        default=None,
+        help="dir: save per-token NLL at 2048 of the dense model and each variant (token_loss_split.py reads them)",
+    )
     args = ap.parse_args()
     model, tok, path = load_model(args.model)
     adapter = get_adapter(model)
@@ -170,8 +204,19 @@ def main() -> None:
         torch.save(token_nll(model, nll_ids), nll_dir / "dense.pt")
 
     def ppl_at_2048_and_128() -> dict[int, float]:
-        return {n: perplexity(model, tok, text, n, batch_size=2 * 2048 // n, dtype=getattr(torch, args.eval_dtype),
-                              max_windows=windows * 2048 // n, progress=False).perplexity for n in (2048, 128)}
+        return {
+            n: perplexity(
+                model,
+                tok,
+                text,
+                n,
+                batch_size=2 * 2048 // n,
+                dtype=getattr(torch, args.eval_dtype),
+                max_windows=windows * 2048 // n,
+                progress=False,
+            ).perplexity
+            for n in (2048, 128)
+        }
 
     ppl = ppl_at_2048_and_128()
     print(f"{'dense':44s} ppl@2048 {ppl[2048]:.3f} ppl@128 {ppl[128]:.3f} ({windows} windows)", flush=True)
@@ -202,12 +247,17 @@ def main() -> None:
                 rel = e / h2
                 by_position = rel.view(eval_ids.shape)
                 u = (diff / h2.sqrt()[:, None]).view(*eval_ids.shape, -1)[:, 1:]  # e_n / ||h_n||, sinks left out
-                per_layer[i] = dict(agg=float(e.sum() / y2), tokrel=float(rel.mean()),
-                                    first=float(by_position[:, 0].mean()), refit_accepted=res.refit_accepted,
-                                    p99=float(rel.quantile(0.99)), p999=float(rel.quantile(0.999)),
-                                    late=float(by_position[:, 1024:].mean()),
-                                    common=float(u.flatten(0, 1).mean(0).pow(2).sum()),
-                                    wincommon=float(u.mean(1).pow(2).sum(-1).mean()))
+                per_layer[i] = dict(
+                    agg=float(e.sum() / y2),
+                    tokrel=float(rel.mean()),
+                    first=float(by_position[:, 0].mean()),
+                    refit_accepted=res.refit_accepted,
+                    p99=float(rel.quantile(0.99)),
+                    p999=float(rel.quantile(0.999)),
+                    late=float(by_position[:, 1024:].mean()),
+                    common=float(u.flatten(0, 1).mean(0).pow(2).sum()),
+                    wincommon=float(u.mean(1).pow(2).sum(-1).mean()),
+                )
                 if args.eval_dtype != "float32":  # the same error with weights and inputs rounded to it
                     low = getattr(torch, args.eval_dtype)
                     e16 = (y - res.weights.to(dtype=low)(wx[i].to(low)).float()).pow(2).sum(-1)
@@ -218,21 +268,38 @@ def main() -> None:
         ppl = ppl_at_2048_and_128()
         for i in args.layers:
             adapter.write_mlp(layers[i], dense[i])
-        metrics = [m for m in ("agg", "tokrel", "first", "p99", "p999", "late", "common", "wincommon", "agg16", "tokrel16") if m in per_layer[args.layers[0]]]
+        metrics = [
+            m
+            for m in ("agg", "tokrel", "first", "p99", "p999", "late", "common", "wincommon", "agg16", "tokrel16")
+            if m in per_layer[args.layers[0]]
+        ]
         mean = {m: sum(v[m] for v in per_layer.values()) / len(per_layer) for m in metrics}
         rows.append(dict(variant=spec, ppl2048=ppl[2048], ppl128=ppl[128], **mean, layers=per_layer, seconds=seconds))
-        print(f"{spec:44s} ppl@2048 {ppl[2048]:.3f} ppl@128 {ppl[128]:.3f} agg {mean['agg']:.4f} "
-              f"tokrel {mean['tokrel']:.5f} first {mean['first']:.5f} p99 {mean['p99']:.5f} p999 {mean['p999']:.5f} "
-              f"late {mean['late']:.5f} common {mean['common']:.2e} wincommon {mean['wincommon']:.2e} ({seconds:.0f}s)", flush=True)
-        print(f"    per layer ({', '.join(metrics)}):", {i: tuple(round(v[m], 5) for m in metrics) for i, v in per_layer.items()})
+        print(
+            f"{spec:44s} ppl@2048 {ppl[2048]:.3f} ppl@128 {ppl[128]:.3f} agg {mean['agg']:.4f} "
+            f"tokrel {mean['tokrel']:.5f} first {mean['first']:.5f} p99 {mean['p99']:.5f} p999 {mean['p999']:.5f} "
+            f"late {mean['late']:.5f} common {mean['common']:.2e} wincommon {mean['wincommon']:.2e} ({seconds:.0f}s)",
+            flush=True,
+        )
+        print(
+            f"    per layer ({', '.join(metrics)}):",
+            {i: tuple(round(v[m], 5) for m in metrics) for i, v in per_layer.items()},
+        )
         rejected = [i for i, v in per_layer.items() if v["refit_accepted"] is False]
         if rejected:
             print(f"    refit safeguard restored the closed form in layers {rejected}")
         if "agg16" in mean:
             print(f"    in {args.eval_dtype}: agg {mean['agg16']:.4f} tokrel {mean['tokrel16']:.5f}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(model=path, layers=args.layers, sparsity=args.sparsity, windows=windows, machine=machine(),
-                ppl_file=args.ppl_file, fisher_ids=args.fisher_ids)
+    meta = dict(
+        model=path,
+        layers=args.layers,
+        sparsity=args.sparsity,
+        windows=windows,
+        machine=machine(),
+        ppl_file=args.ppl_file,
+        fisher_ids=args.fisher_ids,
+    )
     Path(args.out).write_text(json.dumps(dict(meta, rows=rows), indent=2))
 
 

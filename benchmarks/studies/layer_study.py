@@ -4,7 +4,7 @@ Captures the MLP inputs of a few decoder layers of the *dense* model on calibrat
 solver variant on the first 75% of tokens and reports the relative output error
 ||y_pruned - y_dense||^2 / ||y_dense||^2 on the remaining 25% (held out), plus solver time.
 
-    python benchmarks/layer_study.py --layers 2 10 18 26 --sparsity 0.3 --out results/layer-study.json
+    python benchmarks/studies/layer_study.py --layers 2 10 18 26 --sparsity 0.3 --out results/layer-study.json
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # studies/, benchmarks/
 
 from common import capture_dense  # noqa: E402
 

@@ -6,7 +6,7 @@ that ``--calib FILE`` takes: calibration from the evaluation *domain* with no ev
 (``../shared/data`` has no WikiText-2 train split.)  A diagnostic, not a protocol to report as the
 paper's: the paper calibrates on C4 and evaluates on WikiText-2.
 
-    python benchmarks/disjoint_split.py --text ../shared/data/wikitext-2-raw/wiki.test.raw \
+    python benchmarks/studies/disjoint_split.py --text ../shared/data/wikitext-2-raw/wiki.test.raw \
         --skip-tokens 65536 --out /tmp/wikitext-test-tail.txt
 """
 
