@@ -42,7 +42,12 @@ def read_text_file(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); pass a text file, or a .pt file of token ids"
+        ) from None
     if re.fullmatch(r"wiki\..*\.raw", path.name):
         return "\n\n".join(line.strip("\r") for line in text.splitlines() if line.strip())
     return text

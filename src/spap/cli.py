@@ -242,6 +242,18 @@ def _build_config(args: argparse.Namespace) -> PruneConfig:
     )
 
 
+def _check_calibration_file(source: str) -> None:
+    """A calibration text file that cannot be read is a bad argument: fail before the model loads."""
+    from .calibration import read_text_file
+
+    if source in ("bundled", "self") or source.startswith("hf:") or source.endswith(".pt"):
+        return
+    try:
+        read_text_file(source)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"calibration: {exc}") from exc
+
+
 def _ppl_sources(files: list[str] | None) -> list[str]:
     sources = files or ["bundled-heldout"]
     for src in sources:
@@ -298,6 +310,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .summary import format_summary, quick_speed
 
     cfg = _config_from_args(args)
+    _check_calibration_file(cfg.calibration.source)
     is_main = _init_distributed(cfg)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:

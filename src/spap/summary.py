@@ -41,7 +41,7 @@ def format_summary(
     lines.append(f"  on disk         {_bytes_on_disk(out_dir) / 2**20:.0f} MiB ({report.get('save_dtype', '')})")
     if speed is not None:
         lines.append(
-            f"  speed (pruned/dense, {speed['device']}, bf16, small batch)  prefill x{speed['prefill_speedup']:.2f}, "
+            f"  speed (pruned/dense, quick check on {speed['device']}, bf16)  prefill x{speed['prefill_speedup']:.2f}, "
             f"decode x{speed['decode_speedup_batch1']:.2f}  (full benchmark: spap bench)"
         )
     lines.append(f"  prune time      {report['seconds']['total']:.0f} s")

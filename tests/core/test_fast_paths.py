@@ -110,3 +110,10 @@ def test_refit_min_gain_stops_where_rounds_gain_little_and_keeps_the_best():
     assert holdout.error(best) == pytest.approx(
         min(errors[: expected_stop + 1]) * float((holdout.y**2).sum()), rel=1e-6
     )
+
+
+def test_small_calibration_still_holds_out_rows_for_early_stopping():
+    positions, holdout = refit_token_positions(4096, 8192, 8192, seed=0)
+    assert holdout is not None and int(holdout.sum()) == 1024 and positions.numel() == 4096
+    positions, holdout = refit_token_positions(10_000, 8192, 8192, seed=0)
+    assert int(holdout.sum()) == 2500 and int((~holdout).sum()) == 7500

@@ -190,9 +190,14 @@ def refit_token_positions(
     """(sorted positions of the fit and held-out rows, bool mask (n,) of the held-out ones, or None).
 
     One random permutation: its first ``n_fit`` entries are the fit rows (the same for any
-    ``n_holdout``), the next ``n_holdout`` the held-out rows (fewer if the tokens run out)."""
+    ``n_holdout`` while both fit), the next ``n_holdout`` the held-out rows.  When the tokens do
+    not hold both, the held-out rows get up to a quarter of them and the fit rows the rest, so a
+    small calibration still has rows to stop the refit on."""
     if n_fit <= 0:
         return None, None
+    if n_holdout > 0 and n_fit + n_holdout > total_tokens:
+        n_holdout = min(n_holdout, total_tokens // 4)
+        n_fit = min(n_fit, total_tokens - n_holdout)
     if n_fit >= total_tokens:
         return torch.arange(total_tokens), None
     perm = torch.randperm(total_tokens, generator=torch.Generator().manual_seed(seed))
