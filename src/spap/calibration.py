@@ -154,6 +154,15 @@ def load_token_file(path: str | Path, n_samples: int, seq_len: int) -> Tensor:
     return ids[:n_samples, :seq_len].long()
 
 
+def check_calibration_source(source: str) -> None:
+    """Raise now (OSError / ValueError) if ``source`` names a text file that cannot be read as
+    ``calibration_tokens`` would read it; other sources are checked where they are loaded."""
+    if source == "self" or source.endswith(TOKEN_FILE_SUFFIX) or source in (BUNDLED, "bundled-heldout"):
+        return
+    if not source.startswith("hf:"):
+        read_text_file(source)
+
+
 def calibration_tokens(
     tokenizer, cfg: CalibrationConfig, model=None, dtype: torch.dtype | None = None, device: torch.device | None = None
 ) -> Tensor:

@@ -7,18 +7,16 @@ import inspect
 import json
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from . import remote_code
 from .adapters import get_adapter
 from .atomic import atomic_directory
-from .calibration import CALIBRATION_FILE
+from .calibration import CALIBRATION_FILE, weights_as
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +127,8 @@ def save_pruned(
 ) -> Path:
     """Write ``model`` (+ tokenizer, + ``pruning.json``) to ``out_dir`` atomically.
 
-    ``dtype``: floating-point weights are written in this dtype (None: as they are in memory); the
-    model in memory is left unchanged.
+    ``dtype``: floating-point parameters are written in this dtype (None: as they are in memory),
+    from a swapped-in copy (``calibration.weights_as``): the model in memory is left unchanged.
 
     ``calibration_ids`` (n, seq_len), if given, are saved as calibration_ids.pt (reusable with
     ``--calib DIR/calibration_ids.pt``; worth it for self-generated calibration, which is slow).
@@ -144,7 +142,7 @@ def save_pruned(
     config = export_config(model)
     needs_code = hasattr(config, "auto_map")
     started = time.perf_counter()
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp, _cast_floating(model, dtype):
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp, weights_as(model, None, dtype):
         original = model.config
         if dtype is not None:
             config.dtype = str(dtype).removeprefix("torch.")
@@ -172,25 +170,6 @@ def save_pruned(
             out_dir,
         )
     return out_dir
-
-
-@contextmanager
-def _cast_floating(model: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
-    """Within the block, floating-point parameters and buffers hold ``dtype`` copies; the original
-    tensors are restored afterwards (tied parameters are one object and are cast once)."""
-    if dtype is None:
-        yield
-        return
-    originals: list[tuple[Any, Tensor]] = []
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            originals.append((tensor, tensor.data))
-            tensor.data = tensor.data.to(dtype)
-    try:
-        yield
-    finally:
-        for tensor, data in originals:
-            tensor.data = data
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

@@ -242,18 +242,6 @@ def _build_config(args: argparse.Namespace) -> PruneConfig:
     )
 
 
-def _check_calibration_file(source: str) -> None:
-    """A calibration text file that cannot be read is a bad argument: fail before the model loads."""
-    from .calibration import read_text_file
-
-    if source in ("bundled", "self") or source.startswith("hf:") or source.endswith(".pt"):
-        return
-    try:
-        read_text_file(source)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"calibration: {exc}") from exc
-
-
 def _ppl_sources(files: list[str] | None) -> list[str]:
     sources = files or ["bundled-heldout"]
     for src in sources:
@@ -303,6 +291,7 @@ def _init_distributed(cfg: PruneConfig) -> bool:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .calibration import check_calibration_source
     from .checkpoint import save_pruned
     from .models import load_model, source_dtype
     from .pipeline import prune
@@ -310,7 +299,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .summary import format_summary, quick_speed
 
     cfg = _config_from_args(args)
-    _check_calibration_file(cfg.calibration.source)
+    try:  # an unreadable calibration text is a bad argument: fail before the model loads
+        check_calibration_source(cfg.calibration.source)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"calibration: {exc}") from exc
     is_main = _init_distributed(cfg)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
@@ -342,7 +334,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     data["metrics"] = metrics
     data["command"] = args.command_line  # how to reproduce the run
     generated = report.calibration_ids if cfg.calibration.source == "self" else None  # slow to redo: keep
-    save_dtype = source_dtype(path) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+    save_dtype = source_dtype(args.model, path) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
     data["save_dtype"] = str(save_dtype).removeprefix("torch.")
     save_pruned(
         model,

@@ -61,12 +61,15 @@ GGUF_SOURCE_DTYPE = torch.bfloat16
 float originals (LLaMA, Qwen, SmolLM2 releases) bf16; the conversion cache itself is float32."""
 
 
-def source_dtype(path: str | Path) -> torch.dtype:
-    """The dtype a checkpoint was published in: config.json's ``dtype`` (``torch_dtype`` in older
-    files), bfloat16 for spap's GGUF conversions, float32 when the config says nothing."""
-    path = Path(path)
-    if path.parent == cache_root() and (path.name.startswith("gguf-") or path.name == "smollm2-135m-instruct"):
+def source_dtype(name_or_path: str | None, resolved: str) -> torch.dtype:
+    """The dtype the model ``name_or_path`` (as the user named it; ``resolved``: what
+    ``resolve_model`` made of it) was published in: bfloat16 for GGUF input (the embedded default
+    included), else config.json's ``dtype`` (``torch_dtype`` in older files), float32 when it says
+    nothing."""
+    name = name_or_path or DEFAULT_MODEL
+    if name.lower() in _ALIASES or Path(name).suffix == ".gguf":
         return GGUF_SOURCE_DTYPE
+    path = Path(resolved)
     config_file = path / "config.json"
     if not config_file.is_file():  # a hub id: transformers resolves it; read its config the same way
         from transformers import AutoConfig
@@ -74,8 +77,8 @@ def source_dtype(path: str | Path) -> torch.dtype:
         config = AutoConfig.from_pretrained(str(path)).to_dict()
     else:
         config = json.loads(config_file.read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    value = getattr(torch, str(name).removeprefix("torch."), None)
+    dtype_name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    value = getattr(torch, str(dtype_name).removeprefix("torch."), None)
     return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
 
 

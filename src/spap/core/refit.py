@@ -162,11 +162,14 @@ class Holdout:
     token_weight: Tensor | None = None
     errors: list[float] = field(default_factory=list)  # relative error of each ``error`` call, in order
 
+    def __post_init__(self) -> None:
+        self._y_sq = float(_weighted_sq_sum(self.y, self.token_weight).sum()) or 1.0
+
     @torch.no_grad()
     def error(self, weights: MLPWeights) -> float:
         """sum_n w_n ||y_n - mlp(x_n)||^2; appends it relative to sum_n w_n ||y_n||^2 to ``errors``."""
         error = float(_weighted_sq_sum(self.y - weights(self.x), self.token_weight).sum())
-        self.errors.append(error / (float(_weighted_sq_sum(self.y, self.token_weight).sum()) or 1.0))
+        self.errors.append(error / self._y_sq)
         return error
 
 

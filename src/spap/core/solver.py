@@ -128,6 +128,7 @@ def prune_mlp(
     history: list[float] = []
     refit = rule in ("alternating", "gd") and cfg.refit_rounds > 0
     closed_form = new if refit else None
+    holdout: Holdout | None = None
     if refit:
         if sample_x is None:
             raise ValueError(f"refit {rule!r} needs stored calibration inputs (sample_x)")
@@ -173,7 +174,7 @@ def prune_mlp(
                     cfg.refit_min_gain,
                 )
         timings["refit"] = time.perf_counter() - t0
-    held_errors = [] if not refit or holdout is None else holdout.errors
+    held_errors = [] if holdout is None else holdout.errors
     if refit and new is closed_form:  # early stopping kept the start: nothing to re-fit on all tokens
         return MLPPruneResult(
             new, kept, error, history, penalty_trace, timings, refit_accepted=False, refit_holdout=held_errors
