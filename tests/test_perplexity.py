@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from spap.calibration import bundled_text, tokenize
-from spap.evaluation.perplexity import perplexity
+from spap.evaluation.perplexity import final_hidden_states, perplexity, sliced_nll
 
-from .conftest import tiny_model, tiny_tokenizer
+from .conftest import tiny_ids, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +44,18 @@ def test_score_from_outside_the_window_is_refused(lm_and_text):
     model, tok, text = lm_and_text
     with pytest.raises(ValueError, match="score_from"):
         perplexity(model, tok, text, 32, progress=False, score_from=31)
+
+
+def test_sliced_head_gives_the_nll_of_the_full_logits_for_every_family(family):
+    """The output head runs on slices of positions (bounded memory for large vocabularies); each
+    family's NLL equals the one from the model's own logits, softcapping (Gemma 2/3) included."""
+    model, ids = tiny_model(family), tiny_ids(n=3, seq_len=16)
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits[:, :-1].float()
+        expected = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+        hidden = final_hidden_states(model, ids)[:, :-1]
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        one_row_slices = sliced_nll(model, rows, ids[:, 1:].reshape(-1), max_logits_bytes=1)
+        all_at_once = sliced_nll(model, rows, ids[:, 1:].reshape(-1), max_logits_bytes=2**40)
+    assert one_row_slices == pytest.approx(expected, rel=1e-6)
+    assert all_at_once == pytest.approx(expected, rel=1e-6)

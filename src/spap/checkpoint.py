@@ -151,18 +151,7 @@ def save_pruned(
             cast(Any, model).save_pretrained(tmp, safe_serialization=True)
         finally:
             model.config = original
-        if needs_code:
-            base = _stock_class(model).__name__
-            source = inspect.getsource(remote_code)
-            source += f"\n\nfrom transformers import {base} as _Base  # noqa: E402\n\nSpapForCausalLM = spap_model_class(_Base)\n"
-            (tmp / REMOTE_CODE_FILE).write_text(source)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            report = {**report, "seconds": {**report.get("seconds", {}), "save": time.perf_counter() - started}}
-            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        if calibration_ids is not None:
-            torch.save(calibration_ids.cpu(), tmp / CALIBRATION_FILE)
+        write_companions(tmp, model, needs_code, tokenizer, report, started, calibration_ids)
     if needs_code:
         log.info(
             "%s: layer shapes differ from the stock config; load with spap.load_pretrained(dir) or "
@@ -170,6 +159,34 @@ def save_pruned(
             out_dir,
         )
     return out_dir
+
+
+def write_companions(
+    directory: Path,
+    model: nn.Module,
+    needs_code: bool,
+    tokenizer: Any,
+    report: dict[str, Any] | None,
+    started: float,
+    calibration_ids: torch.Tensor | None,
+) -> None:
+    """Everything of a spap checkpoint beside weights and config: the shape-aware loader (when the
+    shapes are not stock), tokenizer, pruning.json (with the save time since ``started``) and the
+    calibration ids."""
+    if needs_code:
+        base = _stock_class(model).__name__
+        source = inspect.getsource(remote_code)
+        source += (
+            f"\n\nfrom transformers import {base} as _Base  # noqa: E402\n\nSpapForCausalLM = spap_model_class(_Base)\n"
+        )
+        (directory / REMOTE_CODE_FILE).write_text(source)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if report is not None:
+        report = {**report, "seconds": {**report.get("seconds", {}), "save": time.perf_counter() - started}}
+        (directory / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    if calibration_ids is not None:
+        torch.save(calibration_ids.cpu(), directory / CALIBRATION_FILE)
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import ALLOCATIONS, HEAD_UNITS, TOKEN_WEIGHTINGS, CalibrationConfig, PruneConfig
+from .config import ALLOCATIONS, HEAD_UNITS, OFFLOAD_MODES, TOKEN_WEIGHTINGS, CalibrationConfig, PruneConfig
 from .core.allocation import CFSP_SLOPE
 from .core.solver_config import METHODS, REFITS, SELECTIONS, SolverConfig
 
@@ -161,6 +161,21 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--compute-dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--offload",
+        default="auto",
+        choices=OFFLOAD_MODES,
+        help="stream one decoder layer at a time from the checkpoint's safetensors shards and write the output "
+        "shard by shard (auto: when the model would not fit in --max-host-memory)",
+    )
+    p.add_argument(
+        "--max-host-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="host-memory budget; calibration activations over half of it go to disk "
+        "(default: 80%% of the memory available at start)",
+    )
     p.add_argument("--config", default=None, help="JSON file with a PruneConfig (command-line flags are ignored)")
     p.add_argument("--eval", action="store_true", help="perplexity before and after pruning")
     p.add_argument("--ppl", nargs="*", default=None, help="text files for --eval (default: bundled held-out text)")
@@ -239,6 +254,7 @@ def _build_config(args: argparse.Namespace) -> PruneConfig:
         compute_dtype=args.compute_dtype,
         batch_size=args.batch_size,
         seed=args.seed,
+        max_host_memory_gib=args.max_host_memory,
     )
 
 
@@ -307,8 +323,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise UsageError(f"{out} exists and is not an empty directory; pass --overwrite to replace it")
-    sources = _ppl_sources(args.ppl) if args.eval and is_main else []
     torch.manual_seed(cfg.seed)
+    if _plan_offload(args, cfg):
+        return _prune_offloaded(args, cfg, is_main)
+    sources = _ppl_sources(args.ppl) if args.eval and is_main else []
     started = time.perf_counter()
     model, tokenizer, path = load_model(args.model)
     load_seconds = time.perf_counter() - started
@@ -318,11 +336,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print("dense:")
         metrics["dense"] = _perplexities(model, tokenizer, sources, args.ppl_seq_len, args.eval_dtype)
     report = prune(model, tokenizer, cfg)
-    print(
-        f"pruned {cfg.sparsity:.0%} of MLP neurons with {cfg.solver.method} in {report.seconds['total']:.0f}s: "
-        f"{report.parameters_before / 1e6:.1f}M -> {report.parameters_after / 1e6:.1f}M parameters; "
-        f"peak RSS {report.memory['peak_rss_gib']:.1f} GiB"
-    )
+    _print_pruned(cfg, report)
     if sources:
         print("pruned:")
         metrics["pruned"] = _perplexities(model, tokenizer, sources, args.ppl_seq_len, args.eval_dtype)
@@ -350,6 +364,68 @@ def cmd_prune(args: argparse.Namespace) -> int:
     speed = quick_speed(path, out, str(device)) if sources and device.type == "cpu" else None
     stock = not (out / "modeling_spap.py").exists()
     print(format_summary(out, {**data, "seconds": report.seconds}, metrics, speed, stock))
+    return 0
+
+
+def _print_pruned(cfg: PruneConfig, report: Any) -> None:
+    print(
+        f"pruned {cfg.sparsity:.0%} of MLP neurons with {cfg.solver.method} in {report.seconds['total']:.0f}s: "
+        f"{report.parameters_before / 1e6:.1f}M -> {report.parameters_after / 1e6:.1f}M parameters; "
+        f"peak RSS {report.memory['peak_rss_gib']:.1f} GiB"
+    )
+
+
+def _plan_offload(args: argparse.Namespace, cfg: PruneConfig) -> bool:
+    """Decide ``--offload`` (and fill in the default ``--max-host-memory``); options the streamed path
+    cannot honour are bad arguments."""
+    from .models import resolve_model
+    from .offload import choose_offload, default_host_budget_gib
+
+    if cfg.max_host_memory_gib is None:
+        cfg.max_host_memory_gib = round(default_host_budget_gib(), 1)
+    if args.offload == "never":
+        return False
+    args.resolved_model = resolve_model(args.model)
+    offload, why = choose_offload(args.offload, args.resolved_model, cfg, cfg.max_host_memory_gib)
+    log.info("%s: %s", "offloading" if offload else "in memory", why)
+    if not offload:
+        return False
+    conflicts = {
+        "--eval": (args.eval, "it holds the whole model; run `spap eval OUT` after pruning"),
+        "--pad-to-uniform": (args.pad_to_uniform, "the streamed writer keeps each layer's own width"),
+        "--calib self": (cfg.calibration.source == "self", "it samples text from the whole model; pass a text file"),
+    }
+    for flag, (used, reason) in conflicts.items():
+        if used:
+            raise UsageError(
+                f"{flag} does not work with out-of-core pruning ({why}): {reason}, or pass --offload never"
+            )
+    return True
+
+
+def _prune_offloaded(args: argparse.Namespace, cfg: PruneConfig, is_main: bool) -> int:
+    """``spap prune`` with one decoder layer in memory at a time (``offload.prune_offloaded``)."""
+    from transformers import AutoTokenizer
+
+    from .models import source_dtype
+    from .offload import prune_offloaded
+    from .summary import format_summary
+
+    path, out = args.resolved_model, Path(args.out)
+    print(f"model {path}: pruned out of core, one decoder layer in memory at a time")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    save_dtype = source_dtype(args.model, path) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+    extra = {"model": path, "metrics": {}, "command": args.command_line}
+    extra["save_dtype"] = str(save_dtype).removeprefix("torch.")
+    report = prune_offloaded(
+        path, out, cfg, tokenizer, save_dtype=save_dtype, overwrite=args.overwrite, report_extra=extra
+    )
+    _print_pruned(cfg, report)
+    if not is_main:
+        return 0
+    data = {**report.to_dict(), **extra}
+    stock = not (out / "modeling_spap.py").exists()
+    print(format_summary(out, data, {}, None, stock))
     return 0
 
 

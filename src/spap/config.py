@@ -13,6 +13,7 @@ ALLOCATIONS = ("auto", "uniform", "structprune", "global", "angular")
 TARGETS = ("mlp", "attn", "both")
 HEAD_UNITS = ("kv-group", "query")
 TOKEN_WEIGHTINGS = ("none", "residual")
+OFFLOAD_MODES = ("auto", "never", "always")
 
 
 @dataclass
@@ -77,6 +78,9 @@ class PruneConfig:
                     hardware runs it fast, else float32), "float32", "bfloat16", "float16".
                     Statistics and solves are always float32/float64.
     batch_size:     calibration sequences per forward.
+    max_host_memory_gib: host-memory budget (GiB) for calibration activations; when the pipeline's
+                    activation buffers (3 x n x seq_len x hidden in the compute dtype) exceed half of
+                    it, they are spilled to per-batch files in $TMPDIR (``spap.spill``). None: no limit.
     """
 
     sparsity: float = 0.3
@@ -97,6 +101,7 @@ class PruneConfig:
     compute_dtype: str = "auto"
     batch_size: int = 8
     seed: int = 0
+    max_host_memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
@@ -121,6 +126,8 @@ class PruneConfig:
             raise ValueError(f"angular_slope must be > 0, got {self.angular_slope!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.max_host_memory_gib is not None and self.max_host_memory_gib <= 0:
+            raise ValueError(f"max_host_memory_gib (--max-host-memory) must be > 0, got {self.max_host_memory_gib}")
 
     @property
     def prunes_mlp(self) -> bool:

@@ -14,14 +14,44 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from .spill import batch_buffer
+
 
 class _StopForward(Exception):
     pass
+
+
+class Residency(Protocol):
+    """Where a model's weights live while it is pruned (see ``ResidentLayers``)."""
+
+    def capture(self) -> Any: ...
+
+    def load(self, index: int) -> None: ...
+
+    def release(self, index: int, write: bool) -> None: ...
+
+
+class ResidentLayers:
+    """Where a model's weights live while it is pruned: here, all in memory, so nothing to do.
+
+    ``offload.StreamedLayers`` implements the same three calls for out-of-core pruning: ``capture()``
+    (a context in which the embeddings are materialised), ``load(i)`` before layer i is used and
+    ``release(i, write)`` after it."""
+
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        yield
+
+    def load(self, index: int) -> None:
+        pass
+
+    def release(self, index: int, write: bool) -> None:
+        pass
 
 
 @dataclass
@@ -80,8 +110,8 @@ def non_layer_weights_on(model: nn.Module, layers: nn.ModuleList, device: torch.
     for module in model.modules():
         for kind in ("_parameters", "_buffers"):
             for name, t in getattr(module, kind).items():
-                if t is None or id(t) in seen:  # tied weights (embedding = lm_head) are moved once
-                    continue
+                if t is None or id(t) in seen or t.device.type == "meta":  # tied weights move once;
+                    continue  # meta: not materialised (out-of-core pruning, e.g. the output head)
                 seen.add(id(t))
                 if t.device != device:
                     moved.append((module, kind, name, t.device))
@@ -141,7 +171,7 @@ def capture_layer_inputs(
     states of ``layers[0]`` and the kwargs of each distinct kind of layer are kept.
     """
     offload = torch.device("cpu")
-    hidden_states: list[Tensor] = []
+    hidden_states: list[Tensor] = batch_buffer()
     batch_kwargs: list[dict[str, Any]] = []  # this batch's kwargs of every layer (references)
     table: list[list[dict[str, Any]]] = []
     groups: list[int] | None = None
@@ -210,7 +240,7 @@ class AttentionCache:
     Costs one hidden-state buffer (n x seq_len x hidden, compute dtype, on the host)."""
 
     def __init__(self) -> None:
-        self.outputs: list[Any] = []
+        self.outputs: list[Any] = batch_buffer()
         self.passes = 0
         self.seconds = 0.0  # time spent in the attention while recording
 
@@ -268,7 +298,7 @@ def run_layer(
 
     ``on_output(batch_index, output)`` is called after each batch (e.g. to finish per-batch statistics).
     """
-    outputs: list[Tensor] = []
+    outputs: list[Tensor] = batch_buffer()
     for index, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
         out = layer(hidden.to(device, dtype), **_map_tensors(kwargs, _to(device, dtype)))
         out = out[0] if isinstance(out, (tuple, list)) else out

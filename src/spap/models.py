@@ -37,9 +37,14 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
-    """Dequantise a GGUF checkpoint to a float32 safetensors checkpoint + tokenizer in ``out_dir``."""
+def convert_gguf(gguf_file: Path, out_dir: Path, max_shard_bytes: int = 2**29) -> Path:
+    """Dequantise a GGUF checkpoint to a float32 safetensors checkpoint + tokenizer in ``out_dir``,
+    written in shards of ``max_shard_bytes`` straight from the dequantised model (one full copy in
+    memory, plus at most one shard)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .offload import unique_state_names
+    from .shards import ShardWriter
 
     folder, name = str(gguf_file.parent), gguf_file.name
     log.info("converting %s to a Hugging Face checkpoint in %s", gguf_file, out_dir)
@@ -47,11 +52,17 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # save_pretrained refuses GGUF-quantized configs
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
+        del config.quantization_config  # the weights are dequantised: a plain float32 checkpoint
+    config.dtype = "float32"
+    state = loaded.state_dict()
     with atomic_directory(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        writer = ShardWriter(tmp, max_shard_bytes)
+        for key in unique_state_names(loaded):
+            writer.add({key: state.pop(key)})
+        writer.close()
+        config.save_pretrained(tmp)
+        if loaded.can_generate() and loaded.generation_config is not None:
+            loaded.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir
 

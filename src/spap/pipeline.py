@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,9 +19,10 @@ from .core import NonFiniteStatisticsError, allocation
 from .core.stats import refit_token_positions
 from .layer_heads import prune_layer_heads, query_heads_to_prune
 from .layer_mlp import LayerReport, prune_layer_mlp
-from .layerwise import capture_layer_inputs, compute_copy, run_layer
+from .layerwise import Residency, ResidentLayers, capture_layer_inputs, compute_copy, run_layer
 from .probe import LayerProbe, allocate, probe_layers
 from .runtime import peak_memory, release_host_memory, reset_peak_memory, resolve_device, resolve_dtype, versions
+from .spill import activation_bytes, spilling
 
 __all__ = ["LayerReport", "PruneReport", "count_parameters", "prune"]
 
@@ -90,13 +92,44 @@ def prune(
     config: PruneConfig | None = None,
     calibration_ids: Tensor | None = None,
     n_prune: list[int] | None = None,
+    residency: Residency | None = None,
 ) -> PruneReport:
     """Prune ``model``'s MLP neurons in place, layer by layer, and return a report.
 
     ``calibration_ids`` (n, seq_len) overrides ``config.calibration``; ``n_prune`` (one count per layer)
-    overrides ``config.allocation``.
+    overrides ``config.allocation``. ``residency`` (default ``ResidentLayers``: all weights in memory)
+    materialises and releases layers around their use: ``offload.StreamedLayers`` for a skeleton model.
     """
     cfg = config or PruneConfig()
+    get_adapter(model)  # an unsupported architecture fails here, before any sizing
+    shape = tuple(calibration_ids.shape) if calibration_ids is not None else None
+    n, seq_len = shape or (cfg.calibration.n_samples, cfg.calibration.seq_len)
+    dtype = resolve_dtype(cfg.compute_dtype, resolve_device(cfg.device))
+    first, last = distributed.shard_bounds(n)  # data parallel: this rank's sequences
+    needed = activation_bytes(last - first, seq_len, _hidden_size(model), dtype)
+    spill = cfg.max_host_memory_gib is not None and needed > cfg.max_host_memory_gib * 2**30 / 2
+    if spill:
+        log.info("calibration activations (%.2f GiB) go to disk: over half of --max-host-memory", needed / 2**30)
+    with spilling() if spill else nullcontext():
+        report = _prune(model, tokenizer, cfg, calibration_ids, n_prune, residency or ResidentLayers())
+    report.extra["activations_spilled"] = spill
+    return report
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config: Any = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.hidden_size)
+
+
+def _prune(
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: PruneConfig,
+    calibration_ids: Tensor | None,
+    n_prune: list[int] | None,
+    residency: Residency,
+) -> PruneReport:
     t_start = time.perf_counter()
     adapter = get_adapter(model)
     device = resolve_device(cfg.device)
@@ -123,7 +156,7 @@ def prune(
         counts = allocation.uniform(widths, cfg.sparsity, cfg.width_multiple)
     else:
         t0 = time.perf_counter()
-        probe = probe_layers(model, adapter, calibration_ids, cfg, device, dtype)
+        probe = probe_layers(model, adapter, calibration_ids, cfg, device, dtype, residency)
         counts = allocate(cfg, widths, probe)
         seconds["probe"] = time.perf_counter() - t0
     if n_prune is not None or cfg.allocation_rule != "uniform":
@@ -135,7 +168,8 @@ def prune(
     _warn_unaligned([m - k for k, m in zip(counts, widths) if k])
     t0 = time.perf_counter()
     first, last = distributed.shard_bounds(calibration_ids.shape[0])  # data parallel: this rank's sequences
-    inputs = capture_layer_inputs(model, layers, calibration_ids[first:last], cfg.batch_size, device, dtype)
+    with residency.capture():
+        inputs = capture_layer_inputs(model, layers, calibration_ids[first:last], cfg.batch_size, device, dtype)
     seconds["capture"] = time.perf_counter() - t0
     positions = holdout_mask = None
     if cfg.solver.needs_sample:
@@ -156,6 +190,8 @@ def prune(
     bar = tqdm(list(enumerate(layers)), desc=f"{cfg.solver.method} {cfg.sparsity:.0%}", unit="layer")
     for index, layer in bar:
         t_layer = time.perf_counter()
+        residency.load(index)
+        load_seconds = time.perf_counter() - t_layer
         try:
             dense_outputs = None
             if dense_inputs is not None:  # the dense model's trajectory, for error correction
@@ -175,7 +211,11 @@ def prune(
                     report.kv_groups_kept = kept_heads
         except NonFiniteStatisticsError as exc:
             raise NonFiniteStatisticsError(f"layer {index}: {exc}") from exc
+        t0 = time.perf_counter()
+        residency.release(index, write=distributed.rank() == 0)
         release_host_memory()
+        report.seconds["load"] = load_seconds
+        report.seconds["release"] = time.perf_counter() - t0
         report.seconds["total"] = time.perf_counter() - t_layer
         reports.append(report)
         bar.set_postfix(width=report.width_after, rel_err=f"{report.error:.2e}")

@@ -16,7 +16,7 @@ from .core.linalg import QuadraticLS
 from .core.scores import neuron_scores
 from .core.selection import score_select
 from .layer_mlp import collect_statistics
-from .layerwise import capture_layer_inputs, compute_copy, run_layer
+from .layerwise import Residency, ResidentLayers, capture_layer_inputs, compute_copy, run_layer
 from .runtime import release_host_memory
 
 
@@ -47,14 +47,19 @@ def probe_layers(
     cfg: PruneConfig,
     device: torch.device,
     dtype: torch.dtype,
+    residency: Residency | None = None,
 ) -> list[LayerProbe]:
     """One dense pass, one layer in memory at a time: per-layer angular distance and, for the rules that
-    use them ("global", "structprune"), FLAP scores and the pruning energy."""
+    use them ("global", "structprune"), FLAP scores and the pruning energy. ``residency``: see
+    ``pipeline.prune`` (each layer is loaded, probed and released unchanged)."""
+    residency = residency or ResidentLayers()
     layers = adapter.decoder_layers(model)
-    inputs = capture_layer_inputs(model, layers, ids, cfg.batch_size, device, dtype)
+    with residency.capture():
+        inputs = capture_layer_inputs(model, layers, ids, cfg.batch_size, device, dtype)
     needs_statistics = cfg.allocation_rule in ("global", "structprune")
     probes = []
-    for layer in tqdm(layers, desc="probe", unit="layer"):
+    for index, layer in enumerate(tqdm(layers, desc="probe", unit="layer")):
+        residency.load(index)
         scores = error = None
         if needs_statistics:
             dense = adapter.read_mlp(layer).to(device, torch.float32)
@@ -77,6 +82,7 @@ def probe_layers(
         if error is not None:
             energy = error / max(sum(float(h.float().pow(2).sum()) for h in inputs.hidden), 1e-30)
         probes.append(LayerProbe(angular, scores, energy))
+        residency.release(index, write=False)
         release_host_memory()
     return probes
 

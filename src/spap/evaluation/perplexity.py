@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ def perplexity(
     max_windows: int | None = None,
     progress: bool = True,
     score_from: int = 0,
+    max_logits_bytes: int = 2**28,
 ) -> PerplexityResult:
     """exp(mean NLL) over floor(T / seq_len) consecutive windows of the tokenised ``text``.
 
@@ -51,6 +53,8 @@ def perplexity(
     Each window scores the predictions made at positions score_from .. seq_len - 2, i.e. the
     seq_len - 1 - score_from tokens that follow; 0 scores all of them (the GPTQ convention),
     seq_len // 2 only those with at least half a window of context (llama.cpp's ``perplexity``).
+    The output head runs on slices of positions whose float32 logits fit in ``max_logits_bytes``, so
+    memory does not grow with batch x seq_len x vocabulary (same NLL as scoring all at once).
     """
     check_score_from(score_from, seq_len)
     ids = tokenize(tokenizer, text)
@@ -74,14 +78,43 @@ def perplexity(
     for start in tqdm(batches, desc=f"ppl@{seq_len}", unit="batch", disable=not progress):
         batch = windows[start : start + batch_size].to(device)
         with autocast_for(model, dtype):
-            logits = model(input_ids=batch, use_cache=False).logits
-        targets = batch[:, score_from + 1 :]
-        loss = F.cross_entropy(
-            logits[:, score_from:-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        total_nll += float(loss)
+            hidden = final_hidden_states(model, batch)[:, score_from:-1]
+            targets = batch[:, score_from + 1 :].reshape(-1)
+            total_nll += sliced_nll(model, hidden.reshape(-1, hidden.shape[-1]), targets, max_logits_bytes)
         total_tokens += targets.numel()
     model.train(was_training)
     nll = total_nll / total_tokens
     used = dtype or next(model.parameters()).dtype
     return PerplexityResult(math.exp(nll), nll, seq_len, n, total_tokens, str(used).replace("torch.", ""), score_from)
+
+
+def final_hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """(B, S, d) hidden states the output head of ``model`` reads (the decoder's last output)."""
+    hf: Any = model  # a transformers PreTrainedModel
+    decoder = hf.get_decoder()
+    return decoder(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of ``hidden`` (n, d) as the model's forward computes them: output head, then the final
+    soft-capping of the families that have one (Gemma 2/3)."""
+    hf: Any = model
+    head = hf.get_output_embeddings()
+    logits = head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def sliced_nll(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, max_logits_bytes: int) -> float:
+    """sum_n -log softmax(head(hidden_n))[targets_n] over rows of ``hidden`` (n, d), computed in slices
+    of rows whose float32 logits take at most ``max_logits_bytes``."""
+    hf: Any = model
+    vocab = hf.get_output_embeddings().weight.shape[0]
+    rows = max(1, max_logits_bytes // (4 * vocab))
+    total = 0.0
+    for start in range(0, hidden.shape[0], rows):
+        logits = head_logits(model, hidden[start : start + rows]).float()
+        total += float(F.cross_entropy(logits, targets[start : start + rows], reduction="sum"))
+    return total

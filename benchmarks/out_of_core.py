@@ -1,0 +1,140 @@
+"""Peak host memory of ``spap prune`` in memory and out of core (``--offload never`` / ``always``).
+
+Each run is ``spap prune`` in a fresh process; its peak RSS is that process's ru_maxrss. Both modes'
+checkpoints are compared tensor by tensor (``identical``: the same kept neurons and weights).
+
+    # depth: synthetic LLaMA checkpoints (random bf16 weights) of 8, 16 and 32 layers, one width
+    python benchmarks/out_of_core.py --depths 8 16 32
+    # a real checkpoint directory (bf16 safetensors), the default recipe, WikiText-2 calibration
+    python benchmarks/out_of_core.py --model /path/to/qwen2.5-coder-1.5b \\
+        --calib ../shared/data/wikitext-2/wiki.valid.tokens --n-samples 4 --seq-len 1024
+
+Appends rows ``{"model", "mode", "layers", "peak_rss_gib", "seconds", "identical", "tokens",
+"machine", "command"}`` to results/out-of-core.json (a rerun replaces its row) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent.parent / "results" / "out-of-core.json"
+SYNTHETIC = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_key_value_heads=4)
+
+
+def synthetic_checkpoint(directory: Path, layers: int, shape: dict[str, int], seed: int = 0) -> Path:
+    """A random LLaMA of ``layers`` decoder layers and ``shape`` saved in bf16 with a tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from spap.models import load_model
+
+    _, tokenizer, _ = load_model(None)  # the embedded default's tokenizer (offline)
+    torch.manual_seed(seed)
+    config = LlamaConfig(**shape, num_hidden_layers=layers, vocab_size=len(tokenizer), tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def prune_job(job: dict[str, Any]) -> dict[str, Any]:
+    """``spap prune`` in this (fresh) process; its wall time and peak RSS."""
+    import resource
+    import time
+
+    from spap.cli import main
+
+    started = time.perf_counter()
+    code = main(job["argv"])
+    if code != 0:
+        raise RuntimeError(f"spap {shlex.join(job['argv'])} exited with {code}")
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_rss_gib": peak_kib / 2**20, "seconds": time.perf_counter() - started}
+
+
+def same_checkpoint(a: Path, b: Path) -> bool:
+    """Every tensor of the two checkpoints equal (names, dtypes and values)."""
+    import torch
+
+    from spap.shards import SafetensorsCheckpoint
+
+    ca, cb = SafetensorsCheckpoint(a), SafetensorsCheckpoint(b)
+    if ca.names() != cb.names():
+        return False
+    for name in sorted(ca.names()):
+        ta, tb = ca.read([name])[name], cb.read([name])[name]
+        if ta.dtype != tb.dtype or not torch.equal(ta, tb):
+            return False
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a checkpoint directory (default: synthetic checkpoints)")
+    ap.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32], help="layers of the synthetic checkpoints")
+    ap.add_argument("--hidden-size", type=int, default=SYNTHETIC["hidden_size"])
+    ap.add_argument("--intermediate-size", type=int, default=SYNTHETIC["intermediate_size"])
+    ap.add_argument("--modes", nargs="+", default=["never", "always"], choices=["never", "always"])
+    ap.add_argument("--sparsity", type=float, default=0.3)
+    ap.add_argument("--calib", default="bundled")
+    ap.add_argument("--n-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--extra", default="", help="more spap prune flags, e.g. '--method cfsp'")
+    ap.add_argument("--work", default=None, help="where checkpoints are written (default: a temporary directory)")
+    args = ap.parse_args()
+
+    shape = dict(SYNTHETIC, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size)
+    work = Path(args.work or tempfile.mkdtemp(prefix="spap-out-of-core-"))
+    work.mkdir(parents=True, exist_ok=True)
+    width = f"{args.hidden_size}-{args.intermediate_size}"
+    sources = [(Path(args.model), None)] if args.model else [(work / f"synthetic-{width}x{n}", n) for n in args.depths]
+    rows = load_rows(Path(args.results))
+    new = []
+    for source, layers in sources:
+        if layers is not None and not (source / "config.json").is_file():
+            run_isolated({"dir": str(source), "layers": layers, "shape": shape}, _make_synthetic)
+        name = source.name if layers is None else f"synthetic-llama-{width}x{layers}"
+        outputs = {}
+        for mode in args.modes:
+            out = work / f"{source.name}-pruned-{mode}"
+            argv = ["prune", str(source), "--sparsity", str(args.sparsity), "--out", str(out), "--overwrite"]
+            argv += ["--calib", args.calib, "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len)]
+            argv += ["--offload", mode, *shlex.split(args.extra)]
+            print(f"spap {shlex.join(argv)}", flush=True)
+            measured = run_isolated({"argv": argv}, prune_job)
+            outputs[mode] = out
+            row = {"model": name, "mode": "in-memory" if mode == "never" else "offload", "layers": layers}
+            row.update(measured, tokens=args.n_samples * args.seq_len, machine=machine())
+            row["command"] = f"spap {shlex.join(argv)}"
+            new.append(row)
+        if len(outputs) == 2:
+            identical = same_checkpoint(outputs["never"], outputs["always"])
+            for row in new[-2:]:
+                row["identical"] = identical
+    keys = {(r["model"], r["mode"], r["tokens"]) for r in new}
+    rows = [r for r in rows if (r["model"], r["mode"], r["tokens"]) not in keys] + new
+    save_rows(Path(args.results), rows, {"script": "benchmarks/out_of_core.py"})
+    table = [
+        [r["model"], r["mode"], r.get("layers") or "", r["peak_rss_gib"], r["seconds"], r.get("identical", "")]
+        for r in rows
+    ]
+    print(markdown_table(["model", "mode", "layers", "peak RSS GiB", "seconds", "identical"], table))
+
+
+def _make_synthetic(job: dict[str, Any]) -> dict[str, Any]:
+    synthetic_checkpoint(Path(job["dir"]), job["layers"], job["shape"])
+    return {}
+
+
+if __name__ == "__main__":
+    main()
