@@ -10,6 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from spap.cli import main
+
 from .test_cli_failures import _nothing_left, _one_error_line, _prune
 from .test_offload import assert_same_checkpoint
 
@@ -79,3 +81,24 @@ def test_non_positive_memory_budget_is_a_bad_argument(tiny_checkpoint, tmp_path,
     assert _prune(tiny_checkpoint, out, calib, "--max-host-memory", "0") == 2
     assert "--max-host-memory" in _one_error_line(capsys.readouterr().err)
     assert _nothing_left(out)
+
+
+def test_eval_streamed_gives_the_in_memory_perplexity(tiny_checkpoint, tmp_path, capsys):
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to score, streamed one layer at a time. " * 60)
+    args = ["eval", str(checkpoint), "--ppl", str(text), "--seq-len", "16", "--dtype", "float32"]
+    assert main([*args, "--offload", "never"]) == 0
+    resident = json.loads((checkpoint / "eval.json").read_text())["perplexity"][str(text)]
+    assert main([*args, "--max-host-memory", "1e-6"]) == 0  # auto: the model exceeds the budget
+    assert "streamed" in capsys.readouterr().out
+    streamed = json.loads((checkpoint / "eval.json").read_text())["perplexity"][str(text)]
+    assert streamed["n_windows"] == resident["n_windows"] > 1
+    assert streamed["perplexity"] == pytest.approx(resident["perplexity"], rel=1e-6)
+
+
+def test_eval_streamed_refuses_whole_model_tasks(tiny_checkpoint, tmp_path, capsys):
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "The sky is", "choices": [" blue", " green"], "label": 0}) + "\n")
+    assert main(["eval", str(tiny_checkpoint), "--tasks", str(task), "--offload", "always"]) == 2
+    assert "--offload never" in _one_error_line(capsys.readouterr().err)

@@ -204,6 +204,20 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--harness", nargs="*", default=None, metavar="TASK", help="lm-evaluation-harness task names")
     e.add_argument("--device", default="auto")
+    e.add_argument(
+        "--offload",
+        default="auto",
+        choices=OFFLOAD_MODES,
+        help="perplexity one decoder layer at a time from the safetensors shards "
+        "(auto: when the float32 model would not fit in --max-host-memory)",
+    )
+    e.add_argument(
+        "--max-host-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="host-memory budget (default: 80%% of the memory available at start)",
+    )
     b = sub.add_parser("bench", help="speed and memory: dense vs pruned, measured in one run")
     b.add_argument("dense", help="dense checkpoint dir (or 'smollm2')")
     b.add_argument("pruned", help="pruned checkpoint dir")
@@ -267,23 +281,32 @@ def _ppl_sources(files: list[str] | None) -> list[str]:
 
 
 def _perplexities(
-    model, tokenizer, sources: list[str], seq_len: int, dtype: str, max_windows: int | None = None, score_from: int = 0
+    model: Any,
+    tokenizer: Any,
+    sources: list[str],
+    seq_len: int,
+    dtype: str,
+    max_windows: int | None = None,
+    score_from: int = 0,
+    streamed_from: str | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
+    """Perplexity of each text source; ``streamed_from`` (a checkpoint directory, ``model`` None): one
+    decoder layer in memory at a time."""
     from .calibration import load_text
     from .evaluation.perplexity import perplexity
-    from .runtime import resolve_dtype
+    from .evaluation.streamed import streamed_perplexity
+    from .runtime import resolve_device, resolve_dtype
 
+    where = resolve_device(device) if model is None else next(model.parameters()).device
+    options: dict[str, Any] = dict(dtype=resolve_dtype(dtype, where), max_windows=max_windows, score_from=score_from)
     out = {}
     for src in sources:
-        result = perplexity(
-            model,
-            tokenizer,
-            load_text(src),
-            seq_len,
-            dtype=resolve_dtype(dtype, next(model.parameters()).device),
-            max_windows=max_windows,
-            score_from=score_from,
-        )
+        text = load_text(src)
+        if streamed_from is not None:
+            result = streamed_perplexity(streamed_from, tokenizer, text, seq_len, device=where, **options)
+        else:
+            result = perplexity(model, tokenizer, text, seq_len, **options)
         out[src] = result.to_dict()
         scored = f", scored from position {score_from}" if score_from else ""
         print(
@@ -386,7 +409,7 @@ def _plan_offload(args: argparse.Namespace, cfg: PruneConfig) -> bool:
     if args.offload == "never":
         return False
     args.resolved_model = resolve_model(args.model)
-    offload, why = choose_offload(args.offload, args.resolved_model, cfg, cfg.max_host_memory_gib)
+    offload, why = choose_offload(args.offload, args.resolved_model, cfg.max_host_memory_gib, cfg)
     log.info("%s: %s", "offloading" if offload else "in memory", why)
     if not offload:
         return False
@@ -441,6 +464,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from exc
     sources = _ppl_sources(args.ppl) if args.ppl is not None or not (tasks or args.harness) else []
+    if _eval_offloaded(args, bool(tasks or args.harness)):
+        from transformers import AutoTokenizer
+
+        path = args.resolved_model
+        print(f"{path} (streamed: one decoder layer in memory at a time):")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        options: dict[str, Any] = dict(streamed_from=path, device=args.device)
+        ppl = _perplexities(
+            None, tokenizer, sources, args.seq_len, args.dtype, args.max_windows, args.score_from, **options
+        )
+        _merge_json(Path(path) / "eval.json", {"perplexity": ppl})
+        return 0
     model, tokenizer, path = load_model(args.model, device=str(resolve_device(args.device)))
     print(f"{path}:")
     results: dict[str, Any] = {}
@@ -465,6 +500,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if Path(path).is_dir():
         _merge_json(Path(path) / "eval.json", results)
     return 0
+
+
+def _eval_offloaded(args: argparse.Namespace, whole_model_tasks: bool) -> bool:
+    """Decide ``spap eval --offload``: stream the perplexity when the float32 weights exceed the budget."""
+    from .models import resolve_model
+    from .offload import choose_offload, default_host_budget_gib
+
+    if args.max_host_memory is not None and args.max_host_memory <= 0:
+        raise UsageError(f"--max-host-memory must be > 0, got {args.max_host_memory}")
+    if args.offload == "never":
+        return False
+    args.resolved_model = resolve_model(args.model)
+    budget = args.max_host_memory or default_host_budget_gib()
+    offload, why = choose_offload(args.offload, args.resolved_model, budget)
+    log.info("%s: %s", "streamed" if offload else "in memory", why)
+    if offload and whole_model_tasks:
+        raise UsageError(f"--tasks and --harness hold the whole model ({why}): pass --offload never")
+    return offload
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

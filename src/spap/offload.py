@@ -66,7 +66,7 @@ def materialised_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.device.type != "meta")
 
 
-def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
+def set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     if attr in owner._parameters:
@@ -75,7 +75,7 @@ def _set_tensor(module: nn.Module, name: str, value: Tensor) -> None:
         owner._buffers[attr] = value
 
 
-def _to_meta(module: nn.Module) -> None:
+def to_meta(module: nn.Module) -> None:
     """Free ``module``'s parameters and persistent buffers (shapes are kept, storage released)."""
     for sub in module.modules():
         for attr, p in list(sub._parameters.items()):
@@ -125,7 +125,7 @@ class StreamedLayers:
         names = [n for n in unique_state_names(layer) if _tensor_of(layer, n).device.type == "meta"]
         prefix = self._layer_name(index)
         for name, tensor in self.source.read(prefix + n for n in names).items():
-            _set_tensor(layer, name[len(prefix) :], tensor.to(WORK_DTYPE) if tensor.is_floating_point() else tensor)
+            set_tensor(layer, name[len(prefix) :], tensor.to(WORK_DTYPE) if tensor.is_floating_point() else tensor)
         self.max_resident_layers = max(self.max_resident_layers, self._resident_layers())
 
     def release(self, index: int, write: bool) -> None:
@@ -134,7 +134,7 @@ class StreamedLayers:
         if write and self.writer is not None:
             prefix = self._layer_name(index)
             self.writer.add({prefix + n: t for n, t in layer.state_dict().items()})
-        _to_meta(layer)
+        to_meta(layer)
 
     def _outside_layers(self) -> list[str]:
         """Unique state names outside the decoder layers (tied head listed once, as the embeddings)."""
@@ -147,13 +147,13 @@ class StreamedLayers:
         float32 (the same values, half the memory for bf16 checkpoints)."""
         embeddings = self.model.get_input_embeddings()
         head = self.model.get_output_embeddings()
-        skip = set() if head is None or head.weight is embeddings.weight else {_module_name(self.model, head)}
+        skip = set() if head is None or head.weight is embeddings.weight else {module_name(self.model, head)}
         plain = type(embeddings) is nn.Embedding
-        table = f"{_module_name(self.model, embeddings)}.weight"
+        table = f"{module_name(self.model, embeddings)}.weight"
         names = [n for n in self._outside_layers() if n.rpartition(".")[0] not in skip]
         for name, tensor in self.source.read(names).items():
             keep = plain and name == table
-            _set_tensor(self.model, name, tensor if keep or not tensor.is_floating_point() else tensor.to(WORK_DTYPE))
+            set_tensor(self.model, name, tensor if keep or not tensor.is_floating_point() else tensor.to(WORK_DTYPE))
         handle = embeddings.register_forward_hook(lambda _m, _a, out: out.to(WORK_DTYPE)) if plain else None
         try:
             yield
@@ -162,7 +162,7 @@ class StreamedLayers:
                 handle.remove()
             for name in names:
                 owner_name, _, _attr = name.rpartition(".")
-                _to_meta(self.model.get_submodule(owner_name) if owner_name else self.model)
+                to_meta(self.model.get_submodule(owner_name) if owner_name else self.model)
             self.model.tie_weights()
 
     def write_rest(self) -> None:
@@ -182,9 +182,10 @@ def default_host_budget_gib() -> float:
     return 0.8 * psutil.virtual_memory().available / 2**30
 
 
-def in_memory_bytes(path: str | Path, cfg: PruneConfig) -> int | None:
-    """Host bytes the in-memory path needs beyond the solver: the float32 model plus the calibration
-    activations; None when ``path`` is no local safetensors checkpoint (it cannot be streamed)."""
+def in_memory_bytes(path: str | Path, cfg: PruneConfig | None = None) -> int | None:
+    """Host bytes the in-memory path needs beyond the solver: the float32 weights plus, for pruning
+    with ``cfg``, the calibration activations; None when ``path`` is no local safetensors checkpoint
+    (it cannot be streamed)."""
     from transformers import AutoConfig
 
     from .runtime import resolve_device, resolve_dtype
@@ -194,15 +195,19 @@ def in_memory_bytes(path: str | Path, cfg: PruneConfig) -> int | None:
         source = SafetensorsCheckpoint(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    weights = 4 * source.float_elements()
+    if cfg is None:
+        return weights
     config = AutoConfig.from_pretrained(str(path)).get_text_config()
     dtype = resolve_dtype(cfg.compute_dtype, resolve_device(cfg.device))
     n, seq_len = cfg.calibration.n_samples, cfg.calibration.seq_len
-    return 4 * source.float_elements() + activation_bytes(n, seq_len, config.hidden_size, dtype)
+    return weights + activation_bytes(n, seq_len, config.hidden_size, dtype)
 
 
-def choose_offload(mode: str, path: str | Path, cfg: PruneConfig, budget_gib: float) -> tuple[bool, str]:
-    """(offload?, why) for ``--offload mode``: auto streams the layers when the in-memory path would
-    exceed ``budget_gib``; always fails clearly for a checkpoint that cannot be streamed."""
+def choose_offload(mode: str, path: str | Path, budget_gib: float, cfg: PruneConfig | None = None) -> tuple[bool, str]:
+    """(offload?, why) for ``--offload mode``: auto streams the layers when the in-memory path (see
+    ``in_memory_bytes``) would exceed ``budget_gib``; always fails clearly for a checkpoint that cannot
+    be streamed."""
     if mode not in OFFLOAD_MODES:
         raise ValueError(f"unknown offload mode {mode!r}; choose one of {', '.join(OFFLOAD_MODES)}")
     if mode == "never":
@@ -282,7 +287,7 @@ def _tensor_of(module: nn.Module, name: str) -> Tensor:
     return tensor
 
 
-def _module_name(root: nn.Module, target: nn.Module) -> str:
+def module_name(root: nn.Module, target: nn.Module) -> str:
     for name, module in root.named_modules():
         if module is target:
             return name

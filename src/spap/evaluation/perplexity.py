@@ -57,19 +57,8 @@ def perplexity(
     memory does not grow with batch x seq_len x vocabulary (same NLL as scoring all at once).
     """
     check_score_from(score_from, seq_len)
-    ids = tokenize(tokenizer, text)
-    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
-    if bos is not None and ids.numel() and ids[0] == bos:
-        ids = ids[1:]
-    body = seq_len - (bos is not None)
-    n = ids.numel() // body
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
-    windows = ids[: n * body].view(n, body)
-    if bos is not None:
-        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
+    windows = text_windows(tokenizer, text, seq_len, max_windows)
+    n = windows.shape[0]
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     was_training = model.training
@@ -86,6 +75,25 @@ def perplexity(
     nll = total_nll / total_tokens
     used = dtype or next(model.parameters()).dtype
     return PerplexityResult(math.exp(nll), nll, seq_len, n, total_tokens, str(used).replace("torch.", ""), score_from)
+
+
+def text_windows(tokenizer: Any, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """(n, seq_len) token ids: consecutive non-overlapping windows of ``text``, each starting with BOS
+    for tokenizers that prepend it (then seq_len - 1 text tokens); at most ``max_windows``."""
+    ids = tokenize(tokenizer, text)
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    if bos is not None and ids.numel() and ids[0] == bos:
+        ids = ids[1:]
+    body = seq_len - (bos is not None)
+    n = ids.numel() // body
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    windows = ids[: n * body].view(n, body)
+    if bos is not None:
+        windows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), windows], dim=1)
+    return windows
 
 
 def final_hidden_states(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
