@@ -8,9 +8,12 @@ checkpoints are compared tensor by tensor (``identical``: the same kept neurons 
     # a real checkpoint directory (bf16 safetensors), the default recipe, WikiText-2 calibration
     python benchmarks/out_of_core.py --model /path/to/qwen2.5-coder-1.5b \\
         --calib ../shared/data/wikitext-2/wiki.valid.tokens --n-samples 4 --seq-len 1024
+    # spap eval in memory and streamed (first 4 windows of 2048 tokens), no pruning
+    python benchmarks/out_of_core.py --model DIR --skip-prune \
+        --eval-text ../shared/data/wikitext-2-raw/wiki.test.raw --eval-windows 4
 
 Appends rows ``{"model", "mode", "layers", "peak_rss_gib", "seconds", "identical", "tokens",
-"machine", "command"}`` to results/out-of-core.json (a rerun replaces its row) and prints a table.
+"recipe", "machine", "command"}`` to results/out-of-core.json (a rerun replaces its row) and prints a table.
 """
 
 from __future__ import annotations
@@ -61,6 +64,34 @@ def prune_job(job: dict[str, Any]) -> dict[str, Any]:
     return {"peak_rss_gib": peak_kib / 2**20, "seconds": time.perf_counter() - started}
 
 
+def eval_job(job: dict[str, Any]) -> dict[str, Any]:
+    """``spap eval`` in this (fresh) process: wall time, peak RSS and the perplexity it wrote."""
+    import json
+
+    measured = prune_job(job)  # same harness: main(argv), then ru_maxrss
+    written = json.loads((Path(job["model"]) / "eval.json").read_text())["perplexity"][job["text"]]
+    return {**measured, "perplexity": written["perplexity"], "windows": written["n_windows"]}
+
+
+def eval_rows(model: Path, name: str, text: str, seq_len: int, windows: int) -> list[dict[str, Any]]:
+    """Peak RSS of ``spap eval`` in memory and streamed, on the first ``windows`` windows of ``text``."""
+    rows = []
+    for mode in ("never", "always"):
+        argv = ["eval", str(model), "--ppl", text, "--seq-len", str(seq_len), "--max-windows", str(windows)]
+        argv += ["--offload", mode]
+        print(f"spap {shlex.join(argv)}", flush=True)
+        measured = run_isolated({"argv": argv, "model": str(model), "text": text}, eval_job)
+        row = {"model": name, "mode": "eval in memory" if mode == "never" else "eval streamed", "layers": None}
+        row.update(
+            measured, tokens=windows * seq_len, recipe="-", machine=machine(), command=f"spap {shlex.join(argv)}"
+        )
+        rows.append(row)
+    identical = abs(rows[0]["perplexity"] - rows[1]["perplexity"]) <= 1e-6 * rows[0]["perplexity"]
+    for row in rows:
+        row["identical"] = identical
+    return rows
+
+
 def same_checkpoint(a: Path, b: Path) -> bool:
     """Every tensor of the two checkpoints equal (names, dtypes and values)."""
     import torch
@@ -88,6 +119,10 @@ def main() -> None:
     ap.add_argument("--calib", default="bundled")
     ap.add_argument("--n-samples", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-text", default=None, help="also measure spap eval (in memory, streamed) on this text")
+    ap.add_argument("--eval-seq-len", type=int, default=2048)
+    ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--skip-prune", action="store_true", help="only the spap eval rows")
     ap.add_argument("--results", default=str(RESULTS))
     ap.add_argument("--extra", default="", help="more spap prune flags, e.g. '--method cfsp'")
     ap.add_argument("--work", default=None, help="where checkpoints are written (default: a temporary directory)")
@@ -104,8 +139,10 @@ def main() -> None:
         if layers is not None and not (source / "config.json").is_file():
             run_isolated({"dir": str(source), "layers": layers, "shape": shape}, _make_synthetic)
         name = source.name if layers is None else f"synthetic-llama-{width}x{layers}"
+        if args.eval_text:
+            new += eval_rows(source, name, args.eval_text, args.eval_seq_len, args.eval_windows)
         outputs = {}
-        for mode in args.modes:
+        for mode in [] if args.skip_prune else args.modes:
             out = work / f"{source.name}-pruned-{mode}"
             argv = ["prune", str(source), "--sparsity", str(args.sparsity), "--out", str(out), "--overwrite"]
             argv += ["--calib", args.calib, "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len)]
@@ -114,6 +151,7 @@ def main() -> None:
             measured = run_isolated({"argv": argv}, prune_job)
             outputs[mode] = out
             row = {"model": name, "mode": "in-memory" if mode == "never" else "offload", "layers": layers}
+            row["recipe"] = args.extra or "default"
             row.update(measured, tokens=args.n_samples * args.seq_len, machine=machine())
             row["command"] = f"spap {shlex.join(argv)}"
             new.append(row)
@@ -121,14 +159,19 @@ def main() -> None:
             identical = same_checkpoint(outputs["never"], outputs["always"])
             for row in new[-2:]:
                 row["identical"] = identical
-    keys = {(r["model"], r["mode"], r["tokens"]) for r in new}
-    rows = [r for r in rows if (r["model"], r["mode"], r["tokens"]) not in keys] + new
+
+    def key(row: dict[str, Any]) -> tuple:
+        return row["model"], row["mode"], row["tokens"], row.get("recipe", "default")
+
+    rows = [r for r in rows if key(r) not in {key(r) for r in new}] + new
     save_rows(Path(args.results), rows, {"script": "benchmarks/out_of_core.py"})
     table = [
-        [r["model"], r["mode"], r.get("layers") or "", r["peak_rss_gib"], r["seconds"], r.get("identical", "")]
+        [r["model"], r.get("recipe", "default"), r["mode"], r.get("layers") or "", r["peak_rss_gib"], r["seconds"]]
+        + [r.get("identical", "")]
         for r in rows
     ]
-    print(markdown_table(["model", "mode", "layers", "peak RSS GiB", "seconds", "identical"], table))
+    header = ["model", "recipe", "mode", "layers", "peak RSS GiB", "seconds", "identical"]
+    print(markdown_table(header, table))
 
 
 def _make_synthetic(job: dict[str, Any]) -> dict[str, Any]:
