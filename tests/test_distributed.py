@@ -43,3 +43,32 @@ def test_two_gloo_processes_match_one_process(refit, tmp_path):
     for name, value in single.items():
         assert value.shape == parallel[name].shape, name
         torch.testing.assert_close(parallel[name], value, rtol=2e-3, atol=2e-4, msg=name)
+
+
+def offload_worker(rank: int, world: int, port: int, source: str, out: str) -> None:
+    from spap.offload import prune_offloaded
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        prune_offloaded(source, out, fast_config(0.3), calibration_ids=tiny_ids(n=8, seq_len=24))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_stream_the_layers_and_rank_0_writes(tmp_path):
+    """Out-of-core pruning under data parallelism: every rank streams each layer, rank 0 writes the
+    checkpoint the single-process in-memory path writes."""
+    from .test_offload import saved_tensors
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    tiny_model("llama").save_pretrained(source)
+    mp.spawn(offload_worker, args=(2, free_port(), str(source), str(out)), nprocs=2, join=True)
+    model = spap.load_pretrained(source)
+    spap.prune(model, config=fast_config(0.3), calibration_ids=tiny_ids(n=8, seq_len=24))
+    spap.save_pruned(model, tmp_path / "single")
+    streamed, single = saved_tensors(out), saved_tensors(tmp_path / "single")
+    assert streamed.keys() == single.keys()
+    for name, value in single.items():
+        torch.testing.assert_close(streamed[name], value, rtol=2e-3, atol=2e-4, msg=name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "single", "source"]
