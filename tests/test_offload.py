@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import spap
 from spap.config import PruneConfig
-from spap.offload import StreamedLayers, empty_model, materialised_parameters, prune_offloaded
+from spap.offload import StreamedLayers, empty_model, materialised_parameters, prune_offloaded, shard_bytes
 from spap.shards import INDEX_FILE, SafetensorsCheckpoint, ShardWriter
 
 from .conftest import tiny_ids, tiny_model
@@ -132,6 +132,25 @@ def test_skeleton_holds_no_weights_and_shard_writer_round_trips(tmp_path):
         assert torch.equal(t, tensors[name].to(torch.bfloat16))
     with safe_open(str(tmp_path / "out" / files[0]), framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+def test_queued_tensors_never_alias_the_caller_s_storage(tmp_path):
+    (tmp_path / "out").mkdir()
+    writer = ShardWriter(tmp_path / "out", max_shard_bytes=2**20)
+    whole, base = torch.randn(4, 3), torch.randn(8, 3)
+    writer.add({"owned": whole, "view": base[:4]}, owned=True)  # a view of a larger storage is copied
+    writer.add({"tied": whole})  # not owned: copied even though it covers its storage
+    whole.zero_(), base.zero_()
+    writer.close()
+    saved = saved_tensors(tmp_path / "out")
+    assert saved["owned"].abs().sum() == 0  # given away: stored without a copy
+    assert saved["view"].abs().sum() > 0 and saved["tied"].abs().sum() > 0
+
+
+def test_output_shards_take_an_eighth_of_the_host_budget_within_bounds():
+    assert shard_bytes(None) == 2**30
+    assert shard_bytes(2.0) == 2**28
+    assert shard_bytes(0.1) == 2**26 and shard_bytes(64.0) == 2**30
 
 
 def test_missing_safetensors_is_one_clear_error(tmp_path):

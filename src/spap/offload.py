@@ -172,7 +172,7 @@ class StreamedLayers:
         for name in self._outside_layers():
             if name not in available:
                 raise KeyError(f"{self.source.directory}: the checkpoint has no tensor {name!r}")
-            self.writer.add(self.source.read([name]))
+            self.writer.add(self.source.read([name]), owned=True)
 
 
 def default_host_budget_gib() -> float:
@@ -180,6 +180,14 @@ def default_host_budget_gib() -> float:
     import psutil
 
     return 0.8 * psutil.virtual_memory().available / 2**30
+
+
+def shard_bytes(budget_gib: float | None) -> int:
+    """Output shard size for a host budget: a shard is assembled in memory before it is written, so
+    it gets an eighth of the budget, between 64 MiB and 1 GiB (1 GiB without a budget)."""
+    if budget_gib is None:
+        return 2**30
+    return int(min(max(budget_gib * 2**30 / 8, 2**26), 2**30))
 
 
 def in_memory_bytes(path: str | Path, cfg: PruneConfig | None = None) -> int | None:
@@ -237,12 +245,13 @@ def prune_offloaded(
     overwrite: bool = False,
     calibration_ids: Tensor | None = None,
     report_extra: dict[str, Any] | None = None,
-    max_shard_bytes: int = 2**30,
+    max_shard_bytes: int | None = None,
 ) -> PruneReport:
     """Prune the safetensors checkpoint ``path`` into ``out_dir`` with at most one decoder layer in
     memory: the same checkpoint ``prune`` + ``save_pruned`` write (tensors equal; shards may differ).
 
     ``save_dtype`` None keeps the input's stored dtype. ``report_extra`` is merged into pruning.json.
+    ``max_shard_bytes`` None: ``shard_bytes(cfg.max_host_memory_gib)`` (a shard is buffered in memory).
     Written atomically: an error or interrupt leaves no ``out_dir``. Data-parallel ranks each stream
     every layer; rank 0 writes.
     """
@@ -260,7 +269,8 @@ def prune_offloaded(
     writes = distributed.rank() == 0
     target = atomic_directory(out_dir, overwrite=overwrite) if writes else nullcontext(None)
     with target as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes, dtype) if tmp is not None else None
+        shard = max_shard_bytes or shard_bytes(cfg.max_host_memory_gib)
+        writer = ShardWriter(tmp, shard, dtype) if tmp is not None else None
         streamed = StreamedLayers(model, source, writer)
         report = prune(model, tokenizer, cfg, calibration_ids=calibration_ids, residency=streamed)
         report.extra["max_resident_layers"] = streamed.max_resident_layers

@@ -92,9 +92,12 @@ class ShardWriter:
         self._shards: list[list[str]] = []  # tensor names per written shard
         self.total_bytes = 0
 
-    def add(self, tensors: dict[str, Tensor]) -> None:
-        """Queue a group of tensors (e.g. one decoder layer); a group is never split across shards."""
-        group = {name: self._stored(t) for name, t in tensors.items()}
+    def add(self, tensors: dict[str, Tensor], owned: bool = False) -> None:
+        """Queue a group of tensors (e.g. one decoder layer); a group is never split across shards.
+        Each is kept in storage of its own (no views of tied or pruned weights): a cast makes that
+        copy; ``owned`` says the tensors are the caller's to give away (e.g. just read from a file), so
+        one that covers its whole storage needs none."""
+        group = {name: self._stored(t, owned) for name, t in tensors.items()}
         size = sum(t.numel() * t.element_size() for t in group.values())
         if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
             self._flush()
@@ -104,11 +107,15 @@ class ShardWriter:
         if self._buffer_bytes >= self.max_shard_bytes:
             self._flush()
 
-    def _stored(self, tensor: Tensor) -> Tensor:
-        tensor = tensor.detach()
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        return tensor.to("cpu").contiguous().clone()  # own storage: no views of tied or pruned weights
+    def _stored(self, tensor: Tensor, owned: bool) -> Tensor:
+        stored = tensor.detach()
+        if self.dtype is not None and stored.is_floating_point():
+            stored = stored.to(self.dtype)
+        stored = stored.to("cpu").contiguous()
+        fresh = stored.data_ptr() != tensor.data_ptr()  # the cast or move above allocated it
+        if fresh or (owned and tensor.untyped_storage().nbytes() == stored.nbytes):
+            return stored
+        return stored.clone()
 
     def _flush(self) -> None:
         if not self._buffer:

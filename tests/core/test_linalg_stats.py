@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from spap.core import MLPStatistics, MLPWeights, QuadraticLS
-from spap.core.stats import sample_token_positions
+from spap.core.stats import add_product, sample_token_positions
 
 
 def random_mlp(d=12, m=20, gated=True, bias=False, seed=0) -> MLPWeights:
@@ -31,6 +31,13 @@ def test_streaming_statistics_equal_batch_computation():
     torch.testing.assert_close(stats.z_sum, z.sum(0), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(stats.y_sq, y.pow(2).sum(), rtol=1e-5, atol=1e-4)
     assert stats.count == 500
+
+
+def test_blockwise_product_equals_the_whole_product():
+    a, b = torch.randn(50, 23), torch.randn(50, 7)
+    acc = torch.ones(23, 7, dtype=torch.float64)
+    add_product(acc, a, b, rows=5)  # 5 blocks, the last one short
+    torch.testing.assert_close(acc, 1 + a.double().T @ b.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_sample_rows_are_the_requested_positions():

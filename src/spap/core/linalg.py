@@ -64,15 +64,16 @@ class QuadraticLS:
     def restrict(self, keep: Tensor) -> QuadraticLS:
         keep = keep.to(self.gram.device)
         return QuadraticLS(
-            self.gram[keep][:, keep], self.cross[:, keep], self.z_sum[keep], self.y_sum, self.y_sq, self.count
+            self.gram[keep[:, None], keep], self.cross[:, keep], self.z_sum[keep], self.y_sum, self.y_sq, self.count
         )
 
     def centered(self) -> QuadraticLS:
         """The problem for z - mean(z), y - mean(y): a fit with a free intercept, intercept eliminated."""
         n = max(self.count, 1e-30)
         zm, ym = self.z_sum / n, self.y_sum / n
+        gram = torch.outer(zm, zm).mul_(-n).add_(self.gram)  # G - n zm zm^T, one m x m allocation
         return QuadraticLS(
-            self.gram - n * torch.outer(zm, zm),
+            gram,
             self.cross - n * torch.outer(ym, zm),
             torch.zeros_like(self.z_sum),
             torch.zeros_like(self.y_sum),
@@ -135,11 +136,19 @@ def solve_spd(gram: Tensor, cross: Tensor, diag: Tensor, max_tries: int = 8) -> 
     extra = 0.0
     scale = float(gram.diagonal().abs().mean()) or 1.0
     for attempt in range(max_tries):
-        a = gram + torch.diag(diag + extra)
-        chol, info = torch.linalg.cholesky_ex(a)
+        chol, info = torch.linalg.cholesky_ex(with_diagonal(gram, diag + extra))
         if int(info) == 0:
             # W A = C  <=>  A W^T = C^T (A symmetric)
             return torch.cholesky_solve(cross.T, chol).T
         extra = scale * 10.0 ** (attempt - 8) if extra == 0.0 else extra * 10.0
         log.warning("Gram matrix is ill-conditioned (Cholesky failed); adding damping %.3g and retrying", extra)
     raise torch.linalg.LinAlgError("Gram matrix could not be factorised even with added damping")
+
+
+def with_diagonal(gram: Tensor, *terms: Tensor | float) -> Tensor:
+    """G + diag(t_1) + diag(t_2) + ... as a new matrix (the terms added to the diagonal in order),
+    without materialising diag(t): one m x m allocation."""
+    out = gram.clone()
+    for term in terms:
+        out.diagonal().add_(term)
+    return out

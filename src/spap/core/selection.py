@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .linalg import QuadraticLS
+from .linalg import QuadraticLS, with_diagonal
 from .scores import bottom_k, first_k_per_block
 from .solver_config import SolverConfig
 
@@ -62,10 +62,9 @@ def compensated_importance(
     diag = torch.full((m,), float(damping), dtype=problem.gram.dtype, device=problem.gram.device)
     if penalty is not None:
         diag = diag + penalty
-    a = problem.gram + torch.diag(diag)
-    chol, info = torch.linalg.cholesky_ex(a)
+    chol, info = torch.linalg.cholesky_ex(with_diagonal(problem.gram, diag))
     if int(info) != 0:  # fall back to extra damping
-        chol = torch.linalg.cholesky(a + torch.eye(m, dtype=a.dtype, device=a.device) * problem.mean_diag * 1e-2)
+        chol = torch.linalg.cholesky(with_diagonal(problem.gram, diag, problem.mean_diag * 1e-2))
     w = torch.cholesky_solve(problem.cross.T, chol).T
     inv = torch.cholesky_inverse(chol)
     if groups is None:
@@ -93,13 +92,12 @@ class _PenalisedSolver:
     solve up to rounding)."""
 
     def __init__(self, problem: QuadraticLS, damping: float) -> None:
-        m = problem.gram.shape[0]
-        b = problem.gram + damping * torch.eye(m, dtype=problem.gram.dtype, device=problem.gram.device)
-        chol, info = torch.linalg.cholesky_ex(b)
+        # besides G at most two m x m matrices at a time: B and its factor L, then L and B^-1
+        chol, info = torch.linalg.cholesky_ex(with_diagonal(problem.gram, damping))
         if int(info) != 0:  # same fallback as the direct path: extra damping
-            b = b + torch.eye(m, dtype=b.dtype, device=b.device) * problem.mean_diag * 1e-2
-            chol = torch.linalg.cholesky(b)
+            chol = torch.linalg.cholesky(with_diagonal(problem.gram, damping, problem.mean_diag * 1e-2))
         self.b_inv = torch.cholesky_inverse(chol)
+        del chol
         self.b_inv_diag = self.b_inv.diagonal().clone()
         self.w0 = problem.cross @ self.b_inv
 
@@ -112,6 +110,7 @@ class _PenalisedSolver:
         k = torch.diag(1.0 / penalty[support]) + u_t[:, support]
         chol = torch.linalg.cholesky(k)
         q = torch.linalg.solve_triangular(chol, u_t, upper=False)
+        del u_t  # (p, m) float64: one less at the round's peak
         r = torch.linalg.solve_triangular(chol, self.w0[:, support].T, upper=False)
         return self.w0 - r.T @ q, self.b_inv_diag - q.pow(2).sum(0)
 

@@ -139,7 +139,9 @@ def prune_mlp(
         x, offset, token_weight = fit
         x = perturbed_rows(x, cfg.refit_input_noise)  # targets below: the dense MLP at the same rows
         use_autocast = refit_dtype is not None and refit_dtype != torch.float32
-        ctx = torch.autocast(x.device.type, dtype=refit_dtype) if use_autocast else nullcontext()
+        # no cast cache: it would keep every trial point of the line search (a fresh leaf each) alive
+        # until the context exits, a copy of W_up/W_gate per trial
+        ctx = torch.autocast(x.device.type, dtype=refit_dtype, cache_enabled=False) if use_autocast else nullcontext()
         with ctx:
             with torch.no_grad():  # dense targets in the refit's matmul dtype, as the statistics' targets
                 y = _targets(weights, x, offset)

@@ -112,17 +112,19 @@ class MLPStatistics:
             if not (torch.isfinite(weight).all() and (weight >= 0).all()):
                 raise NonFiniteStatisticsError("token weights must be finite and non-negative")
             wz, wy, mass = z * weight[:, None], y * weight[:, None], float(weight.double().sum())
-        gram = wz.T @ z if self.full else (wz * z).sum(0)
+        gram = (wz * z).sum(0)  # the Gram's diagonal: sum_n w_n z_ni^2
         y_sq = (wy.double() * y.double()).sum()
         # a NaN or inf in z or y makes sum w z_i^2 (diag of the Gram) or sum w ||y||^2 non-finite
-        if not (torch.isfinite(gram.diagonal() if self.full else gram).all() and torch.isfinite(y_sq)):
+        if not (torch.isfinite(gram).all() and torch.isfinite(y_sq)):
             raise NonFiniteStatisticsError(
                 "calibration activations contain NaN or inf; check the model dtype (float16 overflow?) "
                 "and the calibration data"
             )
-        self.gram += gram.double()
         if self.full:
-            self.cross += (wy.T @ z).double()
+            add_product(self.gram, wz, z)
+            add_product(self.cross, wy, z)
+        else:
+            self.gram += gram.double()
         self.z_sum += wz.sum(0).double()
         self.y_sum += wy.sum(0).double()
         self.y_sq += y_sq
@@ -206,3 +208,10 @@ def refit_token_positions(
     if chosen.numel() == n_fit:
         return order.values, None
     return order.values, order.indices >= n_fit
+
+
+def add_product(acc: Tensor, a: Tensor, b: Tensor, rows: int = 1024) -> None:
+    """acc += a^T b for a (n, p), b (n, q) and a float64 acc (p, q), ``rows`` rows of the product at
+    a time: the float32 product and its float64 cast never take more than rows x q each (not p x q)."""
+    for start in range(0, a.shape[1], rows):
+        acc[start : start + rows] += (a[:, start : start + rows].T @ b).double()
