@@ -51,7 +51,7 @@ def test_auto_offloads_only_when_the_model_exceeds_the_budget(tiny_checkpoint, t
 @pytest.mark.parametrize(
     ("extra", "words"),
     [
-        (["--eval"], "spap eval"),
+        (["--eval", "--ppl-seq-len", "32"], "spap eval"),
         (["--pad-to-uniform"], "--pad-to-uniform"),
         (["--calib", "self"], "--calib self"),
     ],

@@ -40,6 +40,8 @@ def bundled_text(part: str = "calibration") -> str:
 def read_text_file(path: str | Path) -> str:
     """Text of ``path``; WikiText raw files (wiki.*.raw) get the usual "\\n\\n".join(lines) layout."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; pass a text file")
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path}")
     try:
@@ -48,6 +50,8 @@ def read_text_file(path: str | Path) -> str:
         raise ValueError(
             f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); pass a text file, or a .pt file of token ids"
         ) from None
+    if not text.strip():
+        raise ValueError(f"{path} holds no text (empty or whitespace only); pass a file with text in it")
     if re.fullmatch(r"wiki\..*\.raw", path.name):
         return "\n\n".join(line.strip("\r") for line in text.splitlines() if line.strip())
     return text

@@ -17,6 +17,7 @@ from . import remote_code
 from .adapters import get_adapter
 from .atomic import atomic_directory
 from .calibration import CALIBRATION_FILE, weights_as
+from .shards import CheckpointError, SafetensorsCheckpoint, non_finite_message, verify_tensors
 
 log = logging.getLogger(__name__)
 
@@ -190,17 +191,38 @@ def write_companions(
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """Load any checkpoint spap wrote (uniform or not) without executing code from ``path``."""
+    """Load any checkpoint spap wrote (uniform or not) without executing code from ``path``.
+
+    Refused (``CheckpointError``) before the weights load: stored tensors missing, unexpected or of
+    another shape than config.json describes; after: a weight holding NaN or inf."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    _verify_local_safetensors(path)
     config = AutoConfig.from_pretrained(path)
+    model: Any
     if getattr(config, "spap_linear_shapes", None) or getattr(config, "spap_module_attributes", None):
         cls = remote_code.spap_model_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
-        model = cls.from_pretrained(path, config=config, dtype=dtype)
+        model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model, info = cast(Any, AutoModelForCausalLM).from_pretrained(path, dtype=dtype, output_loading_info=True)
+    absent, extra = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
+    if absent or extra:  # other formats than safetensors (checked above): transformers would initialise at random
+        problems = [f"{len(v)} {k} (e.g. {v[0]})" for k, v in (("missing", absent), ("unexpected", extra)) if v]
+        raise CheckpointError(f"{path}: the tensors do not match config.json: {'; '.join(problems)}")
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(non_finite_message(path, name))
     return model.to(device)
+
+
+def _verify_local_safetensors(path: str | Path) -> None:
+    """``verify_tensors`` for a local safetensors checkpoint (hub ids and other formats: skipped)."""
+    from .offload import empty_model
+
+    if not (Path(path) / "config.json").is_file() or not any(Path(path).glob("*.safetensors")):
+        return
+    verify_tensors(SafetensorsCheckpoint(path), empty_model(path))
 
 
 def read_report(path: str | Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import shlex
 import signal
@@ -15,7 +16,7 @@ import time
 import traceback
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -90,8 +91,26 @@ def _hide_expert_flags(parser: argparse.ArgumentParser) -> None:
             action.help = argparse.SUPPRESS
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with spap's error format: one line on stderr, exit status 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"spap: error: {message} (see {self.prog} --help)\n")
+
+
+def _gib(text: str) -> float:
+    """argparse type of a memory size in GiB: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of GiB > 0, got {text!r}")
+    return value
+
+
 def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spap", description="Structured pruning of Hugging Face causal LMs.")
+    parser = _Parser(prog="spap", description="Structured pruning of Hugging Face causal LMs.")
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,13 +189,15 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-host-memory",
-        type=float,
+        type=_gib,
         default=None,
         metavar="GIB",
         help="host-memory budget; calibration activations over half of it go to disk "
         "(default: 80%% of the memory available at start)",
     )
-    p.add_argument("--config", default=None, help="JSON file with a PruneConfig (command-line flags are ignored)")
+    p.add_argument(
+        "--config", default=None, help="JSON file with a PruneConfig; flags given on the command line override it"
+    )
     p.add_argument("--eval", action="store_true", help="perplexity before and after pruning")
     p.add_argument("--ppl", nargs="*", default=None, help="text files for --eval (default: bundled held-out text)")
     p.add_argument("--ppl-seq-len", type=int, default=2048)
@@ -213,7 +234,7 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--max-host-memory",
-        type=float,
+        type=_gib,
         default=None,
         metavar="GIB",
         help="host-memory budget (default: 80%% of the memory available at start)",
@@ -239,15 +260,66 @@ class UsageError(Exception):
 
 
 def _config_from_args(args: argparse.Namespace) -> PruneConfig:
+    """The run's PruneConfig: from the flags, or from ``--config FILE`` with the flags given on the
+    command line overriding the file's values."""
     try:
-        return _build_config(args)
-    except (ValueError, TypeError, OSError) as exc:  # invalid values, unreadable or malformed --config
+        flags = _config_from_flags(args)
+    except (ValueError, TypeError) as exc:  # invalid values
         raise UsageError(str(exc)) from exc
+    if not args.config:
+        return flags
+    file = Path(args.config)
+    try:
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"must hold a JSON object of PruneConfig fields, got {json.dumps(data)[:60]}")
+        merged = PruneConfig.from_dict(data).to_dict()
+        given = flags.to_dict()
+        for dest in getattr(args, "explicit", set()):
+            for path in _config_fields_of_flag(dest):
+                parent, _, key = path.rpartition(".")
+                (merged[parent] if parent else merged)[key] = (given[parent] if parent else given)[key]
+        return PruneConfig.from_dict(merged)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--config {file}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise UsageError(f"--config {file}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--config {file}: {exc}") from None
 
 
-def _build_config(args: argparse.Namespace) -> PruneConfig:
-    if args.config:
-        return PruneConfig.from_json(Path(args.config).read_text())
+_FLAG_FIELDS = {
+    "calib": ("calibration.source",),
+    "n_samples": ("calibration.n_samples",),
+    "seq_len": ("calibration.seq_len",),
+    "seed": ("seed", "calibration.seed"),
+    "max_host_memory": ("max_host_memory_gib",),
+}
+
+
+def _config_fields_of_flag(dest: str) -> tuple[str, ...]:
+    """The PruneConfig fields (dotted paths) that the flag with argparse ``dest`` sets; () for flags
+    that are no part of the configuration (--out, --eval, ...)."""
+    if dest in _FLAG_FIELDS:
+        return _FLAG_FIELDS[dest]
+    if dest in {f.name for f in fields(SolverConfig)}:
+        return (f"solver.{dest}",)
+    top = {f.name for f in fields(PruneConfig)} - {"solver", "calibration"}
+    return (dest,) if dest in top else ()
+
+
+def _explicit_dests(argv: list[str]) -> set[str]:
+    """argparse ``dest``s of the options given on the command line (not left at their defaults)."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for sub in [parser, *subparsers.choices.values()]:
+        for action in sub._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def _config_from_flags(args: argparse.Namespace) -> PruneConfig:
     solver_kwargs = {f.name: getattr(args, f.name) for f in fields(SolverConfig) if hasattr(args, f.name)}
     return PruneConfig(
         sparsity=args.sparsity,
@@ -273,10 +345,15 @@ def _build_config(args: argparse.Namespace) -> PruneConfig:
 
 
 def _ppl_sources(files: list[str] | None) -> list[str]:
+    from .calibration import read_text_file
+
     sources = files or ["bundled-heldout"]
     for src in sources:
-        if src != "bundled-heldout" and not Path(src).is_file():
-            raise UsageError(f"perplexity text not found: {src}")
+        if src != "bundled-heldout":
+            try:
+                read_text_file(src)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"--ppl: {exc}") from None
     return sources
 
 
@@ -315,6 +392,20 @@ def _perplexities(
     return out
 
 
+def _check_positions(model: str | None, lengths: dict[str, int]) -> None:
+    """Refuse window lengths beyond the positions the model was built for: its perplexity there (and
+    a calibration on such windows) would be silently meaningless, or fail deep inside attention."""
+    from .models import max_positions, resolve_model
+
+    limit = max_positions(resolve_model(model))
+    for flag, length in lengths.items():
+        if limit is not None and length > limit:
+            raise UsageError(
+                f"{flag} {length} exceeds the {limit} positions the model was built for "
+                f"(max_position_embeddings); pass {flag} {limit} or less"
+            )
+
+
 def _init_distributed(cfg: PruneConfig) -> bool:
     """Under torchrun (WORLD_SIZE > 1): join the process group; returns True on rank 0."""
     import torch.distributed as dist
@@ -346,6 +437,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise UsageError(f"{out} exists and is not an empty directory; pass --overwrite to replace it")
+    lengths = {"--seq-len": cfg.calibration.seq_len, **({"--ppl-seq-len": args.ppl_seq_len} if args.eval else {})}
+    _check_positions(args.model, lengths)
     torch.manual_seed(cfg.seed)
     if _plan_offload(args, cfg):
         return _prune_offloaded(args, cfg, is_main)
@@ -464,6 +557,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from exc
     sources = _ppl_sources(args.ppl) if args.ppl is not None or not (tasks or args.harness) else []
+    if sources:
+        _check_positions(args.model, {"--seq-len": args.seq_len})
     if _eval_offloaded(args, bool(tasks or args.harness)):
         from transformers import AutoTokenizer
 
@@ -507,8 +602,6 @@ def _eval_offloaded(args: argparse.Namespace, whole_model_tasks: bool) -> bool:
     from .models import resolve_model
     from .offload import choose_offload, default_host_budget_gib
 
-    if args.max_host_memory is not None and args.max_host_memory <= 0:
-        raise UsageError(f"--max-host-memory must be > 0, got {args.max_host_memory}")
     if args.offload == "never":
         return False
     args.resolved_model = resolve_model(args.model)
@@ -570,11 +663,25 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise _Terminated()
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so the error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _describe(exc: BaseException) -> str:
     """One line naming the problem and, where spap knows it, what to do."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if exc.filename is None and exc.strerror and exc.strerror != os.strerror(errno.ENOSPC):
+            return exc.strerror  # spap's own account of where and what to do
         return f"no space left on the device ({exc.filename or 'output'}); free space or choose another --out"
     if type(exc).__name__ == "SafetensorError":
+        if "while serializing" in str(exc):  # a write: "Error while serializing: I/O error: No space left on device"
+            full = "os error 28" in str(exc) or "No space left" in str(exc)
+            problem = "no space left on the device" if full else "cannot write a safetensors file"
+            return f"{problem} ({exc}); free space or choose another --out"
         return f"cannot read a safetensors file ({exc}); the checkpoint is truncated or corrupt: copy it again"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     known = (ValueError, OSError, RuntimeError, UsageError)
@@ -586,8 +693,12 @@ def main(argv: list[str] | None = None) -> int:
     (SIGINT/SIGTERM).  Errors print one line on stderr (the traceback with --debug); an unfinished
     output directory is removed in every case."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(show_all="--help-all" in argv).parse_args(argv)
+    try:
+        args = build_parser(show_all="--help-all" in argv).parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad argument (2, one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     args.command_line = shlex.join(["spap", *argv])
+    args.explicit = _explicit_dests(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -604,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         usage = isinstance(exc, (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError))
+        _close_progress_bars()
         hint = "" if args.debug or usage else " (--debug shows the traceback)"
         print(f"spap: error: {_describe(exc)}{hint}", file=sys.stderr)
         return 2 if usage else 1

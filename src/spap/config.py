@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -126,7 +129,7 @@ class PruneConfig:
             raise ValueError(f"angular_slope must be > 0, got {self.angular_slope!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        if self.max_host_memory_gib is not None and self.max_host_memory_gib <= 0:
+        if self.max_host_memory_gib is not None and not 0 < self.max_host_memory_gib < math.inf:
             raise ValueError(f"max_host_memory_gib (--max-host-memory) must be > 0, got {self.max_host_memory_gib}")
 
     @property
@@ -158,16 +161,45 @@ class PruneConfig:
         return cls.from_dict(json.loads(text))
 
 
-def _from_dict(cls: type, data: dict[str, Any]) -> Any:
+def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """``cls(**data)`` with nested dataclasses built from dicts; every value's JSON type checked
+    against the field's annotation, the field named in the error (``where``: its parent's path)."""
+    if not isinstance(data, dict):
+        what = f"field {where.rstrip('.')}" if where else "file"
+        raise ValueError(f"config {what} must be a JSON object of {cls.__name__} fields, got {json.dumps(data)}")
     known = {f.name: f for f in fields(cls)}
     unknown = set(data) - set(known)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
         factory: Any = known[name].default_factory
         default = factory() if callable(factory) else None
-        if is_dataclass(default) and isinstance(value, dict):
-            value = _from_dict(type(default), value)
+        if is_dataclass(default):
+            value = _from_dict(type(default), value, f"{where}{name}.")
+        else:
+            _check_type(f"{where}{name}", value, hints[name])
         kwargs[name] = value
     return cls(**kwargs)
+
+
+_JSON_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    """Raise ValueError unless ``value`` (parsed JSON) fits ``annotation`` (int, float, str, bool, X | None)."""
+    allowed = (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
+    )
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if kind in (str, bool, type(None)) and isinstance(value, kind):
+            return
+    expected = " or ".join(_JSON_NAMES.get(kind, str(kind)) for kind in allowed)
+    raise ValueError(f"config field {name} must be {expected}, got {json.dumps(value)}")

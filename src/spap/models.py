@@ -41,12 +41,20 @@ def convert_gguf(gguf_file: Path, out_dir: Path, max_shard_bytes: int = 2**29) -
     """Dequantise a GGUF checkpoint to a float32 safetensors checkpoint + tokenizer in ``out_dir``,
     written in shards of ``max_shard_bytes`` straight from the dequantised model (one full copy in
     memory, plus at most one shard)."""
+    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .offload import unique_state_names
-    from .shards import ShardWriter
+    from .shards import CheckpointError, ShardWriter
 
     folder, name = str(gguf_file.parent), gguf_file.name
+    try:  # a truncated or foreign file fails here with numpy's words ("cannot reshape array ...")
+        GGUFReader(gguf_file)
+    except Exception as exc:  # noqa: BLE001 - ValueError, IndexError, struct.error, ...
+        raise CheckpointError(
+            f"{gguf_file} is not a readable GGUF file ({type(exc).__name__}: {exc}): truncated or corrupt, "
+            "copy it again"
+        ) from None
     log.info("converting %s to a Hugging Face checkpoint in %s", gguf_file, out_dir)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -112,9 +120,31 @@ def resolve_model(name_or_path: str | None) -> str:
     if path.exists():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+        _check_config_json(path / "config.json")
         return str(path)
     check_hub_model(name)
     return name  # a hub id: cached, or on the reachable hub
+
+
+def _check_config_json(file: Path) -> None:
+    from .shards import CheckpointError
+
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON ({exc}); copy the checkpoint again") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(f"{file} names no model_type; it is no transformers config: copy the checkpoint again")
+
+
+def max_positions(path: str) -> int | None:
+    """The positions the model at ``path`` (as ``resolve_model`` returns it) was built for, if its
+    config says (``max_position_embeddings``)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def check_hub_model(name: str) -> None:
@@ -156,6 +186,10 @@ def load_model(name_or_path: str | None = None, dtype: str = "float32", device: 
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = load_pretrained(path, dtype=getattr(torch, dtype), device=device)
     except OSError as exc:
+        if Path(path).is_dir():
+            if isinstance(exc, FileNotFoundError):  # spap's own words on what is missing
+                raise
+            raise OSError(f"could not load {path!r}: {exc}") from exc
         raise OSError(
             f"could not load {path!r}: {exc}. Hub downloads need network access; pass a local checkpoint "
             "directory, a .gguf file, or omit MODEL for the offline default (SmolLM2-135M)."

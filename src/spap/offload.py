@@ -27,7 +27,7 @@ from .adapters import get_adapter
 from .atomic import atomic_directory
 from .config import OFFLOAD_MODES, PruneConfig
 from .pipeline import PruneReport, prune
-from .shards import SafetensorsCheckpoint, ShardWriter
+from .shards import CheckpointError, SafetensorsCheckpoint, ShardWriter, verify_tensors
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,15 @@ def empty_model(path: str | Path) -> nn.Module:
     model.tie_weights()
     model.eval()
     return model
+
+
+def open_streamed(path: str | Path) -> tuple[Any, SafetensorsCheckpoint]:
+    """(weightless skeleton, shard reader) of checkpoint ``path``, its stored tensors checked against
+    the skeleton that config.json describes before any work (``verify_tensors``)."""
+    source = SafetensorsCheckpoint(path)
+    model = empty_model(path)
+    verify_tensors(source, model)
+    return model, source
 
 
 def materialised_parameters(model: nn.Module) -> int:
@@ -171,7 +180,7 @@ class StreamedLayers:
         available = self.source.names()
         for name in self._outside_layers():
             if name not in available:
-                raise KeyError(f"{self.source.directory}: the checkpoint has no tensor {name!r}")
+                raise CheckpointError(f"{self.source.directory}: the checkpoint has no tensor {name!r}")
             self.writer.add(self.source.read([name]), owned=True)
 
 
@@ -223,10 +232,9 @@ def choose_offload(mode: str, path: str | Path, budget_gib: float, cfg: PruneCon
     needed = in_memory_bytes(path, cfg)
     if needed is None:
         if mode == "always":
-            raise FileNotFoundError(
-                f"{path}: --offload always streams a local safetensors checkpoint directory; "
-                "this is none (convert it with save_pretrained(safe_serialization=True))"
-            )
+            if not Path(path).is_dir():
+                raise FileNotFoundError(f"{path}: --offload always streams a local checkpoint directory")
+            SafetensorsCheckpoint(path)  # raises what is missing
         return False, "not a local safetensors checkpoint"
     if mode == "always":
         return True, "--offload always"
@@ -263,8 +271,7 @@ def prune_offloaded(
             "calibration 'self' samples text from the whole model, which out-of-core pruning never holds: "
             "use --offload never, or pass a text file or the calibration_ids.pt of an earlier run"
         )
-    source = SafetensorsCheckpoint(path)
-    model: Any = empty_model(path)
+    model, source = open_streamed(path)
     dtype = save_dtype or source.stored_dtype()
     writes = distributed.rank() == 0
     target = atomic_directory(out_dir, overwrite=overwrite) if writes else nullcontext(None)

@@ -12,16 +12,41 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose files are incomplete, corrupt, or do not match its config.json."""
+
+
+def non_finite_message(directory: str | Path, name: str) -> str:
+    return f"{directory}: tensor {name} holds NaN or inf values; the checkpoint is corrupt: copy it again"
+
+
+@contextmanager
+def _open(file: Path) -> Iterator[Any]:
+    """``safe_open`` whose failure to read the header names the file."""
+    try:
+        handle = safe_open(str(file), framework="pt")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError
+        if isinstance(exc, OSError) and not file.exists():
+            raise
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({exc}): truncated or corrupt, copy it again"
+        ) from None
+    with handle as f:
+        yield f
 
 
 class SafetensorsCheckpoint:
@@ -31,14 +56,29 @@ class SafetensorsCheckpoint:
         self.directory = Path(directory)
         index = self.directory / INDEX_FILE
         if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(
+                    f"{index} is not a safetensors index ({exc!r}); copy the checkpoint again"
+                ) from None
+            absent = sorted(set(weight_map.values()) - {p.name for p in self.directory.iterdir()})
+            if absent:
+                raise CheckpointError(
+                    f"{self.directory} lacks {len(absent)} shard(s) its index names, e.g. {absent[0]}"
+                )
         elif (self.directory / SINGLE_FILE).is_file():
-            with safe_open(str(self.directory / SINGLE_FILE), framework="pt") as f:
+            with _open(self.directory / SINGLE_FILE) as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        elif shards := sorted(self.directory.glob("model-*-of-*.safetensors")):
+            raise FileNotFoundError(
+                f"{self.directory} has safetensors shards ({shards[0].name}, ...) but no {INDEX_FILE}; "
+                "copy the index file with them"
+            )
         else:
             raise FileNotFoundError(
-                f"{self.directory} has no {SINGLE_FILE} or {INDEX_FILE}; out-of-core pruning reads safetensors "
-                "checkpoints (re-save the model with save_pretrained(safe_serialization=True))"
+                f"{self.directory} holds no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}); spap streams "
+                "safetensors checkpoints: re-save the model with save_pretrained(safe_serialization=True)"
             )
         self.weight_map = weight_map
 
@@ -46,29 +86,38 @@ class SafetensorsCheckpoint:
         return set(self.weight_map)
 
     def read(self, names: Iterable[str]) -> dict[str, Tensor]:
-        """The named tensors, in their stored dtype; each shard is opened once and closed after."""
+        """The named tensors, in their stored dtype; each shard is opened once and closed after.
+        A floating-point tensor holding NaN or inf is refused (``CheckpointError``)."""
         by_file: dict[str, list[str]] = {}
         for name in names:
             if name not in self.weight_map:
-                raise KeyError(f"{self.directory}: the checkpoint has no tensor {name!r}")
+                raise CheckpointError(f"{self.directory}: the checkpoint has no tensor {name!r}")
             by_file.setdefault(self.weight_map[name], []).append(name)
         out: dict[str, Tensor] = {}
         for file, wanted in by_file.items():
-            with safe_open(str(self.directory / file), framework="pt") as f:
+            with _open(self.directory / file) as f:
                 for name in wanted:
                     out[name] = f.get_tensor(name)
+                    if out[name].is_floating_point() and not torch.isfinite(out[name]).all():
+                        raise CheckpointError(non_finite_message(self.directory, name))
+        return out
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every stored tensor, read from the shard headers (no tensor data)."""
+        return {name: shape for name, (shape, _) in self._headers().items()}
+
+    def _headers(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        out = {}
+        for file in sorted(set(self.weight_map.values())):
+            with _open(self.directory / file) as f:
+                for name in f.keys():
+                    view = f.get_slice(name)
+                    out[name] = (tuple(view.get_shape()), view.get_dtype())
         return out
 
     def float_elements(self) -> int:
         """Number of floating-point tensor elements, read from the shard headers (no tensor data)."""
-        total = 0
-        for file in sorted(set(self.weight_map.values())):
-            with safe_open(str(self.directory / file), framework="pt") as f:
-                for name in f.keys():
-                    view = f.get_slice(name)
-                    if view.get_dtype().startswith(("F", "BF")):
-                        total += math.prod(view.get_shape())
-        return total
+        return sum(math.prod(shape) for shape, dtype in self._headers().values() if dtype.startswith(("F", "BF")))
 
     def stored_dtype(self) -> torch.dtype:
         """The dtype of the first floating-point tensor (the checkpoint's storage dtype)."""
@@ -143,3 +192,32 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return files
+
+
+def verify_tensors(source: SafetensorsCheckpoint, model: nn.Module) -> None:
+    """Refuse (``CheckpointError``) a checkpoint whose stored tensors are not the ones ``model`` (built
+    from its config.json, e.g. on the meta device) has: missing, unexpected, or of another shape.
+    Tied tensors may be stored under any of their names."""
+    state = model.state_dict(keep_vars=True)
+    expected = {name: tuple(t.shape) for name, t in state.items()}
+    groups: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(id(tensor), []).append(name)
+    stored = source.shapes()
+    missing = [names[0] for names in groups.values() if not any(n in stored for n in names)]
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = [
+        f"{n} is {list(stored[n])}, the config says {list(expected[n])}"
+        for n in expected
+        if n in stored and stored[n] != expected[n]
+    ]
+    problems = [
+        f"{len(items)} {what} (e.g. {items[0]})"
+        for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
+        if items
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{source.directory}: the tensors do not match config.json: {'; '.join(problems)}; the checkpoint is "
+            "incomplete or its config.json was changed: copy it again"
+        )

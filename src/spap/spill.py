@@ -8,6 +8,7 @@ memory holds the batches in use, not the buffer. Reads come from the page cache 
 
 from __future__ import annotations
 
+import errno
 import itertools
 import shutil
 import tempfile
@@ -19,6 +20,9 @@ from typing import Any
 
 import torch
 
+from .atomic import owned_tempdir, remove_dead_leftovers
+
+SPILL_PREFIX = "spap-activations-"
 _directory: ContextVar[Path | None] = ContextVar("spap_spill_directory", default=None)
 _counter = itertools.count()
 
@@ -32,7 +36,11 @@ class SpilledBatches:
 
     def append(self, value: Any) -> None:
         path = self.directory / f"batch-{next(_counter):08d}.pt"
-        torch.save(_compact(value), path)
+        try:
+            torch.save(_compact(value), path)
+        except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as "[enforce fail at ...]"
+            path.unlink(missing_ok=True)
+            raise _write_failure(self.directory, exc) from exc
         self._files.append(path)
 
     def __len__(self) -> int:
@@ -47,6 +55,18 @@ class SpilledBatches:
     def __del__(self) -> None:
         for path in self._files:
             path.unlink(missing_ok=True)
+
+
+def _write_failure(directory: Path, exc: BaseException) -> OSError:
+    """The error to report for a failed activation write: ENOSPC when the disk is (nearly) full."""
+    try:
+        full = shutil.disk_usage(directory).free < 2**26
+    except OSError:
+        full = False
+    advice = "set TMPDIR to a directory with more space, or raise --max-host-memory to keep activations in memory"
+    if full or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return OSError(errno.ENOSPC, f"no space left for calibration activations in {directory.parent}; {advice}")
+    return OSError(f"could not write calibration activations to {directory} ({exc}); {advice}")
 
 
 def _compact(value: Any) -> Any:
@@ -70,8 +90,11 @@ def batch_buffer() -> Any:
 @contextmanager
 def spilling(parent: str | Path | None = None) -> Iterator[Path]:
     """Buffers made by ``batch_buffer`` in this context live in a temporary directory under ``parent``
-    (default: the system's temporary directory, $TMPDIR), removed on exit."""
-    directory = Path(tempfile.mkdtemp(prefix="spap-activations-", dir=parent))
+    (default: the system's temporary directory, $TMPDIR), removed on exit; directories that killed
+    runs left there are removed first."""
+    parent = Path(parent or tempfile.gettempdir())
+    remove_dead_leftovers(parent, SPILL_PREFIX)
+    directory = owned_tempdir(SPILL_PREFIX, parent)
     token = _directory.set(directory)
     try:
         yield directory

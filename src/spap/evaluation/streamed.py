@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..layerwise import LayerInputs, capture_layer_inputs, compute_copy, run_layer
-from ..offload import WORK_DTYPE, StreamedLayers, empty_model, module_name, set_tensor, to_meta
+from ..offload import WORK_DTYPE, StreamedLayers, module_name, open_streamed, set_tensor, to_meta
 from ..shards import SafetensorsCheckpoint
 from .perplexity import PerplexityResult, check_score_from, sliced_nll, text_windows
 
@@ -72,8 +72,8 @@ def streamed_perplexity(
     """``perplexity`` of the safetensors checkpoint ``path``, reading one decoder layer at a time."""
     check_score_from(score_from, seq_len)
     device = torch.device(device)
-    model: Any = empty_model(path)
-    streamed = StreamedLayers(model, SafetensorsCheckpoint(path))
+    model, source = open_streamed(path)
+    streamed = StreamedLayers(model, source)
     layers = streamed.layers
     windows = text_windows(tokenizer, text, seq_len, max_windows)
     hidden_size = model.get_input_embeddings().weight.shape[1]
