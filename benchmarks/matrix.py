@@ -1,0 +1,274 @@
+"""The quality matrix: every (model, calibration, track, recipe, sparsity) row one `spap prune` +
+`spap eval` in fresh processes, appended to results/matrix.json as soon as it finishes; rows already
+there are skipped, so the benchmark resumes where it stopped.
+
+    python benchmarks/matrix.py --models smollm2 --sparsities 0.3 --max-minutes 120
+
+Sizes (fixed so that a row fits in about 30 minutes on a 2-core CPU): SmolLM2-135M with 16 x 2048
+calibration tokens and the first 32 WikiText-2 test windows of 2048 tokens; Qwen2.5-Coder-0.5B with
+8 x 2048 and 16 windows. Calibrations: the bundled novel (out of domain) and WikiText-2 validation
+(in domain, disjoint from the test split). Tracks: "stock" (one MLP width in every layer, plain
+``from_pretrained`` loads it; per-layer baselines run uniform) and "any-width" (per-layer widths).
+``--max-minutes`` launches no row whose estimate (the longest earlier row of that model and recipe,
+else a per-model guess) would end past the budget. results/matrix.md is regenerated after each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import machine  # noqa: E402
+from fetch_models import fetch, gguf_path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results" / "matrix.json"  # --results moves both
+TABLE = ROOT / "results" / "matrix.md"
+DATA = ROOT.parent / "shared" / "data"
+
+MODELS: dict[str, dict[str, Any]] = {
+    # name: what `spap prune` is given, calibration sequences, evaluation windows, guessed minutes a row
+    "smollm2": {"path": "smollm2", "n_samples": 16, "windows": 32, "guess_minutes": 8},
+    "qwen2.5-coder-0.5b": {
+        "path": str(gguf_path("qwen2.5-coder-0.5b")),  # assembled by fetch_models.py
+        "n_samples": 8,
+        "windows": 16,
+        "guess_minutes": 16,
+    },
+}
+CALIBRATIONS = {"bundled": "bundled", "wikitext2-valid": "wikitext-2/wiki.valid.tokens"}
+RECIPES: dict[str, dict[str, list[str]]] = {
+    # track: recipe name -> `spap prune` flags
+    "stock": {
+        "spap": ["--method", "spap"],
+        "spap-ls": ["--method", "spap", "--refit", "ls"],
+        "wanda-sp": ["--method", "wanda-sp"],
+        "fasp": ["--method", "fasp"],
+        "flap-uniform": ["--method", "flap", "--allocation", "uniform"],
+        "cfsp-uniform": ["--method", "cfsp", "--allocation", "uniform"],
+    },
+    "any-width": {
+        "flap": ["--method", "flap"],
+        "cfsp": ["--method", "cfsp"],
+        "spap-ls-angular": ["--method", "spap", "--refit", "ls", "--allocation", "angular"],
+        "spap-angular": ["--method", "spap", "--allocation", "angular"],
+        "spap-ls-structprune": ["--method", "spap", "--refit", "ls", "--allocation", "structprune"],
+    },
+}
+BASELINES = {"wanda-sp", "fasp", "flap-uniform", "cfsp-uniform", "flap", "cfsp"}
+SEQ_LEN = 2048
+KEY = ("model", "calibration", "track", "recipe", "sparsity")
+
+
+def load_rows() -> list[dict[str, Any]]:
+    return json.loads(RESULTS.read_text())["rows"] if RESULTS.is_file() else []
+
+
+def append_row(row: dict[str, Any]) -> None:
+    rows = [r for r in load_rows() if tuple(r.get(k) for k in KEY) != tuple(row.get(k) for k in KEY)]
+    rows.append(row)
+    RESULTS.write_text(json.dumps({"meta": {"script": "benchmarks/matrix.py"}, "rows": rows}, indent=1) + "\n")
+    TABLE.write_text(markdown(rows))
+
+
+def _run(command: list[str], log: Path) -> None:
+    with log.open("a") as out:
+        out.write("$ " + " ".join(command) + "\n")
+        out.flush()
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = log.read_text().splitlines()[-3:]
+        raise RuntimeError(f"{' '.join(command[:3])} ... exited {done.returncode}: {' | '.join(tail)}")
+
+
+def _spap() -> list[str]:
+    return [sys.executable, "-m", "spap.cli"]
+
+
+def eval_ppl(directory: str, windows: int, log: Path) -> tuple[float, str]:
+    """WikiText-2 test perplexity at 2048 of the checkpoint ``directory`` (first ``windows`` windows)."""
+    test = str(DATA / "wikitext-2-raw" / "wiki.test.raw")
+    _run([*_spap(), "eval", directory, "--ppl", test, "--seq-len", str(SEQ_LEN), "--max-windows", str(windows)], log)
+    from spap.models import resolve_model
+
+    result = json.loads((Path(resolve_model(directory)) / "eval.json").read_text())["perplexity"][test]
+    return float(result["perplexity"]), str(result.get("dtype", ""))
+
+
+def run_row(spec: dict[str, Any], work: Path, log: Path) -> dict[str, Any]:
+    """One prune + eval in fresh processes; the row as results/matrix.json holds it."""
+    model = MODELS[spec["model"]]
+    calib = CALIBRATIONS[spec["calibration"]]
+    calib = calib if calib == "bundled" else str(DATA / calib)
+    out = work / "pruned"
+    shutil.rmtree(out, ignore_errors=True)
+    flags = RECIPES[spec["track"]][spec["recipe"]]
+    command = [*_spap(), "prune", model["path"], "--sparsity", str(spec["sparsity"]), "--out", str(out)]
+    command += ["--calib", calib, "--n-samples", str(model["n_samples"]), "--seq-len", str(SEQ_LEN), *flags]
+    started = time.perf_counter()
+    _run(command, log)
+    report = json.loads((out / "pruning.json").read_text())
+    ppl, dtype = eval_ppl(str(out), model["windows"], log)
+    stock = not (out / "modeling_spap.py").exists()
+    row = {
+        **spec,
+        "method": report["config"]["solver"]["method"],
+        "params": report["parameters_after"],
+        "params_before": report["parameters_before"],
+        "ppl_2048": ppl,
+        "eval_dtype": dtype,
+        "eval_windows": model["windows"],
+        "calibration_tokens": [model["n_samples"], SEQ_LEN],
+        "prune_seconds": report["seconds"]["total"],
+        "row_seconds": time.perf_counter() - started,
+        "peak_rss_gib": report["memory"]["peak_rss_gib"],
+        "stock_loadable": stock,
+        "widths": report["widths"],
+        "machine": machine(),
+        "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["spap", *command[3:]]).replace(str(out), "OUT"),
+    }
+    if spec["track"] == "stock" and not stock:
+        raise RuntimeError(f"{spec}: the stock track wrote per-layer widths")
+    return row
+
+
+def dense_row(name: str, log: Path) -> dict[str, Any]:
+    model = MODELS[name]
+    ppl, dtype = eval_ppl(model["path"], model["windows"], log)
+    return {
+        "model": name,
+        "calibration": "-",
+        "track": "dense",
+        "recipe": "dense",
+        "sparsity": 0.0,
+        "ppl_2048": ppl,
+        "eval_dtype": dtype,
+        "eval_windows": model["windows"],
+        "machine": machine(),
+        "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def estimate_minutes(spec: dict[str, Any], rows: list[dict[str, Any]]) -> float:
+    seen = [r["row_seconds"] / 60 for r in rows if r["model"] == spec["model"] and r.get("recipe") == spec["recipe"]]
+    seen = [s for s in seen if s]
+    return max(seen) if seen else MODELS[spec["model"]]["guess_minutes"]
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per (model, sparsity): recipes down, (track, calibration) across; ratio to the best
+    baseline of the same cell."""
+    lines = ["# Quality matrix (generated by benchmarks/matrix.py from matrix.json)", ""]
+    machines = sorted({r["machine"] for r in rows})
+    lines += [f"Machine(s): {'; '.join(machines)}. ppl: WikiText-2 test at 2048, first N windows (N per model).", ""]
+    for model in MODELS:
+        dense = [r for r in rows if r["model"] == model and r["track"] == "dense"]
+        for sparsity in sorted({r["sparsity"] for r in rows if r["model"] == model and r["track"] != "dense"}):
+            cells = [(t, c) for t in RECIPES for c in CALIBRATIONS]
+            subset = [r for r in rows if r["model"] == model and r["sparsity"] == sparsity]
+            head = f"## {model}, {sparsity:.0%} of MLP neurons"
+            if dense:
+                head += f" (dense ppl {dense[0]['ppl_2048']:.2f}, {dense[0]['eval_windows']} windows)"
+            lines += [head, "", "| recipe | " + " | ".join(f"{t}, {c}" for t, c in cells) + " |"]
+            lines.append("|---" * (len(cells) + 1) + "|")
+            for recipe in [name for track in RECIPES.values() for name in track]:
+                values = []
+                for track, calib in cells:
+                    match = [r for r in subset if (r["track"], r["calibration"], r["recipe"]) == (track, calib, recipe)]
+                    best = best_baseline(subset, track, calib)
+                    if not match:
+                        values.append("")
+                        continue
+                    row = match[0]
+                    ratio = f" ({row['ppl_2048'] / best:.2f}x)" if best and recipe not in BASELINES else ""
+                    values.append(f"{row['ppl_2048']:.2f}{ratio}, {row['prune_seconds']:.0f} s")
+                if any(values):
+                    lines.append(f"| {recipe} | " + " | ".join(values) + " |")
+            lines.append("")
+    lines.append("Ratios: ppl / the best baseline's ppl in the same column (track and calibration).")
+    return "\n".join(lines) + "\n"
+
+
+def best_baseline(rows: list[dict[str, Any]], track: str, calibration: str) -> float | None:
+    values = [
+        r["ppl_2048"]
+        for r in rows
+        if r["track"] == track and r["calibration"] == calibration and r["recipe"] in BASELINES
+    ]
+    return min(values) if values else None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=list(CALIBRATIONS))
+    p.add_argument("--tracks", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--recipes", nargs="*", default=None, help="only these recipe names")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.3])
+    p.add_argument("--max-minutes", type=float, default=math.inf, help="launch no row that would end past this")
+    p.add_argument("--dry-run", action="store_true", help="list the rows that would run, with estimates")
+    p.add_argument("--log", default=None, help="where the commands' output goes (default: a temp file)")
+    p.add_argument("--results", default=None, help="directory of matrix.json and matrix.md (default: results/)")
+    args = p.parse_args()
+    global RESULTS, TABLE
+    if args.results:
+        RESULTS, TABLE = Path(args.results) / "matrix.json", Path(args.results) / "matrix.md"
+    for model in args.models:
+        if model.startswith("qwen"):
+            fetch(model)
+    log = Path(args.log or tempfile.mktemp(prefix="matrix-", suffix=".log"))
+    started = time.monotonic()
+    done = {tuple(r.get(k) for k in KEY) for r in load_rows()}
+    todo: list[dict[str, Any]] = []
+    for model in args.models:
+        if (model, "-", "dense", "dense", 0.0) not in done:
+            todo.append({"model": model, "calibration": "-", "track": "dense", "recipe": "dense", "sparsity": 0.0})
+        for sparsity in args.sparsities:
+            for calibration in args.calibrations:
+                for track in args.tracks:
+                    for recipe in RECIPES[track]:
+                        spec = dict(model=model, calibration=calibration, track=track, recipe=recipe, sparsity=sparsity)
+                        if (args.recipes is None or recipe in args.recipes) and tuple(spec.values()) not in done:
+                            todo.append(spec)
+    print(f"{len(todo)} rows to run; log: {log}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="matrix-") as work:
+        for spec in todo:
+            estimate = 1.0 if spec["track"] == "dense" else estimate_minutes(spec, load_rows())
+            elapsed = (time.monotonic() - started) / 60
+            label = " ".join(str(v) for v in spec.values())
+            if args.dry_run or elapsed + estimate > args.max_minutes:
+                print(f"  {'would run' if args.dry_run else 'skipped (time)'}: {label} (~{estimate:.0f} min)")
+                continue
+            print(f"  running: {label} (~{estimate:.0f} min)", flush=True)
+            try:
+                row = dense_row(spec["model"], log) if spec["track"] == "dense" else run_row(spec, Path(work), log)
+            except RuntimeError as exc:
+                print(f"  FAILED: {label}: {exc}", flush=True)
+                continue
+            append_row(row)
+            print(
+                f"  done: {label}: ppl {row['ppl_2048']:.2f} ({(time.monotonic() - started) / 60:.0f} min)", flush=True
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
