@@ -99,12 +99,12 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import spap
-    from spap.calibration import load_text
     from spap.config import CalibrationConfig, PruneConfig
     from spap.core import SolverConfig
     from spap.evaluation.perplexity import perplexity
     from spap.evaluation.zeroshot import evaluate_task, load_task
-    from spap.models import load_model
+    from spap.io.calibration import load_text
+    from spap.io.models import load_model
 
     torch.manual_seed(job["seed"])
     model, tokenizer, path = load_model(job["model"])
@@ -167,7 +167,7 @@ def _die_with_parent(parent_pid: int) -> None:
     on pruning for up to an hour, holding the cores that the next run measures its time on."""
     import signal
 
-    from spap.runtime import glibc
+    from spap.runtime.device import glibc
 
     libc = glibc()
     if libc is None:

@@ -27,7 +27,7 @@ from common import VARIANTS, headless_pyplot, load_rows, machine, markdown_table
 def layer_shapes(model_name: str) -> dict[str, int]:
     """Parameter counts of one decoder layer's MLP, attention and q+o projections, and its head counts."""
     from spap.adapters import get_adapter
-    from spap.models import load_model
+    from spap.io.models import load_model
 
     model = load_model(model_name)[0]
     adapter = get_adapter(model)

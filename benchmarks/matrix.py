@@ -99,7 +99,7 @@ def eval_ppl(directory: str, windows: int, log: Path) -> tuple[float, str]:
     """WikiText-2 test perplexity at 2048 of the checkpoint ``directory`` (first ``windows`` windows)."""
     test = str(DATA / "wikitext-2-raw" / "wiki.test.raw")
     _run([*_spap(), "eval", directory, "--ppl", test, "--seq-len", str(SEQ_LEN), "--max-windows", str(windows)], log)
-    from spap.models import resolve_model
+    from spap.io.models import resolve_model
 
     result = json.loads((Path(resolve_model(directory)) / "eval.json").read_text())["perplexity"][test]
     return float(result["perplexity"]), str(result.get("dtype", ""))

@@ -38,7 +38,7 @@ def synthetic_checkpoint(directory: Path, layers: int, shape: dict[str, int], se
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from spap.models import load_model
+    from spap.io.models import load_model
 
     _, tokenizer, _ = load_model(None)  # the embedded default's tokenizer (offline)
     torch.manual_seed(seed)
@@ -96,7 +96,7 @@ def same_checkpoint(a: Path, b: Path) -> bool:
     """Every tensor of the two checkpoints equal (names, dtypes and values)."""
     import torch
 
-    from spap.shards import SafetensorsCheckpoint
+    from spap.io.shards import SafetensorsCheckpoint
 
     ca, cb = SafetensorsCheckpoint(a), SafetensorsCheckpoint(b)
     if ca.names() != cb.names():

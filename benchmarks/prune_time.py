@@ -77,8 +77,8 @@ def _time_one(job: dict[str, Any]) -> dict[str, Any]:
     import spap
     from spap.config import CalibrationConfig, PruneConfig
     from spap.core import SolverConfig
-    from spap.models import load_model
-    from spap.runtime import resolve_device, resolve_dtype
+    from spap.io.models import load_model
+    from spap.runtime.device import resolve_device, resolve_dtype
 
     torch.manual_seed(job["seed"])
     t0 = time.perf_counter()

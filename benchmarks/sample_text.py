@@ -3,7 +3,7 @@
 The model's own samples cover what it knows, not one domain, so they make an evaluation text that
 no calibration file shares (layer_swap.py --ppl-file) and, since the labels are the model's own
 samples, a true-Fisher estimate (layer_swap.py --fisher-ids).  Temperature 1, weights in --dtype
-(spap.calibration.self_generated; results/samples/smollm2-8x2048 predates it: it was drawn under
+(spap.io.calibration.self_generated; results/samples/smollm2-8x2048 predates it: it was drawn under
 autocast, and a re-run now draws other tokens).  --device and --dtype resolve as `spap prune`'s
 --device and --compute-dtype (auto: the GPU where there is one; bf16 on a GPU or a CPU with bf16
 instructions, else float32), so with --batch-size 32 and --seed 0 the file equals (checked on a bf16
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from spap.calibration import self_generated
-from spap.models import load_model
-from spap.runtime import resolve_device, resolve_dtype
+from spap.io.calibration import self_generated
+from spap.io.models import load_model
+from spap.runtime.device import resolve_device, resolve_dtype
 
 
 def main() -> None:

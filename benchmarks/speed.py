@@ -34,7 +34,7 @@ from spap.core import allocation  # noqa: E402
 def build(shape: str | None, model: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     if shape:
         return shape_model(shape, dtype, device)
-    from spap.models import load_model
+    from spap.io.models import load_model
 
     return load_model(model, dtype=str(dtype).replace("torch.", ""), device=device)[0]
 
@@ -50,7 +50,7 @@ def shrink(
 ) -> torch.nn.Module:
     from spap.adapters import get_adapter
     from spap.core.heads import column_groups, query_head_columns
-    from spap.layer_heads import heads_to_prune
+    from spap.pruning.heads import heads_to_prune
 
     pruned = copy.deepcopy(model)
     adapter = get_adapter(pruned)

@@ -20,9 +20,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from spap import spill
-from spap.atomic import atomic_directory, owned_tempdir, remove_dead_leftovers
 from spap.cli import main
+from spap.io.atomic import atomic_directory, owned_tempdir, remove_dead_leftovers
+from spap.runtime import spill
 
 from .test_cli_failures import _nothing_left, _one_error_line, _prune
 
@@ -83,9 +83,11 @@ def test_a_second_writer_to_one_out_fails_and_keeps_the_first_checkpoint(
 ):
     """The other run renames its checkpoint into place while this one writes its own."""
     out = tmp_path / "out"
-    import spap.shards
+    import spap.io.shards
 
-    owner, method = (spap.shards.ShardWriter, "close") if offload == "always" else (PreTrainedModel, "save_pretrained")
+    owner, method = (
+        (spap.io.shards.ShardWriter, "close") if offload == "always" else (PreTrainedModel, "save_pretrained")
+    )
     real = getattr(owner, method)
 
     def other_run_finishes_first(self, *args, **kwargs):
@@ -130,6 +132,7 @@ def test_tensors_that_do_not_match_the_config_are_refused(
     tiny_checkpoint, tmp_path, calib, text, capsys, damage, offload
 ):
     model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    (model / "eval.json").unlink(missing_ok=True)  # earlier tests may have evaluated the fixture
     words = damage(model)
     out = tmp_path / "out"
     assert _prune(model, out, calib, "--offload", offload) == 1
@@ -230,7 +233,7 @@ def test_text_that_is_no_text_is_refused_before_the_model_loads(tiny_checkpoint,
 
 @pytest.mark.parametrize("offload", ["never", "always"])
 def test_shards_without_their_index_are_named(tiny_checkpoint, tmp_path, calib, capsys, offload):
-    from spap.checkpoint import load_pretrained
+    from spap.io.checkpoint import load_pretrained
 
     model = tmp_path / "sharded"
     load_pretrained(tiny_checkpoint).save_pretrained(model, max_shard_size="20KB")

@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from spap.calibration import bundled_text, read_text_file, sample_windows
+from spap.io.calibration import bundled_text, read_text_file, sample_windows
 
 from .conftest import FAMILIES
 
@@ -51,7 +51,7 @@ def test_wikitext_layout_and_missing_file(tmp_path):
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_self_generated_calibration_is_seeded_and_starts_at_bos(family, dtype):
-    from spap.calibration import self_generated
+    from spap.io.calibration import self_generated
 
     from .conftest import tiny_model, tiny_tokenizer
 
@@ -64,7 +64,7 @@ def test_self_generated_calibration_is_seeded_and_starts_at_bos(family, dtype):
 
 
 def test_generation_weights_are_a_cast_copy_and_come_back_bit_for_bit():
-    from spap.calibration import weights_as
+    from spap.io.calibration import weights_as
 
     from .conftest import tiny_model
 
@@ -84,7 +84,7 @@ def test_generation_weights_are_a_cast_copy_and_come_back_bit_for_bit():
 
 def test_self_generation_progress_counts_every_generated_token(monkeypatch):
     """The bar ends at n_samples x (seq_len - 1): the prompt (BOS) is not counted, a last short batch is."""
-    import spap.calibration as calibration
+    import spap.io.calibration as calibration
 
     from .conftest import tiny_model, tiny_tokenizer
 
@@ -111,8 +111,8 @@ def test_self_generation_progress_counts_every_generated_token(monkeypatch):
 
 
 def test_token_files_are_cut_to_the_requested_shape_and_bad_files_fail(tmp_path, caplog):
-    from spap.calibration import calibration_tokens
     from spap.config import CalibrationConfig
+    from spap.io.calibration import calibration_tokens
 
     path = tmp_path / "ids.pt"
     torch.save(torch.arange(60).reshape(4, 15), path)

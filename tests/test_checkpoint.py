@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import spap
-from spap.atomic import atomic_directory
+from spap.io.atomic import atomic_directory
 
 from .conftest import tiny_ids, tiny_model
 from .test_pipeline import fast_config, logits

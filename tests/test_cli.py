@@ -71,7 +71,7 @@ def test_eval_command_writes_eval_json(tiny_checkpoint, tmp_path):
 
 def test_eval_score_from_scores_the_second_half_of_each_window(tiny_checkpoint, tmp_path, capsys):
     from spap.evaluation.perplexity import perplexity
-    from spap.models import load_model
+    from spap.io.models import load_model
 
     text = tmp_path / "t.txt"
     text.write_text("Some other text to score, with a few more words. " * 60)

@@ -128,7 +128,7 @@ def test_debug_shows_the_traceback(tiny_checkpoint, tmp_path, calib, capsys):
 
 
 def _bf16_checkpoint(tiny_checkpoint, tmp_path):
-    from spap.checkpoint import load_pretrained
+    from spap.io.checkpoint import load_pretrained
 
     model = load_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
     path = tmp_path / "bf16"

@@ -46,7 +46,7 @@ def test_two_gloo_processes_match_one_process(refit, tmp_path):
 
 
 def offload_worker(rank: int, world: int, port: int, source: str, out: str) -> None:
-    from spap.offload import prune_offloaded
+    from spap.pruning.offload import prune_offloaded
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -43,7 +43,7 @@ def test_cuda_speed_comparison_runs_with_graphs():
 
 
 def test_self_generation_runs_on_the_gpu_and_returns_the_model_to_the_host():
-    from spap.calibration import self_generated
+    from spap.io.calibration import self_generated
 
     from .conftest import tiny_tokenizer
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from spap.adapters import get_adapter
-from spap.layerwise import capture_layer_inputs, run_layer
+from spap.runtime.layerwise import capture_layer_inputs, run_layer
 
 from .conftest import tiny_ids, tiny_model
 

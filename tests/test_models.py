@@ -6,7 +6,7 @@ import huggingface_hub
 import pytest
 
 from spap.cli import main
-from spap.models import resolve_model
+from spap.io.models import resolve_model
 
 
 def _no_cache(repo_id, filename, **kwargs):

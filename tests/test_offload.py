@@ -9,8 +9,10 @@ from transformers import AutoModelForCausalLM
 
 import spap
 from spap.config import PruneConfig
-from spap.offload import StreamedLayers, empty_model, materialised_parameters, prune_offloaded, shard_bytes
-from spap.shards import INDEX_FILE, SafetensorsCheckpoint, ShardWriter
+from spap.io.shards import INDEX_FILE, SafetensorsCheckpoint, ShardWriter
+from spap.pruning.offload import prune_offloaded
+from spap.runtime.memory import shard_bytes
+from spap.runtime.meta import StreamedLayers, empty_model, materialised_parameters
 
 from .conftest import tiny_ids, tiny_model
 from .test_pipeline import fast_config, logits
@@ -173,7 +175,7 @@ def test_spilled_activations_give_the_same_pruned_model():
 
 
 def test_spill_directory_is_removed_and_batches_round_trip(tmp_path):
-    from spap.spill import batch_buffer, spilling
+    from spap.runtime.spill import batch_buffer, spilling
 
     base = torch.arange(12.0).reshape(3, 4)
     with spilling(tmp_path) as directory:

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spap.calibration import bundled_text, tokenize
 from spap.evaluation.perplexity import final_hidden_states, perplexity, sliced_nll
+from spap.io.calibration import bundled_text, tokenize
 
 from .conftest import tiny_ids, tiny_model, tiny_tokenizer
 

@@ -122,19 +122,19 @@ def test_unaligned_kept_widths_warn_and_rounded_ones_do_not(caplog):
     width = tiny_config("llama").intermediate_size
     sparsity = 0.3
     assert (width - round(sparsity * width)) % 8  # the exact kept width is unaligned
-    with caplog.at_level("WARNING", logger="spap.pipeline"):
+    with caplog.at_level("WARNING", logger="spap.pruning.pipeline"):
         spap.prune(tiny_model("llama"), config=fast_config(sparsity, refit="ls"), calibration_ids=tiny_ids())
     assert "not multiples of 8" in caplog.text
     caplog.clear()
     cfg = fast_config(sparsity, refit="ls")
     cfg.width_multiple = 8
-    with caplog.at_level("WARNING", logger="spap.pipeline"):
+    with caplog.at_level("WARNING", logger="spap.pruning.pipeline"):
         spap.prune(tiny_model("llama"), config=cfg, calibration_ids=tiny_ids())
     assert "not multiples" not in caplog.text
 
 
 def test_residual_token_weights_are_inverse_mean_squares():
-    from spap.layer_mlp import residual_token_weights
+    from spap.pruning.mlp import residual_token_weights
 
     h = torch.tensor([[[1.0, -1.0], [30.0, 40.0]]])
     torch.testing.assert_close(residual_token_weights(h), torch.tensor([[1.0, 1 / 1250.0]]))
@@ -191,7 +191,7 @@ def test_attention_replay_changes_nothing(family, monkeypatch):
     attention is computed in one pass per layer instead of three."""
     from contextlib import contextmanager
 
-    from spap.layerwise import AttentionCache
+    from spap.runtime.layerwise import AttentionCache
 
     ids = tiny_ids()
     config = PruneConfig(

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import spap
-from spap.calibration import bundled_text
 from spap.config import CalibrationConfig, PruneConfig
 from spap.core import SolverConfig
 from spap.evaluation.perplexity import perplexity
-from spap.models import load_model
+from spap.io.calibration import bundled_text
+from spap.io.models import load_model
 
 pytestmark = [
     pytest.mark.slow,

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import spap
-from spap.calibration import bundled_text
 from spap.evaluation.perplexity import perplexity
 from spap.evaluation.streamed import streamed_perplexity
+from spap.io.calibration import bundled_text
 
 from .conftest import VOCAB, tiny_model, tiny_tokenizer
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from spap.calibration import read_text_file, tokenize
-from spap.models import resolve_model
+from spap.io.calibration import read_text_file, tokenize
+from spap.io.models import resolve_model
 
 
 def tail_after(tokenizer, text: str, skip_tokens: int, margin: int) -> tuple[str, int, int]:

@@ -1,7 +1,7 @@
 """Self-generated calibration: tokens per second of spap's sampler against the plain `generate` path.
 
 "autocast + dynamic cache" is how spap sampled before 2026-11-24 (fp32 weights under bf16 autocast,
-the cache growing by one token per step); "cast copy + static cache" is ``spap.calibration.
+the cache growing by one token per step); "cast copy + static cache" is ``spap.io.calibration.
 self_generated`` now (weights swapped for a bf16 copy, cache allocated once).  Same n, seq_len, batch
 size and seed in one process; prints a table and writes JSON.
 
@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common
 from common import machine  # noqa: E402
 
-from spap.calibration import sample_sequences, self_generated, start_token
-from spap.models import load_model
-from spap.runtime import autocast_for, resolve_device, resolve_dtype
+from spap.io.calibration import sample_sequences, self_generated, start_token
+from spap.io.models import load_model
+from spap.runtime.device import autocast_for, resolve_device, resolve_dtype
 
 
 def autocast_dynamic(model, start: int, n: int, seq_len: int, seed: int, batch_size: int, dtype: torch.dtype):

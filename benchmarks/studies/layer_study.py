@@ -22,11 +22,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from common import capture_dense  # noqa: E402
 
 from spap.adapters import get_adapter  # noqa: E402
-from spap.calibration import calibration_tokens  # noqa: E402
 from spap.config import CalibrationConfig  # noqa: E402
 from spap.core import MLPStatistics, SolverConfig, prune_mlp  # noqa: E402
 from spap.core.stats import sample_token_positions  # noqa: E402
-from spap.models import load_model  # noqa: E402
+from spap.io.calibration import calibration_tokens  # noqa: E402
+from spap.io.models import load_model  # noqa: E402
 
 VARIANTS: dict[str, dict] = {
     "magnitude": dict(method="magnitude"),

@@ -47,15 +47,15 @@ from common import capture_dense, machine  # noqa: E402
 from fisher_metric import OutputMetric, layer_output_fisher  # noqa: E402
 
 from spap.adapters import get_adapter  # noqa: E402
-from spap.calibration import calibration_tokens, load_text, tokenize  # noqa: E402
 from spap.config import CalibrationConfig  # noqa: E402
 from spap.core import MLPStatistics, MLPWeights, SolverConfig, prune_mlp  # noqa: E402
 from spap.core.refit import alternating_refit, perturbed_rows  # noqa: E402
 from spap.core.solver import MLPPruneResult, finalize_down, resolve_fit_bias  # noqa: E402
 from spap.core.stats import sample_token_positions  # noqa: E402
 from spap.evaluation.perplexity import perplexity  # noqa: E402
-from spap.layer_mlp import residual_token_weights  # noqa: E402
-from spap.models import load_model  # noqa: E402
+from spap.io.calibration import calibration_tokens, load_text, tokenize  # noqa: E402
+from spap.io.models import load_model  # noqa: E402
+from spap.pruning.mlp import residual_token_weights  # noqa: E402
 
 
 def token_weights(mode: str, h: torch.Tensor) -> torch.Tensor | None:

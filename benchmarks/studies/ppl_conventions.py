@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common
 from common import machine, markdown_table, save_rows  # noqa: E402
 
-from spap.calibration import load_text
 from spap.evaluation.perplexity import perplexity
-from spap.models import load_model
-from spap.runtime import versions
+from spap.io.calibration import load_text
+from spap.io.models import load_model
+from spap.runtime.device import versions
 
 # name -> (how the file becomes text, score_from as a fraction of seq_len)
 CONVENTIONS: dict[str, tuple[Callable[[Path], str], float]] = {

@@ -2,17 +2,20 @@
 
 __version__ = "0.1.0"
 
-from .checkpoint import load_pretrained, save_pruned  # noqa: E402
+from .api import CheckpointResult, prune_checkpoint  # noqa: E402
 from .config import CalibrationConfig, PruneConfig  # noqa: E402
 from .core.solver_config import SolverConfig  # noqa: E402
-from .pipeline import PruneReport, prune  # noqa: E402
+from .io.checkpoint import load_pretrained, save_pruned  # noqa: E402
+from .pruning.pipeline import PruneReport, prune  # noqa: E402
 
 __all__ = [
     "CalibrationConfig",
+    "CheckpointResult",
     "PruneConfig",
     "PruneReport",
     "SolverConfig",
     "load_pretrained",
     "prune",
+    "prune_checkpoint",
     "save_pruned",
 ]

@@ -83,7 +83,7 @@ class PruneConfig:
     batch_size:     calibration sequences per forward.
     max_host_memory_gib: host-memory budget (GiB) for calibration activations; when the pipeline's
                     activation buffers (3 x n x seq_len x hidden in the compute dtype) exceed half of
-                    it, they are spilled to per-batch files in $TMPDIR (``spap.spill``). None: no limit.
+                    it, they are spilled to per-batch files in $TMPDIR (``spap.runtime.spill``). None: no limit.
     """
 
     sparsity: float = 0.3

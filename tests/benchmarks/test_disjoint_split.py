@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from disjoint_split import tail_after
 
-from spap.calibration import bundled_text, tokenize
+from spap.io.calibration import bundled_text, tokenize
 
 from ..conftest import tiny_tokenizer
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..runtime import autocast_for
+from ..runtime.device import autocast_for
 
 
 @dataclass

@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..layerwise import LayerInputs, capture_layer_inputs, compute_copy, run_layer
-from ..offload import WORK_DTYPE, StreamedLayers, module_name, open_streamed, set_tensor, to_meta
-from ..shards import SafetensorsCheckpoint
+from ..io.shards import SafetensorsCheckpoint
+from ..runtime.layerwise import LayerInputs, capture_layer_inputs, compute_copy, run_layer
+from ..runtime.meta import WORK_DTYPE, StreamedLayers, module_name, open_streamed, set_tensor, to_meta
 from .perplexity import PerplexityResult, check_score_from, sliced_nll, text_windows
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..calibration import adds_bos
-from ..runtime import autocast_for
+from ..io.calibration import adds_bos
+from ..runtime.device import autocast_for
 
 
 @dataclass

@@ -8,12 +8,28 @@ are broadcast.  Every rank then propagates its own shard through the pruned laye
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .core.mlp import MLPWeights
-from .core.stats import MLPStatistics
+from ..core.mlp import MLPWeights
+from ..core.stats import MLPStatistics
+
+
+def init_from_env(device: str) -> str:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (nccl on CUDA, else gloo). Returns the
+    device this rank computes on (``cuda:LOCAL_RANK`` for CUDA, else ``device``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return device
 
 
 def active() -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .atomic import owned_tempdir, remove_dead_leftovers
+from ..io.atomic import owned_tempdir, remove_dead_leftovers
 
 SPILL_PREFIX = "spap-activations-"
 _directory: ContextVar[Path | None] = ContextVar("spap_spill_directory", default=None)

@@ -6,12 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..adapters import ArchitectureAdapter
+from ..config import PruneConfig
+from ..core import MLPStatistics
+from ..core.heads import column_groups, prune_kv_groups, prune_query_heads
+from ..runtime.layerwise import LayerInputs, compute_copy, run_layer
 from . import distributed
-from .adapters import ArchitectureAdapter
-from .config import PruneConfig
-from .core import MLPStatistics
-from .core.heads import column_groups, prune_kv_groups, prune_query_heads
-from .layerwise import LayerInputs, compute_copy, run_layer
 
 
 def prune_layer_heads(

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .config import CalibrationConfig
+from ..config import CalibrationConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,11 +18,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-import torch
-
-from .config import ALLOCATIONS, HEAD_UNITS, OFFLOAD_MODES, TOKEN_WEIGHTINGS, CalibrationConfig, PruneConfig
-from .core.allocation import CFSP_SLOPE
-from .core.solver_config import METHODS, REFITS, SELECTIONS, SolverConfig
+from ..config import ALLOCATIONS, HEAD_UNITS, OFFLOAD_MODES, TOKEN_WEIGHTINGS, CalibrationConfig, PruneConfig
+from ..core.allocation import CFSP_SLOPE
+from ..core.solver_config import METHODS, REFITS, SELECTIONS, SolverConfig
+from ..errors import UsageError
 
 log = logging.getLogger("spap")
 
@@ -255,10 +254,6 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-class UsageError(Exception):
-    """A bad argument or input path: one line on stderr, exit status 2."""
-
-
 def _config_from_args(args: argparse.Namespace) -> PruneConfig:
     """The run's PruneConfig: from the flags, or from ``--config FILE`` with the flags given on the
     command line overriding the file's values."""
@@ -344,229 +339,60 @@ def _config_from_flags(args: argparse.Namespace) -> PruneConfig:
     )
 
 
-def _ppl_sources(files: list[str] | None) -> list[str]:
-    from .calibration import read_text_file
-
-    sources = files or ["bundled-heldout"]
-    for src in sources:
-        if src != "bundled-heldout":
-            try:
-                read_text_file(src)
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"--ppl: {exc}") from None
-    return sources
-
-
-def _perplexities(
-    model: Any,
-    tokenizer: Any,
-    sources: list[str],
-    seq_len: int,
-    dtype: str,
-    max_windows: int | None = None,
-    score_from: int = 0,
-    streamed_from: str | None = None,
-    device: str = "cpu",
-) -> dict[str, Any]:
-    """Perplexity of each text source; ``streamed_from`` (a checkpoint directory, ``model`` None): one
-    decoder layer in memory at a time."""
-    from .calibration import load_text
-    from .evaluation.perplexity import perplexity
-    from .evaluation.streamed import streamed_perplexity
-    from .runtime import resolve_device, resolve_dtype
-
-    where = resolve_device(device) if model is None else next(model.parameters()).device
-    options: dict[str, Any] = dict(dtype=resolve_dtype(dtype, where), max_windows=max_windows, score_from=score_from)
-    out = {}
-    for src in sources:
-        text = load_text(src)
-        if streamed_from is not None:
-            result = streamed_perplexity(streamed_from, tokenizer, text, seq_len, device=where, **options)
-        else:
-            result = perplexity(model, tokenizer, text, seq_len, **options)
-        out[src] = result.to_dict()
-        scored = f", scored from position {score_from}" if score_from else ""
-        print(
-            f"  perplexity {result.perplexity:9.3f}  ({Path(src).name}, seq_len {seq_len}, {result.n_windows} windows{scored}, {result.dtype})"
-        )
-    return out
-
-
-def _check_positions(model: str | None, lengths: dict[str, int]) -> None:
-    """Refuse window lengths beyond the positions the model was built for: its perplexity there (and
-    a calibration on such windows) would be silently meaningless, or fail deep inside attention."""
-    from .models import max_positions, resolve_model
-
-    limit = max_positions(resolve_model(model))
-    for flag, length in lengths.items():
-        if limit is not None and length > limit:
-            raise UsageError(
-                f"{flag} {length} exceeds the {limit} positions the model was built for "
-                f"(max_position_embeddings); pass {flag} {limit} or less"
-            )
-
-
-def _init_distributed(cfg: PruneConfig) -> bool:
-    """Under torchrun (WORLD_SIZE > 1): join the process group; returns True on rank 0."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-        if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            cfg.device = f"cuda:{local}"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .calibration import check_calibration_source
-    from .checkpoint import save_pruned
-    from .models import load_model, source_dtype
-    from .pipeline import prune
-    from .runtime import resolve_device
+    from ..api import prune_checkpoint
+    from ..pruning import distributed
+    from ..runtime.device import resolve_device
     from .summary import format_summary, quick_speed
 
     cfg = _config_from_args(args)
-    try:  # an unreadable calibration text is a bad argument: fail before the model loads
-        check_calibration_source(cfg.calibration.source)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"calibration: {exc}") from exc
-    is_main = _init_distributed(cfg)
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise UsageError(f"{out} exists and is not an empty directory; pass --overwrite to replace it")
-    lengths = {"--seq-len": cfg.calibration.seq_len, **({"--ppl-seq-len": args.ppl_seq_len} if args.eval else {})}
-    _check_positions(args.model, lengths)
-    torch.manual_seed(cfg.seed)
-    if _plan_offload(args, cfg):
-        return _prune_offloaded(args, cfg, is_main)
-    sources = _ppl_sources(args.ppl) if args.eval and is_main else []
-    started = time.perf_counter()
-    model, tokenizer, path = load_model(args.model)
-    load_seconds = time.perf_counter() - started
-    print(f"model {path}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    metrics: dict[str, Any] = {}
-    if sources:
-        print("dense:")
-        metrics["dense"] = _perplexities(model, tokenizer, sources, args.ppl_seq_len, args.eval_dtype)
-    report = prune(model, tokenizer, cfg)
-    _print_pruned(cfg, report)
-    if sources:
-        print("pruned:")
-        metrics["pruned"] = _perplexities(model, tokenizer, sources, args.ppl_seq_len, args.eval_dtype)
-    if not is_main:  # data-parallel workers: rank 0 writes the checkpoint
-        return 0
-    data = report.to_dict()
-    data["seconds"]["load"] = load_seconds
-    data["model"] = path
-    data["metrics"] = metrics
-    data["command"] = args.command_line  # how to reproduce the run
-    generated = report.calibration_ids if cfg.calibration.source == "self" else None  # slow to redo: keep
-    save_dtype = source_dtype(args.model, path) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
-    data["save_dtype"] = str(save_dtype).removeprefix("torch.")
-    save_pruned(
-        model,
-        out,
-        tokenizer,
-        data,
+    result = prune_checkpoint(
+        args.model,
+        args.out,
+        cfg,
+        offload=args.offload,
+        save_dtype=args.save_dtype,
         overwrite=args.overwrite,
         pad_to_uniform=args.pad_to_uniform,
-        calibration_ids=generated,
-        dtype=save_dtype,
+        ppl=(args.ppl or []) if args.eval else None,
+        ppl_seq_len=args.ppl_seq_len,
+        eval_dtype=args.eval_dtype,
+        record={"command": args.command_line},  # how to reproduce the run
+        echo=print,
     )
-    device = resolve_device(cfg.device)
-    speed = quick_speed(path, out, str(device)) if sources and device.type == "cpu" else None
-    stock = not (out / "modeling_spap.py").exists()
-    print(format_summary(out, {**data, "seconds": report.seconds}, metrics, speed, stock))
-    return 0
-
-
-def _print_pruned(cfg: PruneConfig, report: Any) -> None:
-    print(
-        f"pruned {cfg.sparsity:.0%} of MLP neurons with {cfg.solver.method} in {report.seconds['total']:.0f}s: "
-        f"{report.parameters_before / 1e6:.1f}M -> {report.parameters_after / 1e6:.1f}M parameters; "
-        f"peak RSS {report.memory['peak_rss_gib']:.1f} GiB"
-    )
-
-
-def _plan_offload(args: argparse.Namespace, cfg: PruneConfig) -> bool:
-    """Decide ``--offload`` (and fill in the default ``--max-host-memory``); options the streamed path
-    cannot honour are bad arguments."""
-    from .models import resolve_model
-    from .offload import choose_offload, default_host_budget_gib
-
-    if cfg.max_host_memory_gib is None:
-        cfg.max_host_memory_gib = round(default_host_budget_gib(), 1)
-    if args.offload == "never":
-        return False
-    args.resolved_model = resolve_model(args.model)
-    offload, why = choose_offload(args.offload, args.resolved_model, cfg.max_host_memory_gib, cfg)
-    log.info("%s: %s", "offloading" if offload else "in memory", why)
-    if not offload:
-        return False
-    conflicts = {
-        "--eval": (args.eval, "it holds the whole model; run `spap eval OUT` after pruning"),
-        "--pad-to-uniform": (args.pad_to_uniform, "the streamed writer keeps each layer's own width"),
-        "--calib self": (cfg.calibration.source == "self", "it samples text from the whole model; pass a text file"),
-    }
-    for flag, (used, reason) in conflicts.items():
-        if used:
-            raise UsageError(
-                f"{flag} does not work with out-of-core pruning ({why}): {reason}, or pass --offload never"
-            )
-    return True
-
-
-def _prune_offloaded(args: argparse.Namespace, cfg: PruneConfig, is_main: bool) -> int:
-    """``spap prune`` with one decoder layer in memory at a time (``offload.prune_offloaded``)."""
-    from transformers import AutoTokenizer
-
-    from .models import source_dtype
-    from .offload import prune_offloaded
-    from .summary import format_summary
-
-    path, out = args.resolved_model, Path(args.out)
-    print(f"model {path}: pruned out of core, one decoder layer in memory at a time")
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    save_dtype = source_dtype(args.model, path) if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
-    extra = {"model": path, "metrics": {}, "command": args.command_line}
-    extra["save_dtype"] = str(save_dtype).removeprefix("torch.")
-    report = prune_offloaded(
-        path, out, cfg, tokenizer, save_dtype=save_dtype, overwrite=args.overwrite, report_extra=extra
-    )
-    _print_pruned(cfg, report)
-    if not is_main:
+    if distributed.rank() != 0:  # data-parallel workers: rank 0 wrote the checkpoint
         return 0
-    data = {**report.to_dict(), **extra}
-    stock = not (out / "modeling_spap.py").exists()
-    print(format_summary(out, data, {}, None, stock))
+    cpu = resolve_device(result.record["config"]["device"]).type == "cpu"
+    speed = quick_speed(result.source, result.out, "cpu") if result.metrics and cpu else None
+    summary = {**result.record, "seconds": result.report.seconds}
+    print(format_summary(result.out, summary, result.metrics, speed, result.stock))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation.perplexity import check_score_from
-    from .evaluation.zeroshot import evaluate_task, load_task
-    from .models import load_model
-    from .runtime import resolve_device, resolve_dtype
+    from ..api import check_positions
+    from ..evaluation.perplexity import check_score_from
+    from ..evaluation.texts import check_texts, perplexities
+    from ..evaluation.zeroshot import evaluate_task, load_task
+    from ..io.models import load_model
+    from ..runtime.device import resolve_device, resolve_dtype
 
     try:  # bad arguments fail before the model loads
         check_score_from(args.score_from, args.seq_len)
         tasks = [load_task(t, args.limit) for t in args.tasks or []]
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from exc
-    sources = _ppl_sources(args.ppl) if args.ppl is not None or not (tasks or args.harness) else []
+    sources = check_texts(args.ppl) if args.ppl is not None or not (tasks or args.harness) else []
     if sources:
-        _check_positions(args.model, {"--seq-len": args.seq_len})
+        check_positions(args.model, {"--seq-len": args.seq_len})
     if _eval_offloaded(args, bool(tasks or args.harness)):
         from transformers import AutoTokenizer
 
         path = args.resolved_model
         print(f"{path} (streamed: one decoder layer in memory at a time):")
         tokenizer = AutoTokenizer.from_pretrained(path)
-        options: dict[str, Any] = dict(streamed_from=path, device=args.device)
-        ppl = _perplexities(
+        options: dict[str, Any] = dict(streamed_from=path, device=args.device, echo=print)
+        ppl = perplexities(
             None, tokenizer, sources, args.seq_len, args.dtype, args.max_windows, args.score_from, **options
         )
         _merge_json(Path(path) / "eval.json", {"perplexity": ppl})
@@ -575,8 +401,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{path}:")
     results: dict[str, Any] = {}
     if sources:
-        results["perplexity"] = _perplexities(
-            model, tokenizer, sources, args.seq_len, args.dtype, args.max_windows, args.score_from
+        results["perplexity"] = perplexities(
+            model, tokenizer, sources, args.seq_len, args.dtype, args.max_windows, args.score_from, echo=print
         )
     if tasks:
         dtype = resolve_dtype(args.dtype, next(model.parameters()).device)
@@ -588,7 +414,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for r in results["zeroshot"].values():
             print(f"  {r['task']:24s} {r['n']:6d} {r['acc']:7.4f} {r['acc_norm']:9.4f}")
     if args.harness:
-        from .evaluation.harness import run_harness
+        from ..evaluation.harness import run_harness
 
         results["harness"] = run_harness(model, tokenizer, args.harness, args.batch_size, args.limit)
         print(json.dumps(results["harness"], indent=2))
@@ -599,8 +425,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_offloaded(args: argparse.Namespace, whole_model_tasks: bool) -> bool:
     """Decide ``spap eval --offload``: stream the perplexity when the float32 weights exceed the budget."""
-    from .models import resolve_model
-    from .offload import choose_offload, default_host_budget_gib
+    from ..io.models import resolve_model
+    from ..runtime.memory import choose_offload, default_host_budget_gib
 
     if args.offload == "never":
         return False
@@ -614,9 +440,9 @@ def _eval_offloaded(args: argparse.Namespace, whole_model_tasks: bool) -> bool:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .evaluation.speed import compare, format_comparison
-    from .models import load_model
-    from .runtime import resolve_device
+    from ..evaluation.speed import compare, format_comparison
+    from ..io.models import load_model
+    from ..runtime.device import resolve_device
 
     device = str(resolve_device(args.device))
     dense, _, dense_path = load_model(args.dense, dtype=args.dtype, device=device)

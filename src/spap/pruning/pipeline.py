@@ -11,18 +11,25 @@ from typing import Any
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..adapters import get_adapter
+from ..config import PruneConfig
+from ..core import NonFiniteStatisticsError, allocation
+from ..core.stats import refit_token_positions
+from ..io.calibration import calibration_tokens
+from ..runtime.device import (
+    peak_memory,
+    release_host_memory,
+    reset_peak_memory,
+    resolve_device,
+    resolve_dtype,
+    versions,
+)
+from ..runtime.layerwise import Residency, ResidentLayers, capture_layer_inputs, compute_copy, run_layer
+from ..runtime.spill import activation_bytes, spilling
 from . import distributed
-from .adapters import get_adapter
-from .calibration import calibration_tokens
-from .config import PruneConfig
-from .core import NonFiniteStatisticsError, allocation
-from .core.stats import refit_token_positions
-from .layer_heads import prune_layer_heads, query_heads_to_prune
-from .layer_mlp import LayerReport, prune_layer_mlp
-from .layerwise import Residency, ResidentLayers, capture_layer_inputs, compute_copy, run_layer
+from .heads import prune_layer_heads, query_heads_to_prune
+from .mlp import LayerReport, prune_layer_mlp
 from .probe import LayerProbe, allocate, probe_layers
-from .runtime import peak_memory, release_host_memory, reset_peak_memory, resolve_device, resolve_dtype, versions
-from .spill import activation_bytes, spilling
 
 __all__ = ["LayerReport", "PruneReport", "count_parameters", "prune"]
 

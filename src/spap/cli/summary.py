@@ -12,8 +12,8 @@ measures at full size."""
 
 def quick_speed(dense_path: str, pruned_dir: Path, device: str) -> dict[str, Any]:
     """Dense vs pruned prefill/decode ratios measured now, both loaded in bfloat16 from disk."""
-    from .evaluation.speed import compare
-    from .models import load_model
+    from ..evaluation.speed import compare
+    from ..io.models import load_model
 
     dense, _, _ = load_model(dense_path, dtype="bfloat16", device=device)
     pruned, _, _ = load_model(str(pruned_dir), dtype="bfloat16", device=device)

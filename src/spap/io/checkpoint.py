@@ -13,8 +13,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from ..adapters import get_adapter
 from . import remote_code
-from .adapters import get_adapter
 from .atomic import atomic_directory
 from .calibration import CALIBRATION_FILE, weights_as
 from .shards import CheckpointError, SafetensorsCheckpoint, non_finite_message, verify_tensors
@@ -218,7 +218,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
 
 def _verify_local_safetensors(path: str | Path) -> None:
     """``verify_tensors`` for a local safetensors checkpoint (hub ids and other formats: skipped)."""
-    from .offload import empty_model
+    from ..runtime.meta import empty_model
 
     if not (Path(path) / "config.json").is_file() or not any(Path(path).glob("*.safetensors")):
         return

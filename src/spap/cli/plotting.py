@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import read_report
+from ..io.checkpoint import read_report
 
 
 def plot_layers(checkpoint: str | Path, out: str | Path | None = None) -> Path:

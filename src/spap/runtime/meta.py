@@ -1,35 +1,26 @@
-"""Out-of-core pruning: the model as a weightless skeleton, one decoder layer materialised at a time.
+"""The model as a weightless skeleton, one decoder layer materialised at a time.
 
 The skeleton is built on the meta device (accelerate's ``init_empty_weights``; buffers such as
 rotary frequencies stay real). ``StreamedLayers`` materialises the input embeddings while the
-calibration inputs are captured and one decoder layer while it is pruned, read from the input's
-safetensors shards; a pruned layer is written to the output shards (``ShardWriter``, the save dtype)
-and returned to the meta device. At the end the embeddings, norms and head are copied from the input
-shards tensor by tensor. The result equals the in-memory path's (same kept neurons, same weights):
-layers are materialised in the in-memory path's working dtype (float32), and the embeddings' output
-is cast to it.
+calibration inputs are captured and one decoder layer while it is worked on, read from the
+checkpoint's safetensors shards; a finished layer is written to the output shards (``ShardWriter``,
+the save dtype) if there are any, and returned to the meta device. Layers are materialised in the
+in-memory path's working dtype (float32), and the embeddings' output is cast to it, so a streamed
+computation equals the in-memory one.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import distributed
-from .adapters import get_adapter
-from .atomic import atomic_directory
-from .config import OFFLOAD_MODES, PruneConfig
-from .pipeline import PruneReport, prune
-from .shards import CheckpointError, SafetensorsCheckpoint, ShardWriter, verify_tensors
-
-log = logging.getLogger(__name__)
+from ..adapters import get_adapter
+from ..io.shards import CheckpointError, SafetensorsCheckpoint, ShardWriter, verify_tensors
 
 WORK_DTYPE = torch.float32
 """dtype layers are materialised in: the in-memory path loads models in float32 (``load_model``)."""
@@ -42,7 +33,7 @@ def empty_model(path: str | Path) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from . import remote_code
+    from ..io import remote_code
 
     config = AutoConfig.from_pretrained(str(path))
     shaped = getattr(config, "spap_linear_shapes", None) or getattr(config, "spap_module_attributes", None)
@@ -182,118 +173,6 @@ class StreamedLayers:
             if name not in available:
                 raise CheckpointError(f"{self.source.directory}: the checkpoint has no tensor {name!r}")
             self.writer.add(self.source.read([name]), owned=True)
-
-
-def default_host_budget_gib() -> float:
-    """80% of the host memory available now (psutil): the default ``--max-host-memory``."""
-    import psutil
-
-    return 0.8 * psutil.virtual_memory().available / 2**30
-
-
-def shard_bytes(budget_gib: float | None) -> int:
-    """Output shard size for a host budget: a shard is assembled in memory before it is written, so
-    it gets an eighth of the budget, between 64 MiB and 1 GiB (1 GiB without a budget)."""
-    if budget_gib is None:
-        return 2**30
-    return int(min(max(budget_gib * 2**30 / 8, 2**26), 2**30))
-
-
-def in_memory_bytes(path: str | Path, cfg: PruneConfig | None = None) -> int | None:
-    """Host bytes the in-memory path needs beyond the solver: the float32 weights plus, for pruning
-    with ``cfg``, the calibration activations; None when ``path`` is no local safetensors checkpoint
-    (it cannot be streamed)."""
-    from transformers import AutoConfig
-
-    from .runtime import resolve_device, resolve_dtype
-    from .spill import activation_bytes
-
-    try:
-        source = SafetensorsCheckpoint(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    weights = 4 * source.float_elements()
-    if cfg is None:
-        return weights
-    config = AutoConfig.from_pretrained(str(path)).get_text_config()
-    dtype = resolve_dtype(cfg.compute_dtype, resolve_device(cfg.device))
-    n, seq_len = cfg.calibration.n_samples, cfg.calibration.seq_len
-    return weights + activation_bytes(n, seq_len, config.hidden_size, dtype)
-
-
-def choose_offload(mode: str, path: str | Path, budget_gib: float, cfg: PruneConfig | None = None) -> tuple[bool, str]:
-    """(offload?, why) for ``--offload mode``: auto streams the layers when the in-memory path (see
-    ``in_memory_bytes``) would exceed ``budget_gib``; always fails clearly for a checkpoint that cannot
-    be streamed."""
-    if mode not in OFFLOAD_MODES:
-        raise ValueError(f"unknown offload mode {mode!r}; choose one of {', '.join(OFFLOAD_MODES)}")
-    if mode == "never":
-        return False, "--offload never"
-    needed = in_memory_bytes(path, cfg)
-    if needed is None:
-        if mode == "always":
-            if not Path(path).is_dir():
-                raise FileNotFoundError(f"{path}: --offload always streams a local checkpoint directory")
-            SafetensorsCheckpoint(path)  # raises what is missing
-        return False, "not a local safetensors checkpoint"
-    if mode == "always":
-        return True, "--offload always"
-    fits = needed <= budget_gib * 2**30
-    verdict = "fits in" if fits else "exceeds"
-    return not fits, f"in memory {needed / 2**30:.1f} GiB {verdict} --max-host-memory {budget_gib:.1f} GiB"
-
-
-def prune_offloaded(
-    path: str | Path,
-    out_dir: str | Path,
-    config: PruneConfig | None = None,
-    tokenizer: Any = None,
-    *,
-    save_dtype: torch.dtype | None = None,
-    overwrite: bool = False,
-    calibration_ids: Tensor | None = None,
-    report_extra: dict[str, Any] | None = None,
-    max_shard_bytes: int | None = None,
-) -> PruneReport:
-    """Prune the safetensors checkpoint ``path`` into ``out_dir`` with at most one decoder layer in
-    memory: the same checkpoint ``prune`` + ``save_pruned`` write (tensors equal; shards may differ).
-
-    ``save_dtype`` None keeps the input's stored dtype. ``report_extra`` is merged into pruning.json.
-    ``max_shard_bytes`` None: ``shard_bytes(cfg.max_host_memory_gib)`` (a shard is buffered in memory).
-    Written atomically: an error or interrupt leaves no ``out_dir``. Data-parallel ranks each stream
-    every layer; rank 0 writes.
-    """
-    from .checkpoint import export_config, write_companions
-
-    cfg = config or PruneConfig()
-    if cfg.calibration.source == "self" and calibration_ids is None:
-        raise ValueError(
-            "calibration 'self' samples text from the whole model, which out-of-core pruning never holds: "
-            "use --offload never, or pass a text file or the calibration_ids.pt of an earlier run"
-        )
-    model, source = open_streamed(path)
-    dtype = save_dtype or source.stored_dtype()
-    writes = distributed.rank() == 0
-    target = atomic_directory(out_dir, overwrite=overwrite) if writes else nullcontext(None)
-    with target as tmp:
-        shard = max_shard_bytes or shard_bytes(cfg.max_host_memory_gib)
-        writer = ShardWriter(tmp, shard, dtype) if tmp is not None else None
-        streamed = StreamedLayers(model, source, writer)
-        report = prune(model, tokenizer, cfg, calibration_ids=calibration_ids, residency=streamed)
-        report.extra["max_resident_layers"] = streamed.max_resident_layers
-        if writer is not None and tmp is not None:
-            started = time.perf_counter()
-            streamed.write_rest()
-            writer.close()
-            exported = export_config(model)
-            exported.dtype = str(dtype).removeprefix("torch.")
-            exported.save_pretrained(tmp)
-            generation = getattr(model, "generation_config", None)
-            if generation is not None and model.can_generate():
-                generation.save_pretrained(tmp)
-            data = {**report.to_dict(), **(report_extra or {}), "offload": True}
-            write_companions(tmp, model, hasattr(exported, "auto_map"), tokenizer, data, started, None)
-    return report
 
 
 def _tensor_of(module: nn.Module, name: str) -> Tensor:

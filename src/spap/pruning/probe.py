@@ -9,15 +9,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .adapters import ArchitectureAdapter
-from .config import PruneConfig
-from .core import allocation
-from .core.linalg import QuadraticLS
-from .core.scores import neuron_scores
-from .core.selection import score_select
-from .layer_mlp import collect_statistics
-from .layerwise import Residency, ResidentLayers, capture_layer_inputs, compute_copy, run_layer
-from .runtime import release_host_memory
+from ..adapters import ArchitectureAdapter
+from ..config import PruneConfig
+from ..core import allocation
+from ..core.linalg import QuadraticLS
+from ..core.scores import neuron_scores
+from ..core.selection import score_select
+from ..runtime.device import release_host_memory
+from ..runtime.layerwise import Residency, ResidentLayers, capture_layer_inputs, compute_copy, run_layer
+from .mlp import collect_statistics
 
 
 @dataclass

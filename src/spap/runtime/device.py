@@ -95,7 +95,7 @@ def release_host_memory() -> None:
 def versions() -> dict[str, str]:
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "spap": __version__,

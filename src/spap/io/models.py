@@ -44,7 +44,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, max_shard_bytes: int = 2**29) -
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .offload import unique_state_names
+    from ..runtime.meta import unique_state_names
     from .shards import CheckpointError, ShardWriter
 
     folder, name = str(gguf_file.parent), gguf_file.name

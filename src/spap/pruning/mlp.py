@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..adapters import ArchitectureAdapter
+from ..config import PruneConfig
+from ..core import MLPPruneResult, MLPStatistics, MLPWeights, prune_mlp
+from ..core.solver import finalize_down, resolve_fit_bias
+from ..runtime.layerwise import AttentionCache, LayerInputs, compute_copy, run_layer
 from . import distributed
-from .adapters import ArchitectureAdapter
-from .config import PruneConfig
-from .core import MLPPruneResult, MLPStatistics, MLPWeights, prune_mlp
-from .core.solver import finalize_down, resolve_fit_bias
-from .layerwise import AttentionCache, LayerInputs, compute_copy, run_layer
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,246 @@
+"""One call that does what ``spap prune`` does: checkpoint in, smaller checkpoint out.
+
+    import spap
+    result = spap.prune_checkpoint("path/to/model", "out", spap.PruneConfig(sparsity=0.3))
+
+``prune_checkpoint`` checks the arguments before any work, loads the model (or streams it one
+decoder layer at a time when it would not fit the host-memory budget), prunes it, optionally
+measures perplexity before and after, and writes the checkpoint with ``pruning.json`` atomically.
+The CLI parses flags into a ``PruneConfig`` and calls it; ``spap.prune`` stays for a model already
+in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import OFFLOAD_MODES, PruneConfig
+from .errors import UsageError
+from .pruning.pipeline import PruneReport
+
+log = logging.getLogger(__name__)
+
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class CheckpointResult:
+    """What ``prune_checkpoint`` did: where, from what, the report and what pruning.json holds."""
+
+    out: Path
+    source: str  # the checkpoint that was read (GGUF input: its converted cache)
+    report: PruneReport
+    record: dict[str, Any]  # pruning.json's content (the save time excepted)
+    metrics: dict[str, Any] = field(default_factory=dict)  # {"dense"|"pruned": {text: perplexity}}
+    offloaded: bool = False
+
+    @property
+    def stock(self) -> bool:
+        """True when plain ``AutoModelForCausalLM.from_pretrained(out)`` loads the checkpoint."""
+        from .io.checkpoint import REMOTE_CODE_FILE
+
+        return not (self.out / REMOTE_CODE_FILE).exists()
+
+
+def prune_checkpoint(
+    model: str | None,
+    out: str | Path,
+    config: PruneConfig | None = None,
+    *,
+    offload: str = "auto",
+    save_dtype: str = "auto",
+    overwrite: bool = False,
+    pad_to_uniform: bool = False,
+    ppl: list[str] | None = None,
+    ppl_seq_len: int = 2048,
+    eval_dtype: str = "bfloat16",
+    record: dict[str, Any] | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> CheckpointResult:
+    """Prune the checkpoint ``model`` (a directory, a ``.gguf`` file, a cached hub id, or None for the
+    embedded SmolLM2-135M) with ``config`` and write the result to ``out``.
+
+    offload:        "auto" (stream the layers when the in-memory run would exceed
+                    ``config.max_host_memory_gib``, default 80% of the available memory), "never",
+                    "always".
+    save_dtype:     dtype of the written weights; "auto" keeps the input's (bfloat16 for GGUF).
+    pad_to_uniform: zero-pad per-layer MLP widths to the widest (stock-loadable).
+    ppl:            text files (or "bundled-heldout") to measure perplexity on before and after,
+                    at ``ppl_seq_len`` with matmuls in ``eval_dtype``; in memory only.
+    record:         extra entries for pruning.json (the CLI stores its command line).
+    echo:           where progress lines go (default: the log).
+
+    Bad arguments raise ``UsageError`` before the model loads; nothing is left at ``out`` on any
+    failure. Data-parallel ranks (torchrun) each run this; rank 0 writes.
+    """
+    from .io.calibration import check_calibration_source
+    from .io.models import resolve_model
+    from .pruning import distributed
+
+    say = echo or log.info
+    cfg = PruneConfig.from_dict(config.to_dict()) if config is not None else PruneConfig()
+    _check_choice("offload", offload, OFFLOAD_MODES)
+    _check_choice("save_dtype", save_dtype, SAVE_DTYPES)
+    try:  # an unreadable calibration text is a bad argument: fail before the model loads
+        check_calibration_source(cfg.calibration.source)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"calibration: {exc}") from exc
+    cfg.device = distributed.init_from_env(cfg.device)
+    writes = distributed.rank() == 0
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UsageError(f"{out} exists and is not an empty directory; pass --overwrite to replace it")
+    check_positions(
+        model, {"--seq-len": cfg.calibration.seq_len, **({"--ppl-seq-len": ppl_seq_len} if ppl is not None else {})}
+    )
+    torch.manual_seed(cfg.seed)
+    source = resolve_model(model)
+    streamed = _plan_offload(offload, source, cfg, ppl is not None, pad_to_uniform)
+    dtype = _save_dtype(save_dtype, model, source)
+    extra = {"model": source, "metrics": {}, **(record or {}), "save_dtype": str(dtype).removeprefix("torch.")}
+    if streamed:
+        result = _prune_streamed(source, out, cfg, dtype, overwrite, extra, say)
+    else:
+        texts = _Texts(ppl, ppl_seq_len, eval_dtype) if ppl is not None and writes else None
+        result = _prune_in_memory(model, out, cfg, dtype, overwrite, pad_to_uniform, extra, say, texts, writes)
+    say(
+        f"pruned {cfg.sparsity:.0%} of MLP neurons with {cfg.solver.method} in {result.report.seconds['total']:.0f}s: "
+        f"{result.report.parameters_before / 1e6:.1f}M -> {result.report.parameters_after / 1e6:.1f}M parameters; "
+        f"peak RSS {result.report.memory['peak_rss_gib']:.1f} GiB"
+    )
+    return result
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_positions(model: str | None, lengths: dict[str, int]) -> None:
+    """Refuse window lengths beyond the positions the model was built for: its perplexity there (and
+    a calibration on such windows) would be silently meaningless, or fail deep inside attention."""
+    from .io.models import max_positions, resolve_model
+
+    limit = max_positions(resolve_model(model))
+    for flag, length in lengths.items():
+        if limit is not None and length > limit:
+            raise UsageError(
+                f"{flag} {length} exceeds the {limit} positions the model was built for "
+                f"(max_position_embeddings); pass {flag} {limit} or less"
+            )
+
+
+def _save_dtype(name: str, model: str | None, source: str) -> torch.dtype:
+    from .io.models import source_dtype
+
+    return source_dtype(model, source) if name == "auto" else getattr(torch, name)
+
+
+def _plan_offload(mode: str, source: str, cfg: PruneConfig, evaluate: bool, pad_to_uniform: bool) -> bool:
+    """Decide ``offload`` (and fill in the default host-memory budget); options the streamed path
+    cannot honour are bad arguments."""
+    from .runtime.memory import choose_offload, default_host_budget_gib
+
+    if cfg.max_host_memory_gib is None:
+        cfg.max_host_memory_gib = round(default_host_budget_gib(), 1)
+    if mode == "never":
+        return False
+    streamed, why = choose_offload(mode, source, cfg.max_host_memory_gib, cfg)
+    log.info("%s: %s", "offloading" if streamed else "in memory", why)
+    if not streamed:
+        return False
+    conflicts = {
+        "--eval": (evaluate, "it holds the whole model; run `spap eval OUT` after pruning"),
+        "--pad-to-uniform": (pad_to_uniform, "the streamed writer keeps each layer's own width"),
+        "--calib self": (cfg.calibration.source == "self", "it samples text from the whole model; pass a text file"),
+    }
+    for flag, (used, reason) in conflicts.items():
+        if used:
+            raise UsageError(
+                f"{flag} does not work with out-of-core pruning ({why}): {reason}, or pass --offload never"
+            )
+    return True
+
+
+@dataclass
+class _Texts:
+    """Perplexity before and after pruning: text files, window length, matmul dtype."""
+
+    files: list[str]
+    seq_len: int
+    dtype: str
+
+
+def _prune_streamed(
+    source: str,
+    out: Path,
+    cfg: PruneConfig,
+    dtype: torch.dtype,
+    overwrite: bool,
+    extra: dict[str, Any],
+    say: Callable[[str], None],
+) -> CheckpointResult:
+    """One decoder layer in memory at a time (``pruning.offload.prune_offloaded``)."""
+    from transformers import AutoTokenizer
+
+    from .pruning.offload import prune_offloaded
+
+    say(f"model {source}: pruned out of core, one decoder layer in memory at a time")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    report = prune_offloaded(source, out, cfg, tokenizer, save_dtype=dtype, overwrite=overwrite, report_extra=extra)
+    record = {**report.to_dict(), **extra, "offload": True}
+    return CheckpointResult(out, source, report, record, offloaded=True)
+
+
+def _prune_in_memory(
+    model: str | None,
+    out: Path,
+    cfg: PruneConfig,
+    dtype: torch.dtype,
+    overwrite: bool,
+    pad_to_uniform: bool,
+    extra: dict[str, Any],
+    say: Callable[[str], None],
+    texts: _Texts | None,
+    writes: bool,
+) -> CheckpointResult:
+    from .evaluation.texts import check_texts, perplexities
+    from .io.checkpoint import save_pruned
+    from .io.models import load_model
+    from .pruning.pipeline import prune
+
+    texts = _Texts(check_texts(texts.files), texts.seq_len, texts.dtype) if texts is not None else None
+    started = time.perf_counter()
+    loaded, tokenizer, source = load_model(model)
+    load_seconds = time.perf_counter() - started
+    say(f"model {source}: {sum(p.numel() for p in loaded.parameters()) / 1e6:.1f}M parameters")
+    metrics: dict[str, Any] = {}
+    if texts is not None:
+        say("dense:")
+        metrics["dense"] = perplexities(loaded, tokenizer, texts.files, texts.seq_len, texts.dtype, echo=say)
+    report = prune(loaded, tokenizer, cfg)
+    if texts is not None:
+        say("pruned:")
+        metrics["pruned"] = perplexities(loaded, tokenizer, texts.files, texts.seq_len, texts.dtype, echo=say)
+    record = {**report.to_dict(), **extra, "metrics": metrics}
+    record["seconds"]["load"] = load_seconds
+    if writes:  # data-parallel workers: rank 0 writes the checkpoint
+        generated = report.calibration_ids if cfg.calibration.source == "self" else None  # slow to redo: keep
+        save_pruned(
+            loaded,
+            out,
+            tokenizer,
+            record,
+            overwrite=overwrite,
+            pad_to_uniform=pad_to_uniform,
+            calibration_ids=generated,
+            dtype=dtype,
+        )
+    return CheckpointResult(out, source, report, record, metrics)
