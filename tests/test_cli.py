@@ -131,33 +131,33 @@ def test_self_generated_calibration_is_saved_and_reuse_reproduces_the_pruning(ti
 
 
 def test_solver_flags_reach_the_config():
-    from spap.cli import _config_from_args, build_parser
+    from spap.cli.parser import build_parser, config_from_args
 
     args = build_parser().parse_args(
         ["prune", "--out", "x", "--no-refit-safeguard", "--refit-proximal", "0.5", "--refit-input-noise", "0.3"]
     )
-    solver = _config_from_args(args).solver
+    solver = config_from_args(args).solver
     assert solver.refit_safeguard is False and solver.refit_proximal == 0.5 and solver.refit_input_noise == 0.3
-    assert _config_from_args(build_parser().parse_args(["prune", "--out", "x"])).solver.refit_safeguard is True
+    assert config_from_args(build_parser().parse_args(["prune", "--out", "x"])).solver.refit_safeguard is True
 
 
 def test_head_flags_reach_the_config():
-    from spap.cli import _config_from_args, build_parser
+    from spap.cli.parser import build_parser, config_from_args
 
     args = ["prune", "--out", "x", "--target", "both", "--head-sparsity", "0.34", "--head-unit", "query"]
-    cfg = _config_from_args(build_parser().parse_args(args))
+    cfg = config_from_args(build_parser().parse_args(args))
     assert (cfg.target, cfg.head_sparsity, cfg.head_unit) == ("both", 0.34, "query")
     assert PruneConfig.from_json(cfg.to_json()) == cfg
-    assert _config_from_args(build_parser().parse_args(["prune", "--out", "x"])).head_unit == "kv-group"
+    assert config_from_args(build_parser().parse_args(["prune", "--out", "x"])).head_unit == "kv-group"
 
 
 def test_cfsp_flags_reach_the_config():
-    from spap.cli import _config_from_args, build_parser
+    from spap.cli.parser import build_parser, config_from_args
 
-    cfg = _config_from_args(
+    cfg = config_from_args(
         build_parser().parse_args(["prune", "--out", "x", "--method", "cfsp", "--angular-slope", "5"])
     )
     assert cfg.solver.method == "cfsp" and cfg.allocation_rule == "angular" and cfg.angular_slope == 5.0
     assert PruneConfig.from_json(cfg.to_json()) == cfg
-    default = _config_from_args(build_parser().parse_args(["prune", "--out", "x", "--allocation", "angular"]))
+    default = config_from_args(build_parser().parse_args(["prune", "--out", "x", "--allocation", "angular"]))
     assert default.angular_slope == 128 * 2048 / 1e4 and default.solver.method == "spap"
