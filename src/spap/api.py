@@ -102,6 +102,7 @@ def prune_checkpoint(
     )
     torch.manual_seed(cfg.seed)
     source = resolve_model(model)
+    _check_depth(source, cfg.drop_layers)
     streamed = _plan_offload(offload, source, cfg, ppl is not None, pad_to_uniform)
     dtype = _save_dtype(save_dtype, model, source)
     extra = {"model": source, "metrics": {}, **(record or {}), "save_dtype": str(dtype).removeprefix("torch.")}
@@ -137,6 +138,16 @@ def check_positions(model: str | None, lengths: dict[str, int]) -> None:
             )
 
 
+def _check_depth(source: str, drop_layers: int) -> None:
+    if not drop_layers:
+        return
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(source).get_text_config().num_hidden_layers
+    if drop_layers >= layers:
+        raise UsageError(f"--drop-layers {drop_layers} must be less than the model's {layers} decoder layers")
+
+
 def _save_dtype(name: str, model: str | None, source: str) -> torch.dtype:
     from .io.models import source_dtype
 
@@ -160,6 +171,7 @@ def _plan_offload(mode: str, source: str, cfg: PruneConfig, evaluate: bool, pad_
         "--eval": (evaluate, "it holds the whole model; run `spap eval OUT` after pruning"),
         "--pad-to-uniform": (pad_to_uniform, "the streamed writer keeps each layer's own width"),
         "--calib self": (cfg.calibration.source == "self", "it samples text from the whole model; pass a text file"),
+        "--drop-layers": (cfg.drop_layers > 0, "removing layers is done in memory for now"),
     }
     for flag, (used, reason) in conflicts.items():
         if used:

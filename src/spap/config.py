@@ -46,6 +46,8 @@ class PruneConfig:
     """Everything that determines a pruning run.
 
     sparsity:       fraction of MLP neurons removed, in [0, 1).
+    drop_layers:    number of whole decoder layers removed first (those whose output differs least
+                    from their input on the calibration data, see ``spap.pruning.depth``).
     target:         what is pruned: "mlp" neurons, "attn" heads (KV groups), or "both".
     head_sparsity:  fraction of attention heads removed per layer for "attn"/"both", in units of
                     ``head_unit``.
@@ -87,6 +89,7 @@ class PruneConfig:
     """
 
     sparsity: float = 0.3
+    drop_layers: int = 0
     target: str = "mlp"
     head_sparsity: float = 0.0
     head_unit: str = "kv-group"
@@ -109,6 +112,8 @@ class PruneConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
+        if not isinstance(self.drop_layers, int) or self.drop_layers < 0:
+            raise ValueError(f"drop_layers must be an integer >= 0, got {self.drop_layers!r}")
         if not 0.0 <= self.head_sparsity < 1.0:
             raise ValueError(f"head_sparsity must be in [0, 1), got {self.head_sparsity!r}")
         if self.head_unit not in HEAD_UNITS:

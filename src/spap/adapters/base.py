@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -164,6 +164,31 @@ class ArchitectureAdapter(ABC):
                 if child is target:
                     return module, name
         raise KeyError("module not found under layer")
+
+    def remove_layers(self, model: nn.Module, indices: list[int]) -> None:
+        """Delete the decoder layers ``indices`` in place. The kept layers are renumbered (every
+        ``layer_idx``, which indexes the KV cache) and the config follows: ``num_hidden_layers``,
+        ``layer_types`` (sliding / full attention per layer) and Qwen2's ``max_window_layers``, so a
+        stock class built from it has the same layers."""
+        layers = self.decoder_layers(model)
+        drop = set(indices)
+        if not drop <= set(range(len(layers))) or len(drop) >= len(layers):
+            raise ValueError(f"cannot remove layers {sorted(drop)} of {len(layers)}")
+        kept = [layer for i, layer in enumerate(layers) if i not in drop]
+        for new_index, layer in enumerate(kept):
+            for module in layer.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = new_index  # type: ignore[assignment]
+        parent, name = self._parent_of(model, layers)
+        setattr(parent, name, nn.ModuleList(kept))
+        config: Any = model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        types = getattr(config, "layer_types", None)
+        if types is not None:
+            config.layer_types = [t for i, t in enumerate(types) if i not in drop]
+        if isinstance(getattr(config, "max_window_layers", None), int):
+            config.max_window_layers = sum(i not in drop for i in range(min(config.max_window_layers, len(layers))))
+        config.num_hidden_layers = len(kept)
 
     def layers_prefix(self, model: nn.Module) -> str:
         """Dotted name of the decoder-layer list inside ``model``."""

@@ -109,6 +109,13 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
         "model", nargs="?", default=None, help="checkpoint dir, .gguf file or hub id (default: embedded SmolLM2-135M)"
     )
     p.add_argument("--sparsity", type=float, default=0.3, help="fraction of MLP neurons to remove, in [0, 1)")
+    p.add_argument(
+        "--drop-layers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also remove N whole decoder layers (those that change the hidden state least); stock checkpoint",
+    )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument(
         "--save-dtype",
@@ -308,6 +315,7 @@ def _config_from_flags(args: argparse.Namespace) -> PruneConfig:
     solver_kwargs = {f.name: getattr(args, f.name) for f in fields(SolverConfig) if hasattr(args, f.name)}
     return PruneConfig(
         sparsity=args.sparsity,
+        drop_layers=args.drop_layers,
         target=args.target,
         head_sparsity=args.head_sparsity,
         head_unit=args.head_unit,

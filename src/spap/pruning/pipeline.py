@@ -27,6 +27,7 @@ from ..runtime.device import (
 from ..runtime.layerwise import Residency, ResidentLayers, capture_layer_inputs, compute_copy, run_layer
 from ..runtime.spill import activation_bytes, spilling
 from . import distributed
+from .depth import drop_layers
 from .heads import prune_layer_heads, query_heads_to_prune
 from .mlp import LayerReport, prune_layer_mlp
 from .probe import LayerProbe, allocate, probe_layers
@@ -156,6 +157,16 @@ def _prune(
             raise ValueError("pass a tokenizer or calibration_ids")
         calibration_ids = calibration_tokens(tokenizer, cfg.calibration, model, dtype, device)
     seconds = {"calibration_data": time.perf_counter() - t0}
+    depth = None
+    if cfg.drop_layers:
+        if not isinstance(residency, ResidentLayers):
+            raise ValueError("drop_layers needs the whole model in memory; out-of-core pruning does not remove layers")
+        t0 = time.perf_counter()
+        depth = drop_layers(model, adapter, calibration_ids, cfg, device, dtype)
+        layers = adapter.decoder_layers(model)
+        widths = [adapter.mlp_width(layer) for layer in layers]
+        seconds["depth"] = time.perf_counter() - t0
+        log.info("removed decoder layers %s of %d", depth["dropped"], depth["layers_before"])
     probe: list[LayerProbe] = []
     if n_prune is not None:
         counts = list(n_prune)
@@ -240,7 +251,10 @@ def _prune(
         versions=versions(),
         device=str(device),
         compute_dtype=str(dtype).replace("torch.", ""),
-        extra={"allocation": _allocation_record(counts, probe)} if probe else {},
+        extra={
+            **({"allocation": _allocation_record(counts, probe)} if probe else {}),
+            **({"depth": depth} if depth else {}),
+        },
         calibration_ids=calibration_ids,
     )
 
