@@ -54,7 +54,8 @@ RECIPES: dict[str, dict[str, list[str]]] = {
         "spap-ls": ["--method", "spap", "--refit", "ls"],
         "wanda-sp": ["--method", "wanda-sp"],
         "fasp": ["--method", "fasp"],
-        "flap-uniform": ["--method", "flap", "--allocation", "uniform"],
+        # FLAP's bias compensation adds a down-projection bias that stock LLaMA/Qwen classes lack
+        "flap-uniform-ls": ["--method", "flap", "--allocation", "uniform", "--refit", "ls"],
         "cfsp-uniform": ["--method", "cfsp", "--allocation", "uniform"],
     },
     "any-width": {
@@ -65,7 +66,7 @@ RECIPES: dict[str, dict[str, list[str]]] = {
         "spap-ls-structprune": ["--method", "spap", "--refit", "ls", "--allocation", "structprune"],
     },
 }
-BASELINES = {"wanda-sp", "fasp", "flap-uniform", "cfsp-uniform", "flap", "cfsp"}
+BASELINES = {"wanda-sp", "fasp", "flap-uniform-ls", "cfsp-uniform", "flap", "cfsp"}
 SEQ_LEN = 2048
 KEY = ("model", "calibration", "track", "recipe", "sparsity")
 

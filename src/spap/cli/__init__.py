@@ -146,6 +146,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..io.llamacpp import export_gguf
+
+    out = Path(args.out) if args.out else Path(args.checkpoint) / f"model-{args.outtype}.gguf"
+    written = export_gguf(args.checkpoint, out, args.outtype, args.converter, args.overwrite)
+    print(f"wrote {written} ({written.stat().st_size / 2**20:.0f} MiB); llama.cpp: llama-cli -m {written}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plotting import plot_layers
 
@@ -216,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
-        return {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "plot": cmd_plot}[args.command](args)
+        return {"prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export, "plot": cmd_plot}[
+            args.command
+        ](args)
     except (KeyboardInterrupt, _Terminated) as exc:
         print("spap: interrupted; nothing was written", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130

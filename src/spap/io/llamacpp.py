@@ -1,0 +1,108 @@
+"""GGUF export through llama.cpp's own converter (``convert_hf_to_gguf.py``), never a GGUF writer of ours.
+
+The converter comes from the llama-cpp-python source distribution on PyPI (it vendors llama.cpp with
+``convert_hf_to_gguf.py``, its ``conversion/`` package and ``gguf-py``): fetched once with pip into
+spap's cache, or given with ``converter=``. It runs in a subprocess with this Python; its GGUF is
+written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from .models import cache_root
+
+LLAMA_CPP_PYTHON = "0.3.36"
+"""The llama-cpp-python release whose vendored converter spap's export was tested with."""
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "auto")
+_VENDORED = "vendor/llama.cpp/"
+_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+_SAFE_EXTRACT: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
+
+
+def converter_path(version: str = LLAMA_CPP_PYTHON) -> Path:
+    """``convert_hf_to_gguf.py`` of llama-cpp-python ``version``, fetched into the cache if absent."""
+    home = cache_root() / f"llama.cpp-{version}"
+    script = home / "convert_hf_to_gguf.py"
+    if script.is_file():
+        return script
+    with tempfile.TemporaryDirectory(prefix="spap-llama-cpp-") as tmp:
+        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp]
+        done = subprocess.run([*pip, f"llama-cpp-python=={version}"], capture_output=True, text=True)
+        archives = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if done.returncode != 0 or not archives:
+            last = (done.stderr.strip().splitlines() or ["no archive"])[-1]
+            raise RuntimeError(
+                f"could not fetch llama.cpp's converter (pip download llama-cpp-python=={version}: {last}); "
+                "pass converter=/path/to/llama.cpp/convert_hf_to_gguf.py (--converter)"
+            )
+        staging = Path(tempfile.mkdtemp(prefix=f".llama.cpp-{version}.tmp-", dir=_mkdir(cache_root())))
+        with tarfile.open(archives[0]) as archive:
+            for member in archive.getmembers():
+                inner = member.name.split(_VENDORED, 1)[1] if _VENDORED in member.name else None
+                if inner and inner.startswith(_PARTS) and (member.isfile() or member.isdir()):
+                    member.name = inner
+                    archive.extract(member, staging, **_SAFE_EXTRACT)
+        if not (staging / "convert_hf_to_gguf.py").is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RuntimeError(f"llama-cpp-python {version} holds no {_VENDORED}convert_hf_to_gguf.py")
+        try:
+            staging.rename(home)
+        except OSError:  # another run fetched it meanwhile
+            shutil.rmtree(staging, ignore_errors=True)
+    return script
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def export_gguf(
+    checkpoint: str | Path,
+    out_file: str | Path,
+    outtype: str = "bf16",
+    converter: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Convert the stock checkpoint directory ``checkpoint`` to the GGUF file ``out_file`` with
+    llama.cpp's converter. Bad arguments raise ``UsageError`` before any work; a failed conversion
+    leaves no file."""
+    checkpoint, out_file = Path(checkpoint), Path(out_file)
+    if not (checkpoint / "config.json").is_file():
+        raise UsageError(f"{checkpoint} is not a checkpoint directory (no config.json)")
+    if (checkpoint / "modeling_spap.py").exists():
+        raise UsageError(
+            f"{checkpoint} has per-layer shapes, which llama.cpp's architectures cannot hold; prune with "
+            "--pad-to-uniform (or the stock track) for a GGUF export"
+        )
+    if outtype not in OUTTYPES:
+        raise UsageError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    if out_file.exists() and not overwrite:
+        raise UsageError(f"{out_file} exists; pass --overwrite to replace it")
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise UsageError("llama.cpp's converter needs sentencepiece: pip install sentencepiece (or 'spap[export]')")
+    script = Path(converter) if converter is not None else converter_path()
+    if not script.is_file():
+        raise UsageError(f"converter not found: {script}")
+    _mkdir(out_file.parent)
+    partial = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
+    command = [sys.executable, str(script), str(checkpoint), "--outfile", str(partial), "--outtype", outtype]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0 or not partial.is_file():
+            lines = [line for line in done.stderr.strip().splitlines() if line.strip()] or ["no output file"]
+            raise RuntimeError(f"llama.cpp's converter failed on {checkpoint}: {lines[-1]}")
+        os.replace(partial, out_file)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out_file

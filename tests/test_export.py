@@ -1,0 +1,100 @@
+"""``spap export --format gguf``: llama.cpp's own converter, fetched once from the llama-cpp-python
+sdist, run on stock checkpoints only; the GGUF appears whole or not at all."""
+
+from __future__ import annotations
+
+import io
+import sys
+import tarfile
+import textwrap
+
+import pytest
+
+from spap.cli import main
+from spap.io import llamacpp
+
+from .test_cli_failures import _one_error_line
+
+FAKE_CONVERTER = textwrap.dedent(
+    """
+    import sys
+    args = sys.argv[1:]
+    out = args[args.index("--outfile") + 1]
+    if "fail" in args[0]:
+        print("ValueError: cannot convert this model", file=sys.stderr)
+        open(out, "wb").write(b"partial")
+        sys.exit(1)
+    open(out, "wb").write(("GGUF " + args[0] + " " + args[args.index("--outtype") + 1]).encode())
+    """
+)
+
+
+@pytest.fixture()
+def converter(tmp_path):
+    script = tmp_path / "convert_hf_to_gguf.py"
+    script.write_text(FAKE_CONVERTER)
+    return script
+
+
+def _checkpoint(path):
+    path.mkdir()
+    (path / "config.json").write_text('{"model_type": "llama"}')
+    return path
+
+
+def test_export_runs_the_converter_and_writes_the_file_whole(tmp_path, converter, capsys):
+    checkpoint = _checkpoint(tmp_path / "model")
+    args = ["export", str(checkpoint), "--outtype", "q8_0", "--converter", str(converter)]
+    assert main(args) == 0
+    assert (checkpoint / "model-q8_0.gguf").read_text() == f"GGUF {checkpoint} q8_0"
+    assert main(args) == 2  # exists
+    assert "--overwrite" in _one_error_line(capsys.readouterr().err)
+    failing = _checkpoint(tmp_path / "fail-model")
+    assert main(["export", str(failing), "--converter", str(converter)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "converter failed" in line and "cannot convert this model" in line, line
+    assert list(failing.iterdir()) == [failing / "config.json"]  # no partial GGUF
+
+
+def test_per_layer_shapes_are_refused_with_the_way_out(tmp_path, converter, capsys):
+    checkpoint = _checkpoint(tmp_path / "model")
+    (checkpoint / "modeling_spap.py").write_text("")
+    assert main(["export", str(checkpoint), "--converter", str(converter)]) == 2
+    assert "--pad-to-uniform" in _one_error_line(capsys.readouterr().err)
+
+
+def test_the_converter_is_fetched_once_from_the_sdist(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPAP_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_pip(command, **kwargs):
+        calls.append(command)
+        destination = command[command.index("-d") + 1]
+        root = f"llama_cpp_python-{llamacpp.LLAMA_CPP_PYTHON}/"
+        with tarfile.open(f"{destination}/{root[:-1]}.tar.gz", "w:gz") as archive:
+            for name, text in [
+                ("vendor/llama.cpp/convert_hf_to_gguf.py", "print('converter')"),
+                ("vendor/llama.cpp/conversion/llama.py", "# family"),
+                ("vendor/llama.cpp/gguf-py/gguf/__init__.py", "# gguf"),
+                ("vendor/llama.cpp/ggml/src/ggml.c", "/* not needed */"),
+            ]:
+                info = tarfile.TarInfo(root + name)
+                info.size = len(text)
+                archive.addfile(info, io.BytesIO(text.encode()))
+
+        class Done:
+            returncode, stderr = 0, ""
+
+        return Done()
+
+    monkeypatch.setattr(llamacpp.subprocess, "run", fake_pip)
+    script = llamacpp.converter_path()
+    assert script.read_text() == "print('converter')" and llamacpp.converter_path() == script
+    home = script.parent
+    assert (home / "conversion" / "llama.py").is_file() and (home / "gguf-py" / "gguf" / "__init__.py").is_file()
+    assert not (home / "ggml").exists()
+    assert (
+        len(calls) == 1
+        and calls[0][0] == sys.executable
+        and f"llama-cpp-python=={llamacpp.LLAMA_CPP_PYTHON}" in calls[0]
+    )
