@@ -92,6 +92,65 @@ def forward_flops(model: torch.nn.Module, seq_len: int) -> float:
     return total
 
 
+PARTS = {".mlp": "mlp", ".self_attn": "attention"}
+CORE_KERNELS = ("attention", "fmha", "flash", "sdpa", "scaled_dot_product")  # SDPA: reads of the KV cache
+
+
+def decode_breakdown(model: torch.nn.Module, prompt_len: int = 64, steps: int = 8) -> dict[str, float]:
+    """Milliseconds per batch-1 decode step by part, eager (no CUDA graphs), from the profiler: MLPs,
+    attention (projections and core), its core kernels alone (KV-cache reads), the output head, and the
+    whole step. Device time on CUDA, CPU time elsewhere."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from transformers import StaticCache
+
+    from spap.evaluation.speed import cache_keyword
+
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    open_ranges: list = []
+    handles = []
+    for name, module in model.named_modules():
+        label = "lm_head" if name == "lm_head" else next((v for k, v in PARTS.items() if name.endswith(k)), None)
+        if label is None:
+            continue
+
+        def enter(_module, _args, label=label):
+            open_ranges.append(record_function(label))
+            open_ranges[-1].__enter__()
+
+        def leave(_module, _args, _out):
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    config = model.config
+    ids = torch.randint(0, config.vocab_size, (1, prompt_len), device=device)
+    cache = StaticCache(config=config, max_cache_len=prompt_len + steps + 2)
+    kwargs = {cache_keyword(model): cache}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        with torch.no_grad():
+            token = model(input_ids=ids, use_cache=True, **kwargs).logits[:, -1:].argmax(-1)
+            model(input_ids=token, cache_position=torch.tensor([prompt_len], device=device), use_cache=True, **kwargs)
+            with profile(activities=activities) as prof:
+                for i in range(steps):
+                    position = torch.tensor([prompt_len + 1 + i], device=device)
+                    with record_function("step"):
+                        out = model(input_ids=token, cache_position=position, use_cache=True, **kwargs)
+                        token = out.logits[:, -1:].argmax(-1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    attribute = "device_time_total" if cuda else "cpu_time_total"
+    totals: dict[str, float] = {"mlp": 0.0, "attention": 0.0, "lm_head": 0.0, "step": 0.0, "attention_core": 0.0}
+    for event in prof.key_averages():
+        micros = float(getattr(event, attribute, 0.0) or 0.0)
+        if event.key in totals:
+            totals[event.key] += micros
+        elif any(word in event.key.lower() for word in CORE_KERNELS) and (cuda or event.key.startswith("aten::")):
+            totals["attention_core"] += micros if cuda else float(event.self_cpu_time_total)
+    return {f"{k}_ms": v / 1000 / steps for k, v in totals.items()}
+
+
 def parse_combo(text: str) -> tuple[float, float]:
     mlp, _, heads = text.partition(":")
     return float(mlp), float(heads or 0.0)
@@ -128,6 +187,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument(
         "--width-multiples", type=int, nargs="+", default=[64], help="round kept MLP widths to these multiples"
+    )
+    ap.add_argument(
+        "--breakdown",
+        type=float,
+        default=None,
+        metavar="MLP",
+        help="also profile a batch-1 decode step of the dense model and of this MLP sparsity, by part",
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -177,6 +243,15 @@ def main() -> None:
             results.append(c)
             del pruned
             out.write_text(json.dumps({**meta, "results": results}, indent=2))  # after each row: partial runs keep rows
+    if args.breakdown is not None:
+        parts = {"dense": decode_breakdown(dense_model)}
+        pruned = shrink(dense_model, args.breakdown, 0.0, args.width_multiples[0], args.head_unit)
+        parts[f"mlp {args.breakdown:.0%}, multiple {args.width_multiples[0]}"] = decode_breakdown(pruned)
+        del pruned
+        print("\ndecode step by part (ms, batch 1, eager):")
+        for name, times in parts.items():
+            print(f"  {name:28s} " + "  ".join(f"{k[:-3]} {v:.3f}" for k, v in times.items()))
+        out.write_text(json.dumps({**meta, "results": results, "decode_breakdown": parts}, indent=2))
     rows = [
         [
             f"{r['sparsity']:.0%}",
