@@ -111,10 +111,14 @@ def prune_checkpoint(
     else:
         texts = _Texts(ppl, ppl_seq_len, eval_dtype) if ppl is not None and writes else None
         result = _prune_in_memory(model, out, cfg, dtype, overwrite, pad_to_uniform, extra, say, texts, writes)
+    done = result.report
+    depth = done.extra.get("depth")
+    layers = f" and {len(depth['dropped'])} of {depth['layers_before']} layers" if depth else ""
+    sparsity = done.config["sparsity"]
     say(
-        f"pruned {cfg.sparsity:.0%} of MLP neurons with {cfg.solver.method} in {result.report.seconds['total']:.0f}s: "
-        f"{result.report.parameters_before / 1e6:.1f}M -> {result.report.parameters_after / 1e6:.1f}M parameters; "
-        f"peak RSS {result.report.memory['peak_rss_gib']:.1f} GiB"
+        f"pruned {sparsity:.1%} of MLP neurons{layers} with {cfg.solver.method} in {done.seconds['total']:.0f}s: "
+        f"{done.parameters_before / 1e6:.1f}M -> {done.parameters_after / 1e6:.1f}M parameters; "
+        f"peak RSS {done.memory['peak_rss_gib']:.1f} GiB"
     )
     return result
 
@@ -172,6 +176,7 @@ def _plan_offload(mode: str, source: str, cfg: PruneConfig, evaluate: bool, pad_
         "--pad-to-uniform": (pad_to_uniform, "the streamed writer keeps each layer's own width"),
         "--calib self": (cfg.calibration.source == "self", "it samples text from the whole model; pass a text file"),
         "--drop-layers": (cfg.drop_layers > 0, "removing layers is done in memory for now"),
+        "--target-ratio": (cfg.target_ratio is not None, "the search prunes copies of the model in memory"),
     }
     for flag, (used, reason) in conflicts.items():
         if used:

@@ -48,6 +48,9 @@ class PruneConfig:
     sparsity:       fraction of MLP neurons removed, in [0, 1).
     drop_layers:    number of whole decoder layers removed first (those whose output differs least
                     from their input on the calibration data, see ``spap.pruning.depth``).
+    target_ratio:   fraction of all parameters to remove, split between whole layers and MLP width
+                    by measurement (``spap.pruning.budget``); when set, it chooses ``sparsity`` and
+                    ``drop_layers``.
     target:         what is pruned: "mlp" neurons, "attn" heads (KV groups), or "both".
     head_sparsity:  fraction of attention heads removed per layer for "attn"/"both", in units of
                     ``head_unit``.
@@ -90,6 +93,7 @@ class PruneConfig:
 
     sparsity: float = 0.3
     drop_layers: int = 0
+    target_ratio: float | None = None
     target: str = "mlp"
     head_sparsity: float = 0.0
     head_unit: str = "kv-group"
@@ -114,6 +118,8 @@ class PruneConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         if not isinstance(self.drop_layers, int) or self.drop_layers < 0:
             raise ValueError(f"drop_layers must be an integer >= 0, got {self.drop_layers!r}")
+        if self.target_ratio is not None and not 0.0 < self.target_ratio < 1.0:
+            raise ValueError(f"target_ratio must be in (0, 1), got {self.target_ratio!r}")
         if not 0.0 <= self.head_sparsity < 1.0:
             raise ValueError(f"head_sparsity must be in [0, 1), got {self.head_sparsity!r}")
         if self.head_unit not in HEAD_UNITS:

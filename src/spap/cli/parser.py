@@ -116,6 +116,14 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
         metavar="N",
         help="also remove N whole decoder layers (those that change the hidden state least); stock checkpoint",
     )
+    p.add_argument(
+        "--target-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="remove this fraction of all parameters, split between whole layers and MLP width by measuring "
+        "each mix on held-out calibration windows (sets --sparsity and --drop-layers)",
+    )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument(
         "--save-dtype",
@@ -323,6 +331,7 @@ def _config_from_flags(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(
         sparsity=args.sparsity,
         drop_layers=args.drop_layers,
+        target_ratio=args.target_ratio,
         target=args.target,
         head_sparsity=args.head_sparsity,
         head_unit=args.head_unit,

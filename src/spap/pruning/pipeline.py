@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from ..runtime.device import (
 )
 from ..runtime.layerwise import Residency, ResidentLayers, capture_layer_inputs, compute_copy, run_layer
 from ..runtime.spill import activation_bytes, spilling
-from . import distributed
+from . import budget, distributed
 from .depth import drop_layers
 from .heads import prune_layer_heads, query_heads_to_prune
 from .mlp import LayerReport, prune_layer_mlp
@@ -118,10 +118,37 @@ def prune(
     spill = cfg.max_host_memory_gib is not None and needed > cfg.max_host_memory_gib * 2**30 / 2
     if spill:
         log.info("calibration activations (%.2f GiB) go to disk: over half of --max-host-memory", needed / 2**30)
+    frontier = None
+    if cfg.target_ratio is not None:
+        if residency is not None and not isinstance(residency, ResidentLayers):
+            raise ValueError("target_ratio needs the whole model in memory; out-of-core pruning does not search")
+        cfg, calibration_ids, frontier = _search_budget(model, tokenizer, cfg, calibration_ids)
     with spilling() if spill else nullcontext():
         report = _prune(model, tokenizer, cfg, calibration_ids, n_prune, residency or ResidentLayers())
     report.extra["activations_spilled"] = spill
+    if frontier is not None:
+        report.extra["budget"] = frontier
     return report
+
+
+def _search_budget(
+    model: nn.Module, tokenizer: Any, cfg: PruneConfig, calibration_ids: Tensor | None
+) -> tuple[PruneConfig, Tensor, dict[str, Any]]:
+    """The config with ``sparsity`` and ``drop_layers`` that ``budget.search`` chose for
+    ``cfg.target_ratio``, the calibration windows (a quarter more are drawn and held out for the
+    search), and the frontier record."""
+    if calibration_ids is None:
+        if tokenizer is None:
+            raise ValueError("pass a tokenizer or calibration_ids")
+        n = cfg.calibration.n_samples
+        extra = replace(cfg.calibration, n_samples=n + max(1, n // 4))
+        device = resolve_device(cfg.device)
+        calibration_ids = calibration_tokens(tokenizer, extra, model, resolve_dtype(cfg.compute_dtype, device), device)
+    ids, held_out = budget.split_held_out(calibration_ids, 0.2, cfg.seed)
+    best, measured = budget.search(model, get_adapter(model), cfg, ids, held_out)
+    log.info("budget: removing %d layers and %.1f%% of MLP neurons", best.drop_layers, 100 * best.sparsity)
+    chosen = replace(cfg, sparsity=best.sparsity, drop_layers=best.drop_layers)
+    return chosen, ids, budget.frontier_record(best, measured, held_out.shape[0])
 
 
 def _hidden_size(model: nn.Module) -> int:

@@ -1,0 +1,129 @@
+"""One parameter budget across MLP width and depth: ``target_ratio`` of the parameters removed, the mix
+chosen by measurement.
+
+Every candidate removes the same number of parameters (within one MLP neuron per layer): ``d`` whole
+decoder layers (the least-changing ones, ``pruning.depth``) and a uniform MLP sparsity ``s`` of the
+layers that stay, with ``d`` from 0 up to the most layers the budget allows. Each candidate is pruned
+from a copy of the dense model with the fast recipe (closed-form reconstruction, no refit) on the
+calibration windows, and scored by its next-token loss on calibration windows held out from them;
+the lowest loss wins, and the run then prunes with the user's recipe at that mix. Every measured
+candidate is reported (the frontier explored).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..adapters import ArchitectureAdapter
+from ..config import PruneConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """One mix of the budget: layers removed, MLP sparsity of the rest, and what it measured."""
+
+    drop_layers: int
+    sparsity: float
+    parameters_removed: int  # predicted from the dense model's shapes
+    held_out_loss: float | None = None  # mean next-token NLL on the held-out calibration windows
+
+
+def layer_costs(model: nn.Module, adapter: ArchitectureAdapter) -> tuple[int, list[int], list[int]]:
+    """(all parameters, parameters of each decoder layer, parameters of one MLP neuron in each layer)."""
+    total = sum(p.numel() for p in model.parameters())
+    per_layer, per_neuron = [], []
+    for layer in adapter.decoder_layers(model):
+        per_layer.append(sum(p.numel() for p in layer.parameters()))
+        linears = adapter.mlp_linears(layer)
+        neuron = sum(lin.in_features + (lin.bias is not None) for key, lin in linears.items() if key != "down")
+        per_neuron.append(neuron + linears["down"].out_features)
+    return total, per_layer, per_neuron
+
+
+def candidates(
+    model: nn.Module, adapter: ArchitectureAdapter, ratio: float, count: int = 4, max_sparsity: float = 0.8
+) -> list[Candidate]:
+    """Up to ``count`` mixes that each remove ``ratio`` of the parameters, from width only to as many
+    whole layers as fit (depth then topped up with width); evenly spaced in the number of layers."""
+    total, per_layer, per_neuron = layer_costs(model, adapter)
+    budget = ratio * total
+    n, layer, neuron = len(per_layer), max(per_layer), max(per_neuron)  # decoder layers share one shape here
+    width = min(adapter.mlp_width(block) for block in adapter.decoder_layers(model))
+    deepest = min(int(budget // layer), n - 1)
+    depths = sorted({round(i * deepest / max(count - 1, 1)) for i in range(count)})
+    out = []
+    for d in depths:
+        sparsity = (budget - d * layer) / ((n - d) * width * neuron)
+        if 0 <= sparsity <= max_sparsity:
+            removed = d * layer + (n - d) * round(sparsity * width) * neuron
+            out.append(Candidate(d, round(sparsity, 4), int(removed)))
+    if not out:
+        raise ValueError(f"target_ratio {ratio} cannot be met with MLP sparsity <= {max_sparsity} and whole layers")
+    return out
+
+
+@torch.no_grad()
+def held_out_loss(model: nn.Module, ids: Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Mean next-token negative log-likelihood of ``model`` on the windows ``ids`` (n, seq_len)."""
+    from ..runtime.device import autocast_for
+
+    model.to(device)
+    total, count = 0.0, 0
+    with autocast_for(model, dtype):
+        for start in range(0, ids.shape[0], batch_size):
+            batch = ids[start : start + batch_size].to(device)
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+            total, count = total + float(nll), count + batch[:, 1:].numel()
+    model.to("cpu")
+    return total / max(count, 1)
+
+
+def split_held_out(ids: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(calibration rows, held-out rows): a random ``fraction`` of the windows (at least one) held out."""
+    if ids.shape[0] < 2:
+        raise ValueError("target_ratio needs at least 2 calibration windows (one is held out)")
+    order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
+    k = max(1, math.floor(ids.shape[0] * fraction))
+    return ids[order[k:].sort().values], ids[order[:k].sort().values]
+
+
+def search(
+    model: nn.Module, adapter: ArchitectureAdapter, cfg: PruneConfig, ids: Tensor, held_out: Tensor
+) -> tuple[Candidate, list[Candidate]]:
+    """Measure every candidate of ``cfg.target_ratio`` (see the module docstring); returns the best and all."""
+    from ..runtime.device import resolve_device, resolve_dtype
+    from .pipeline import prune
+
+    assert cfg.target_ratio is not None
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    measured = candidates(model, adapter, cfg.target_ratio)
+    fast = replace(cfg, target_ratio=None, solver=replace(cfg.solver, refit="ls"), allocation="uniform")
+    for candidate in measured:
+        trial = copy.deepcopy(model)
+        trial_cfg = replace(fast, sparsity=candidate.sparsity, drop_layers=candidate.drop_layers)
+        prune(trial, config=trial_cfg, calibration_ids=ids)
+        candidate.held_out_loss = held_out_loss(trial, held_out, cfg.batch_size, device, dtype)
+        log.info("budget candidate %s", asdict(candidate))
+        del trial
+    best = min(measured, key=lambda c: (c.held_out_loss, c.drop_layers))
+    return best, measured
+
+
+def frontier_record(best: Candidate, measured: list[Candidate], held_out_windows: int) -> dict[str, Any]:
+    return {
+        "chosen": asdict(best),
+        "candidates": [asdict(c) for c in measured],
+        "held_out_windows": held_out_windows,
+        "search_recipe": "closed-form reconstruction (refit ls), uniform widths",
+    }

@@ -1,0 +1,72 @@
+"""One parameter budget: every candidate mix removes the asked fraction of parameters, the search
+measures each on held-out calibration windows and prunes at the best one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spap
+from spap.adapters import get_adapter
+from spap.pruning import budget
+
+from .conftest import tiny_ids, tiny_model
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_every_candidate_removes_the_budget(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    total, per_layer, per_neuron = budget.layer_costs(model, adapter)
+    assert sum(per_layer) < total and all(n > 0 for n in per_neuron)
+    found = budget.candidates(model, adapter, 0.25)
+    assert found[0].drop_layers == 0 and [c.drop_layers for c in found] == sorted({c.drop_layers for c in found})
+    for candidate in found:
+        assert candidate.parameters_removed == pytest.approx(0.25 * total, abs=len(per_layer) * max(per_neuron))
+
+
+def test_held_out_windows_are_disjoint_from_calibration():
+    ids = torch.arange(40).reshape(10, 4)
+    kept, held = budget.split_held_out(ids, 0.2, seed=0)
+    assert kept.shape[0] == 8 and held.shape[0] == 2
+    assert not set(kept[:, 0].tolist()) & set(held[:, 0].tolist())
+
+
+def test_the_search_prunes_at_the_mix_of_least_held_out_loss():
+    model = tiny_model("llama")
+    before = sum(p.numel() for p in model.parameters())
+    cfg = spap.PruneConfig(target_ratio=0.35, compute_dtype="float32", device="cpu", sparsity=0.9)
+    report = spap.prune(model, config=cfg, calibration_ids=tiny_ids(10, 24))
+    record = report.extra["budget"]
+    losses = [c["held_out_loss"] for c in record["candidates"]]
+    assert len(losses) >= 2 and all(loss > 0 for loss in losses)
+    assert record["chosen"]["held_out_loss"] == min(losses) and record["held_out_windows"] == 2
+    assert report.config["sparsity"] == record["chosen"]["sparsity"] != 0.9  # the search sets it
+    assert report.config["drop_layers"] == record["chosen"]["drop_layers"]
+    assert report.parameters_after == pytest.approx(0.65 * before, rel=0.03)
+    assert report.calibration_shape[0] == 8  # the held-out windows never calibrate
+
+
+def test_an_impossible_budget_is_refused():
+    with pytest.raises(ValueError, match="target_ratio"):
+        spap.PruneConfig(target_ratio=1.0)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="cannot be met"):
+        budget.candidates(model, get_adapter(model), 0.99)
+
+
+def test_the_cli_takes_a_parameter_budget(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from spap.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    args = ["prune", str(tiny_checkpoint), "--target-ratio", "0.35", "--calib", str(calib), "--n-samples", "8"]
+    assert main([*args, "--seq-len", "32", "--out", str(out)]) == 0
+    record = json.loads((out / "pruning.json").read_text())
+    chosen = record["extra"]["budget"]["chosen"]
+    assert record["config"]["target_ratio"] == 0.35 and record["config"]["sparsity"] == chosen["sparsity"]
+    assert record["parameters_after"] == pytest.approx(0.65 * record["parameters_before"], rel=0.03)
+    assert "pruned" in capsys.readouterr().out
