@@ -38,12 +38,23 @@ DATA = ROOT.parent / "shared" / "data"
 
 MODELS: dict[str, dict[str, Any]] = {
     # name: what `spap prune` is given, calibration sequences, evaluation windows, guessed minutes a row
-    "smollm2": {"path": "smollm2", "n_samples": 16, "windows": 32, "guess_minutes": 8},
+    # equal_ratio / equal_layers: the parameter fraction that 30% of MLP neurons removes, and the whole
+    # layers closest to it (the depth track compares at the same parameter count)
+    "smollm2": {
+        "path": "smollm2",
+        "n_samples": 16,
+        "windows": 32,
+        "guess_minutes": 8,
+        "equal_ratio": 0.178,
+        "equal_layers": 7,
+    },
     "qwen2.5-coder-0.5b": {
         "path": str(gguf_path("qwen2.5-coder-0.5b")),  # assembled by fetch_models.py
         "n_samples": 8,
         "windows": 16,
         "guess_minutes": 16,
+        "equal_ratio": 0.19,
+        "equal_layers": 6,
     },
 }
 CALIBRATIONS = {"bundled": "bundled", "wikitext2-valid": "wikitext-2/wiki.valid.tokens"}
@@ -57,6 +68,10 @@ RECIPES: dict[str, dict[str, list[str]]] = {
         # FLAP's bias compensation adds a down-projection bias that stock LLaMA/Qwen classes lack
         "flap-uniform-ls": ["--method", "flap", "--allocation", "uniform", "--refit", "ls"],
         "cfsp-uniform": ["--method", "cfsp", "--allocation", "uniform"],
+    },
+    "depth": {  # at the parameter count of 30% of MLP neurons ({ratio}, {layers}: per model)
+        "depth-only": ["--sparsity", "0", "--drop-layers", "{layers}"],
+        "budget-ls": ["--target-ratio", "{ratio}", "--refit", "ls"],
     },
     "any-width": {
         "flap": ["--method", "flap"],
@@ -113,8 +128,10 @@ def run_row(spec: dict[str, Any], work: Path, log: Path) -> dict[str, Any]:
     calib = calib if calib == "bundled" else str(DATA / calib)
     out = work / "pruned"
     shutil.rmtree(out, ignore_errors=True)
-    flags = RECIPES[spec["track"]][spec["recipe"]]
+    fill = {"ratio": model.get("equal_ratio", ""), "layers": model.get("equal_layers", "")}
+    flags = [flag.format(**fill) for flag in RECIPES[spec["track"]][spec["recipe"]]]
     command = [*_spap(), "prune", model["path"], "--sparsity", str(spec["sparsity"]), "--out", str(out)]
+    # a recipe's own --sparsity (depth track) comes later on the command line and wins
     command += ["--calib", calib, "--n-samples", str(model["n_samples"]), "--seq-len", str(SEQ_LEN), *flags]
     started = time.perf_counter()
     _run(command, log)
