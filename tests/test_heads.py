@@ -136,6 +136,9 @@ def test_query_heads_the_stock_config_rejects_load_with_their_group_size(tmp_pat
     expected = logits(model, ids)
     assert torch.equal(logits(spap.load_pretrained(out), ids), expected)
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True), ids), expected)
+    again = spap.save_pruned(spap.load_pretrained(out), tmp_path / "saved-again")  # read back from the modules
+    assert json.loads((again / "config.json").read_text())["spap_module_attributes"] == saved["spap_module_attributes"]
+    assert torch.equal(logits(spap.load_pretrained(again), ids), expected)
 
 
 def test_query_head_unit_refuses_models_and_fractions_it_cannot_serve():

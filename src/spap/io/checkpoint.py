@@ -40,11 +40,17 @@ def stock_reference(config: Any, model_class: type) -> nn.Module:
 
 
 def _differing_attributes(model: nn.Module, reference: nn.Module) -> dict[str, dict[str, Any]]:
-    """Module attributes spap set on ``model`` that the stock ``reference`` does not already have."""
+    """Head-count attributes (``adapter.head_attributes``) of ``model``'s attention modules that differ
+    from those the stock ``reference`` builds, by module name: what query-head pruning changed."""
+    adapter = get_adapter(model)
+    names = list(adapter.head_attributes(1, 1))
+    paths = {id(module): name for name, module in model.named_modules()}
     out = {}
-    for name, attributes in (getattr(model, "_spap_module_attributes", None) or {}).items():
-        module = reference.get_submodule(name)
-        changed = {k: v for k, v in attributes.items() if getattr(module, k, None) != v}
+    for layer in adapter.decoder_layers(model):
+        attention = adapter.attention_module(layer)
+        name = paths[id(attention)]
+        stock = reference.get_submodule(name)
+        changed = {k: getattr(attention, k) for k in names if getattr(attention, k, None) != getattr(stock, k, None)}
         if changed:
             out[name] = changed
     return out

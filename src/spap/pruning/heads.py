@@ -15,10 +15,8 @@ from . import distributed
 
 
 def prune_layer_heads(
-    model: nn.Module,
     adapter: ArchitectureAdapter,
     layer: nn.Module,
-    index: int,
     inputs: LayerInputs,
     cfg: PruneConfig,
     device: torch.device,
@@ -57,10 +55,7 @@ def prune_layer_heads(
     keep = distributed.broadcast_object(result.kept if result else None)
     weights = distributed.broadcast_object((result.o_weight, result.o_bias) if result else None)
     apply = adapter.keep_query_heads if by_query else adapter.keep_kv_groups
-    attributes = apply(layer, keep, weights[0], weights[1])
-    if attributes:
-        name = f"{adapter.layers_prefix(model)}.{index}.{_relative_name(layer, adapter.attention_module(layer))}"
-        model.__dict__.setdefault("_spap_module_attributes", {})[name] = attributes
+    apply(layer, keep, weights[0], weights[1])  # export_config reads the changed head attributes back
     return keep, result.error if result else float("nan")
 
 
@@ -87,10 +82,3 @@ def query_heads_to_prune(head_sparsity: float, n_heads: int, n_kv: int) -> int:
             f"choose a value in [{0.5 / per_group:.3f}, {1 - 0.5 / per_group:.3f})"
         )
     return k
-
-
-def _relative_name(root: nn.Module, target: nn.Module) -> str:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    raise KeyError("module not found")

@@ -243,7 +243,7 @@ def _prune(
                 dense_outputs = run_layer(compute_copy(layer, device, dtype), dense_inputs, device, dtype)
             head_report = None
             if cfg.prunes_heads:
-                head_report = prune_layer_heads(model, adapter, layer, index, inputs, cfg, device, dtype)
+                head_report = prune_layer_heads(adapter, layer, inputs, cfg, device, dtype)
             report, inputs = prune_layer_mlp(
                 adapter, layer, index, inputs, counts[index], cfg, device, dtype, positions, dense_outputs, holdout_mask
             )
