@@ -354,3 +354,14 @@ def test_the_next_run_removes_what_a_killed_run_left(tiny_checkpoint, tmp_path, 
     finally:
         monkeypatch_tmp.undo()
     assert leftovers() == [] and (out / "config.json").is_file()
+
+
+def test_configs_of_every_version_load_and_newer_ones_are_refused():
+    from spap.config import CONFIG_VERSION, PruneConfig
+
+    written = PruneConfig(sparsity=0.2, drop_layers=1).to_dict()
+    assert written["version"] == CONFIG_VERSION and PruneConfig.from_dict(written).drop_layers == 1
+    first = {k: v for k, v in written.items() if k not in ("version", "drop_layers", "target_ratio")}
+    assert PruneConfig.from_dict(first) == PruneConfig(sparsity=0.2)  # a version-1 pruning.json's config
+    with pytest.raises(ValueError, match="config version 99"):
+        PruneConfig.from_dict({**written, "version": 99})

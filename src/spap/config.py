@@ -17,6 +17,8 @@ TARGETS = ("mlp", "attn", "both")
 HEAD_UNITS = ("kv-group", "query")
 TOKEN_WEIGHTINGS = ("none", "residual")
 OFFLOAD_MODES = ("auto", "never", "always")
+CONFIG_VERSION = 2
+"""Version of PruneConfig's JSON form: 1 (no "version" key) lacks drop_layers and target_ratio."""
 
 
 @dataclass
@@ -158,13 +160,19 @@ class PruneConfig:
         return self.allocation
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"version": CONFIG_VERSION, **asdict(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
+        """The config of ``data`` (``to_dict``'s form, any version up to ``CONFIG_VERSION``)."""
+        if isinstance(data, dict) and "version" in data:
+            data = dict(data)
+            version = data.pop("version")
+            if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+                raise ValueError(f"config version {version!r} is not one this spap reads (1..{CONFIG_VERSION})")
         return _from_dict(cls, data)
 
     @classmethod
