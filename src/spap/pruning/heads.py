@@ -6,25 +6,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..adapters import ArchitectureAdapter
-from ..config import PruneConfig
 from ..core import MLPStatistics
 from ..core.heads import column_groups, prune_kv_groups, prune_query_heads
 from ..runtime.layerwise import LayerInputs, compute_copy, run_layer
 from . import distributed
+from .context import LayerContext
 
 
-def prune_layer_heads(
-    adapter: ArchitectureAdapter,
-    layer: nn.Module,
-    inputs: LayerInputs,
-    cfg: PruneConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> tuple[list[int], float]:
+def prune_layer_heads(ctx: LayerContext, layer: nn.Module, inputs: LayerInputs) -> tuple[list[int], float]:
     """Remove round(head_sparsity * n_kv) KV groups of ``layer`` (head_unit "kv-group") or
     round(head_sparsity * n_heads / n_kv) query heads of every KV group ("query"), and re-fit its
     output projection.  Returns (units kept, relative error of the attention output)."""
+    adapter, cfg, device, dtype = ctx.adapter, ctx.cfg, ctx.device, ctx.dtype
     n_heads, n_kv, head_dim = adapter.attention_shape(layer)
     by_query = cfg.head_unit == "query"
     k = heads_to_prune(cfg.head_unit, cfg.head_sparsity, n_heads, n_kv)

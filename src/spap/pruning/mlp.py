@@ -21,6 +21,7 @@ from ..core import MLPPruneResult, MLPStatistics, MLPWeights, prune_mlp
 from ..core.solver import finalize_down, resolve_fit_bias
 from ..runtime.layerwise import AttentionCache, LayerInputs, compute_copy, run_layer
 from . import distributed
+from .context import LayerContext
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +72,19 @@ class _ErrorMeter:
 
 
 def prune_layer_mlp(
-    adapter: ArchitectureAdapter,
+    ctx: LayerContext,
     layer: nn.Module,
     index: int,
     inputs: LayerInputs,
     k: int,
-    cfg: PruneConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    positions: Tensor | None,
     dense_outputs: LayerInputs | None = None,
-    holdout_mask: Tensor | None = None,
 ) -> tuple[LayerReport, LayerInputs]:
     """Prune one layer's MLP.  With ``dense_outputs`` (the dense model's outputs of this layer) the
     targets are corrected by beta * (dense output - output of the layer with its dense MLP on the
-    pruned model's inputs), so the refit also absorbs error accumulated upstream.  ``positions``:
-    calibration tokens whose inputs the refit uses, ``holdout_mask`` marks those it only measures.
+    pruned model's inputs), so the refit also absorbs error accumulated upstream.
     Records the layer's attention outputs in the first pass and replays them after (``AttentionCache``)."""
+    adapter, cfg, device, dtype = ctx.adapter, ctx.cfg, ctx.device, ctx.dtype
+    positions, holdout_mask = ctx.positions, ctx.holdout_mask
     width = adapter.mlp_width(layer)
     if k == 0:
         outputs = run_layer(compute_copy(layer, device, dtype), inputs, device, dtype)

@@ -27,6 +27,7 @@ from ..runtime.device import (
 from ..runtime.layerwise import Residency, ResidentLayers, capture_layer_inputs, compute_copy, run_layer
 from ..runtime.spill import activation_bytes, spilling
 from . import budget, distributed
+from .context import LayerContext
 from .depth import drop_layers
 from .heads import prune_layer_heads, query_heads_to_prune
 from .mlp import LayerReport, prune_layer_mlp
@@ -230,6 +231,7 @@ def _prune(
     ):
         if used and not adapter.mlp_output_is_residual(model):
             raise ValueError(f"{option} needs layers whose MLP output is added last; {_model_type(model)} is not")
+    ctx = LayerContext(adapter, cfg, device, dtype, positions, holdout_mask)
     dense_inputs = inputs if cfg.error_correction > 0 else None
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(layers)), desc=f"{cfg.solver.method} {cfg.sparsity:.0%}", unit="layer")
@@ -243,10 +245,8 @@ def _prune(
                 dense_outputs = run_layer(compute_copy(layer, device, dtype), dense_inputs, device, dtype)
             head_report = None
             if cfg.prunes_heads:
-                head_report = prune_layer_heads(adapter, layer, inputs, cfg, device, dtype)
-            report, inputs = prune_layer_mlp(
-                adapter, layer, index, inputs, counts[index], cfg, device, dtype, positions, dense_outputs, holdout_mask
-            )
+                head_report = prune_layer_heads(ctx, layer, inputs)
+            report, inputs = prune_layer_mlp(ctx, layer, index, inputs, counts[index], dense_outputs)
             dense_inputs = dense_outputs
             if head_report is not None:
                 kept_heads, report.heads_error = head_report
