@@ -43,7 +43,9 @@ def test_the_search_prunes_at_the_mix_of_least_held_out_loss():
     assert record["chosen"]["held_out_loss"] == min(losses) and record["held_out_windows"] == 2
     assert report.config["sparsity"] == record["chosen"]["sparsity"] != 0.9  # the search sets it
     assert report.config["drop_layers"] == record["chosen"]["drop_layers"]
-    assert report.parameters_after == pytest.approx(0.65 * before, rel=0.03)
+    _, per_layer, per_neuron = budget.layer_costs(tiny_model("llama"), get_adapter(tiny_model("llama")))
+    rounding = len(per_layer) * max(per_neuron)  # one MLP neuron per layer
+    assert abs(report.parameters_after - 0.65 * before) <= rounding
     assert report.calibration_shape[0] == 8  # the held-out windows never calibrate
 
 

@@ -100,3 +100,12 @@ def test_the_cli_removes_layers_into_a_stock_checkpoint(tiny_checkpoint, tmp_pat
     assert main([*args, "--out", str(refused), "--offload", "always"]) == 2
     assert "--drop-layers does not work with out-of-core pruning" in _one_error_line(capsys.readouterr().err)
     assert _nothing_left(refused)
+
+
+def test_removing_no_layers_changes_nothing():
+    model, ids = tiny_model("gemma2"), tiny_ids(2, 16)
+    with torch.no_grad():
+        before = model(ids).logits
+        get_adapter(model).remove_layers(model, [])
+        assert torch.equal(model(ids).logits, before)
+    assert model.config.num_hidden_layers == 3
