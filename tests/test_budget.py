@@ -20,9 +20,27 @@ def test_every_candidate_removes_the_budget(family):
     total, per_layer, per_neuron = budget.layer_costs(model, adapter)
     assert sum(per_layer) < total and all(n > 0 for n in per_neuron)
     found = budget.candidates(model, adapter, 0.25)
-    assert found[0].drop_layers == 0 and [c.drop_layers for c in found] == sorted({c.drop_layers for c in found})
+    depths = [c.drop_layers for c in found if not c.kv_groups_removed]
+    assert depths[0] == 0 and depths == sorted(set(depths))
     for candidate in found:
         assert candidate.parameters_removed == pytest.approx(0.25 * total, abs=len(per_layer) * max(per_neuron))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_pruning_at_each_candidate_removes_what_it_predicts(family):
+    """The accounting against real pruning: layers, KV groups (q/k/v rows, o columns) and neurons."""
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    _, per_layer, per_neuron = budget.layer_costs(model, adapter)
+    found = budget.candidates(model, adapter, 0.35)
+    assert any(c.kv_groups_removed for c in found) == (family != "opt")  # OPT: heads would need remote code
+    base = spap.PruneConfig(compute_dtype="float32", device="cpu", solver=spap.SolverConfig(refit="ls"))
+    for candidate in found:
+        trial = tiny_model(family)
+        before = sum(p.numel() for p in trial.parameters())
+        report = spap.prune(trial, config=candidate.config(base), calibration_ids=tiny_ids(4, 16))
+        removed = before - report.parameters_after
+        assert abs(removed - candidate.parameters_removed) <= len(per_layer) * max(per_neuron), candidate
 
 
 def test_held_out_windows_are_disjoint_from_calibration():

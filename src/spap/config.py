@@ -50,9 +50,9 @@ class PruneConfig:
     sparsity:       fraction of MLP neurons removed, in [0, 1).
     drop_layers:    number of whole decoder layers removed first (those whose output differs least
                     from their input on the calibration data, see ``spap.pruning.depth``).
-    target_ratio:   fraction of all parameters to remove, split between whole layers and MLP width
-                    by measurement (``spap.pruning.budget``); when set, it chooses ``sparsity`` and
-                    ``drop_layers``.
+    target_ratio:   fraction of all parameters to remove, split between whole layers, KV groups and
+                    MLP width by measurement (``spap.pruning.budget``); when set, it chooses
+                    ``sparsity``, ``drop_layers`` and the head sparsity.
     target:         what is pruned: "mlp" neurons, "attn" heads (KV groups), or "both".
     head_sparsity:  fraction of attention heads removed per layer for "attn"/"both", in units of
                     ``head_unit``.

@@ -121,8 +121,8 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="R",
-        help="remove this fraction of all parameters, split between whole layers and MLP width by measuring "
-        "each mix on held-out calibration windows (sets --sparsity and --drop-layers)",
+        help="remove this fraction of all parameters, split between whole layers, KV groups and MLP width by "
+        "measuring each mix on held-out calibration windows (sets --sparsity, --drop-layers, head sparsity)",
     )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument(

@@ -1,9 +1,11 @@
-"""One parameter budget across MLP width and depth: ``target_ratio`` of the parameters removed, the mix
-chosen by measurement.
+"""One parameter budget across MLP width, attention heads and depth: ``target_ratio`` of the parameters
+removed, the mix chosen by measurement.
 
 Every candidate removes the same number of parameters (within one MLP neuron per layer): ``d`` whole
 decoder layers (the least-changing ones, ``pruning.depth``) and a uniform MLP sparsity ``s`` of the
-layers that stay, with ``d`` from 0 up to the most layers the budget allows. Each candidate is pruned
+layers that stay, with ``d`` from 0 up to the most layers the budget allows; and, where the family
+writes head-pruned checkpoints that load stock (GQA models with more than one KV group), one KV group
+per layer with the MLP sparsity that completes the budget. Each candidate is pruned
 from a copy of the dense model with the fast recipe (closed-form reconstruction, no refit) on the
 calibration windows, and scored by its next-token loss on calibration windows held out from them;
 the lowest loss wins, and the run then prunes with the user's recipe at that mix. Every measured
@@ -35,6 +37,21 @@ class Candidate:
     sparsity: float
     parameters_removed: int  # predicted from the dense model's shapes
     held_out_loss: float | None = None  # mean next-token NLL on the held-out calibration windows
+    kv_groups_removed: int = 0  # per layer
+    kv_groups: int = 0  # per layer, before pruning (for the head fraction)
+
+    def config(self, cfg: PruneConfig) -> PruneConfig:
+        """``cfg`` with this mix: sparsity, layers and (KV groups) head sparsity set."""
+        heads = self.kv_groups_removed / self.kv_groups if self.kv_groups_removed else 0.0
+        target = cfg.target if not heads else "both"
+        return replace(
+            cfg,
+            sparsity=self.sparsity,
+            drop_layers=self.drop_layers,
+            head_sparsity=heads,
+            head_unit="kv-group",
+            target=target,
+        )
 
 
 def layer_costs(model: nn.Module, adapter: ArchitectureAdapter) -> tuple[int, list[int], list[int]]:
@@ -49,23 +66,45 @@ def layer_costs(model: nn.Module, adapter: ArchitectureAdapter) -> tuple[int, li
     return total, per_layer, per_neuron
 
 
+def kv_group_cost(adapter: ArchitectureAdapter, layer: nn.Module) -> tuple[int, int]:
+    """(KV groups of ``layer``, parameters of one KV group: its q/k/v rows and o columns), or (0, 0)
+    where removing KV groups would not give a stock checkpoint (one group, or a family whose config
+    cannot describe it)."""
+    try:
+        n_heads, n_kv, head_dim = adapter.attention_shape(layer)
+    except NotImplementedError:
+        return 0, 0
+    if n_kv < 2 or not adapter.head_config(n_heads, n_kv, head_dim):
+        return 0, 0
+    linears = adapter.attention_projections(layer)
+    rows = sum(
+        linears[k].weight.numel() + (linears[k].bias.numel() if linears[k].bias is not None else 0) for k in "qkv"
+    )
+    return n_kv, (rows + linears["o"].weight.numel()) // n_kv
+
+
 def candidates(
     model: nn.Module, adapter: ArchitectureAdapter, ratio: float, count: int = 4, max_sparsity: float = 0.8
 ) -> list[Candidate]:
     """Up to ``count`` mixes that each remove ``ratio`` of the parameters, from width only to as many
-    whole layers as fit (depth then topped up with width); evenly spaced in the number of layers."""
+    whole layers as fit (depth then topped up with width), evenly spaced in the number of layers; and
+    one KV group per layer topped up with width, where that writes a stock checkpoint."""
     total, per_layer, per_neuron = layer_costs(model, adapter)
     budget = ratio * total
     n, layer, neuron = len(per_layer), max(per_layer), max(per_neuron)  # decoder layers share one shape here
-    width = min(adapter.mlp_width(block) for block in adapter.decoder_layers(model))
+    blocks = adapter.decoder_layers(model)
+    width = min(adapter.mlp_width(block) for block in blocks)
+    kv_groups, group = kv_group_cost(adapter, blocks[0])
     deepest = min(int(budget // layer), n - 1)
-    depths = sorted({round(i * deepest / max(count - 1, 1)) for i in range(count)})
+    mixes = [(d, 0) for d in sorted({round(i * deepest / max(count - 1, 1)) for i in range(count)})]
+    if kv_groups:
+        mixes.append((0, 1))
     out = []
-    for d in depths:
-        sparsity = (budget - d * layer) / ((n - d) * width * neuron)
+    for d, heads in mixes:
+        sparsity = (budget - d * layer - (n - d) * heads * group) / ((n - d) * width * neuron)
         if 0 <= sparsity <= max_sparsity:
-            removed = d * layer + (n - d) * round(sparsity * width) * neuron
-            out.append(Candidate(d, round(sparsity, 4), int(removed)))
+            removed = d * layer + (n - d) * (round(sparsity * width) * neuron + heads * group)
+            out.append(Candidate(d, round(sparsity, 4), int(removed), None, heads, kv_groups))
     if not out:
         raise ValueError(f"target_ratio {ratio} cannot be met with MLP sparsity <= {max_sparsity} and whole layers")
     return out
@@ -111,7 +150,7 @@ def search(
     fast = replace(cfg, target_ratio=None, solver=replace(cfg.solver, refit="ls"), allocation="uniform")
     for candidate in measured:
         trial = copy.deepcopy(model)
-        trial_cfg = replace(fast, sparsity=candidate.sparsity, drop_layers=candidate.drop_layers)
+        trial_cfg = candidate.config(fast)
         prune(trial, config=trial_cfg, calibration_ids=ids)
         candidate.held_out_loss = held_out_loss(trial, held_out, cfg.batch_size, device, dtype)
         log.info("budget candidate %s", asdict(candidate))

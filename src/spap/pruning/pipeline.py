@@ -147,8 +147,13 @@ def _search_budget(
         calibration_ids = calibration_tokens(tokenizer, extra, model, resolve_dtype(cfg.compute_dtype, device), device)
     ids, held_out = budget.split_held_out(calibration_ids, 0.2, cfg.seed)
     best, measured = budget.search(model, get_adapter(model), cfg, ids, held_out)
-    log.info("budget: removing %d layers and %.1f%% of MLP neurons", best.drop_layers, 100 * best.sparsity)
-    chosen = replace(cfg, sparsity=best.sparsity, drop_layers=best.drop_layers)
+    log.info(
+        "budget: removing %d layers, %d KV groups per layer and %.1f%% of MLP neurons",
+        best.drop_layers,
+        best.kv_groups_removed,
+        100 * best.sparsity,
+    )
+    chosen = best.config(cfg)
     return chosen, ids, budget.frontier_record(best, measured, held_out.shape[0])
 
 
