@@ -121,7 +121,21 @@ def eval_ppl(directory: str, windows: int, log: Path) -> tuple[float, str]:
     return float(result["perplexity"]), str(result.get("dtype", ""))
 
 
-def run_row(spec: dict[str, Any], work: Path, log: Path) -> dict[str, Any]:
+SOCIAL_IQA_ITEMS = 500
+
+
+def eval_social_iqa(directory: str, log: Path) -> dict[str, float]:
+    """SocialIQA acc and acc_norm of the checkpoint ``directory`` on its first 500 items."""
+    task = str(DATA / "zeroshot" / "social_iqa.json")
+    _run([*_spap(), "eval", directory, "--tasks", task, "--limit", str(SOCIAL_IQA_ITEMS)], log)
+    from spap.io.models import resolve_model
+
+    scores = json.loads((Path(resolve_model(directory)) / "eval.json").read_text())["zeroshot"]
+    result = next(iter(scores.values()))
+    return {"social_iqa_acc": result["acc"], "social_iqa_acc_norm": result["acc_norm"], "social_iqa_n": result["n"]}
+
+
+def run_row(spec: dict[str, Any], work: Path, log: Path, zeroshot: bool = False) -> dict[str, Any]:
     """One prune + eval in fresh processes; the row as results/matrix.json holds it."""
     model = MODELS[spec["model"]]
     calib = CALIBRATIONS[spec["calibration"]]
@@ -159,13 +173,17 @@ def run_row(spec: dict[str, Any], work: Path, log: Path) -> dict[str, Any]:
     }
     if spec["track"] == "stock" and not stock:
         raise RuntimeError(f"{spec}: the stock track wrote per-layer widths")
+    if zeroshot:
+        row.update(eval_social_iqa(str(out), log))
     return row
 
 
-def dense_row(name: str, log: Path) -> dict[str, Any]:
+def dense_row(name: str, log: Path, zeroshot: bool = False) -> dict[str, Any]:
     model = MODELS[name]
     ppl, dtype = eval_ppl(model["path"], model["windows"], log)
+    extra = eval_social_iqa(model["path"], log) if zeroshot else {}
     return {
+        **extra,
         "model": name,
         "calibration": "-",
         "track": "dense",
@@ -251,6 +269,14 @@ def main() -> int:
     p.add_argument("--dry-run", action="store_true", help="list the rows that would run, with estimates")
     p.add_argument("--log", default=None, help="where the commands' output goes (default: a temp file)")
     p.add_argument("--results", default=None, help="directory of matrix.json and matrix.md (default: results/)")
+    p.add_argument(
+        "--social-iqa",
+        nargs="*",
+        default=[],
+        metavar="RECIPE",
+        help="also score SocialIQA (first 500 items) for these recipes ('dense' for the dense model); a row "
+        "already there without the score is run again",
+    )
     args = p.parse_args()
     global RESULTS, TABLE
     if args.results:
@@ -260,7 +286,11 @@ def main() -> int:
             fetch(model)
     log = Path(args.log or tempfile.mktemp(prefix="matrix-", suffix=".log"))
     started = time.monotonic()
-    done = {tuple(r.get(k) for k in KEY) for r in load_rows()}
+    done = {
+        tuple(r.get(k) for k in KEY)
+        for r in load_rows()
+        if r.get("recipe") not in args.social_iqa or "social_iqa_acc_norm" in r
+    }
     todo: list[dict[str, Any]] = []
     for model in args.models:
         if (model, "-", "dense", "dense", 0.0) not in done:
@@ -283,7 +313,11 @@ def main() -> int:
                 continue
             print(f"  running: {label} (~{estimate:.0f} min)", flush=True)
             try:
-                row = dense_row(spec["model"], log) if spec["track"] == "dense" else run_row(spec, Path(work), log)
+                zeroshot = spec["recipe"] in args.social_iqa
+                if spec["track"] == "dense":
+                    row = dense_row(spec["model"], log, zeroshot)
+                else:
+                    row = run_row(spec, Path(work), log, zeroshot)
             except RuntimeError as exc:
                 print(f"  FAILED: {label}: {exc}", flush=True)
                 continue

@@ -1,0 +1,46 @@
+"""benchmarks/matrix.py: rows land one by one, a rerun replaces its own row, the table ratios each
+recipe to the best baseline of its cell."""
+
+from __future__ import annotations
+
+import json
+
+import matrix
+
+
+def _row(recipe: str, ppl: float, track: str = "stock", calibration: str = "bundled") -> dict:
+    return dict(
+        model="smollm2",
+        calibration=calibration,
+        track=track,
+        recipe=recipe,
+        sparsity=0.3,
+        ppl_2048=ppl,
+        prune_seconds=10.0,
+        row_seconds=60.0,
+        machine="test machine",
+    )
+
+
+def test_rows_append_and_a_rerun_replaces_its_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(matrix, "RESULTS", tmp_path / "matrix.json")
+    monkeypatch.setattr(matrix, "TABLE", tmp_path / "matrix.md")
+    matrix.append_row(_row("fasp", 52.0))
+    matrix.append_row(_row("spap-ls", 50.0))
+    matrix.append_row(_row("fasp", 51.0))  # the same key again
+    rows = json.loads((tmp_path / "matrix.json").read_text())["rows"]
+    assert [(r["recipe"], r["ppl_2048"]) for r in rows] == [("spap-ls", 50.0), ("fasp", 51.0)]
+    table = (tmp_path / "matrix.md").read_text()
+    assert "| spap-ls | 50.00 (0.98x), 10 s |" in table and "| fasp | 51.00, 10 s |" in table
+
+
+def test_depth_rows_are_compared_with_the_stock_baselines():
+    rows = [_row("fasp", 50.0), _row("depth-only", 75.0, track="depth")]
+    assert matrix.best_baseline(rows, "depth", "bundled") == 50.0
+    assert "75.00 (1.50x)" in matrix.markdown(rows)
+
+
+def test_the_estimate_is_the_longest_earlier_row_of_the_recipe():
+    rows = [_row("fasp", 50.0), {**_row("fasp", 50.0, calibration="wikitext2-valid"), "row_seconds": 240.0}]
+    assert matrix.estimate_minutes(_row("fasp", 0), rows) == 4.0
+    assert matrix.estimate_minutes(_row("cfsp-uniform", 0), rows) == matrix.MODELS["smollm2"]["guess_minutes"]
