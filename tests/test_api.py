@@ -10,7 +10,7 @@ import spap
 from spap.cli import main
 from spap.errors import UsageError
 
-from .test_cli_failures import _nothing_left
+from .cli.test_cli_failures import _nothing_left
 
 VOLATILE = {"seconds", "memory", "command", "versions"}  # timings, peak memory, the CLI's own line
 

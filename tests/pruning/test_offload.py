@@ -14,7 +14,7 @@ from spap.pruning.offload import prune_offloaded
 from spap.runtime.memory import shard_bytes
 from spap.runtime.meta import StreamedLayers, empty_model, materialised_parameters
 
-from .conftest import tiny_ids, tiny_model
+from ..conftest import tiny_ids, tiny_model
 from .test_pipeline import fast_config, logits
 
 

@@ -5,8 +5,8 @@ import torch
 import spap
 from spap.evaluation.speed import compare, compare_results, decode_bytes_per_step, decode_latency, measure, weight_bytes
 
-from .conftest import tiny_ids, tiny_model
-from .test_pipeline import fast_config
+from ..conftest import tiny_ids, tiny_model
+from ..pruning.test_pipeline import fast_config
 
 
 def test_decode_bytes_skip_the_input_embedding_unless_tied():

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import spap
 from spap.cli.parser import build_parser, config_from_args
 
-from .conftest import FAMILIES, tiny_ids, tiny_model
+from ..conftest import FAMILIES, tiny_ids, tiny_model
 
 
 def _default_config(*flags: str) -> spap.PruneConfig:

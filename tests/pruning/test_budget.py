@@ -10,7 +10,7 @@ import spap
 from spap.adapters import get_adapter
 from spap.pruning import budget
 
-from .conftest import tiny_ids, tiny_model
+from ..conftest import tiny_ids, tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

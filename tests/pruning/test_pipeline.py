@@ -6,7 +6,7 @@ from spap.adapters import UnsupportedArchitectureError, get_adapter
 from spap.config import PruneConfig
 from spap.core import SolverConfig
 
-from .conftest import tiny_config, tiny_ids, tiny_model
+from ..conftest import tiny_config, tiny_ids, tiny_model
 
 
 def fast_config(sparsity: float, **solver) -> PruneConfig:
@@ -96,7 +96,7 @@ def test_error_correction_brings_final_hidden_states_closer_to_dense():
 def test_error_correction_rejects_post_norm_opt():
     from transformers import AutoModelForCausalLM
 
-    from .conftest import tiny_config
+    from ..conftest import tiny_config
 
     config = tiny_config("opt")
     config.do_layer_norm_before = False

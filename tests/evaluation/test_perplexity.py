@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from spap.evaluation.perplexity import final_hidden_states, perplexity, sliced_nll
 from spap.io.calibration import bundled_text, tokenize
 
-from .conftest import tiny_ids, tiny_model, tiny_tokenizer
+from ..conftest import tiny_ids, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

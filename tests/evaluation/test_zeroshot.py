@@ -5,7 +5,7 @@ import torch
 
 from spap.evaluation.zeroshot import Example, continuation_logprobs, encode_pair, evaluate_task, load_task
 
-from .conftest import tiny_model, tiny_tokenizer
+from ..conftest import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

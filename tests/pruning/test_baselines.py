@@ -8,7 +8,7 @@ from spap.adapters import get_adapter
 from spap.config import PruneConfig
 from spap.core import SolverConfig
 
-from .conftest import tiny_ids, tiny_model
+from ..conftest import tiny_ids, tiny_model
 from .test_pipeline import logits
 
 

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 import spap
 
-from .conftest import tiny_ids, tiny_model
+from ..conftest import tiny_ids, tiny_model
 from .test_pipeline import fast_config
 
 

@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 import spap
 from spap.io.atomic import atomic_directory
 
-from .conftest import tiny_ids, tiny_model
-from .test_pipeline import fast_config, logits
+from ..conftest import tiny_ids, tiny_model
+from ..pruning.test_pipeline import fast_config, logits
 
 
 def test_save_then_stock_from_pretrained_gives_identical_logits(family, tmp_path):

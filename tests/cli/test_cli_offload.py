@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from spap.cli import main
 
+from ..pruning.test_offload import assert_same_checkpoint
 from .test_cli_failures import _nothing_left, _one_error_line, _prune
-from .test_offload import assert_same_checkpoint
 
 
 @pytest.fixture()

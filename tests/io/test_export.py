@@ -13,7 +13,7 @@ import pytest
 from spap.cli import main
 from spap.io import llamacpp
 
-from .test_cli_failures import _one_error_line
+from ..cli.test_cli_failures import _one_error_line
 
 FAKE_CONVERTER = textwrap.dedent(
     """

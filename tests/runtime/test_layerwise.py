@@ -4,7 +4,7 @@ import torch
 from spap.adapters import get_adapter
 from spap.runtime.layerwise import capture_layer_inputs, run_layer
 
-from .conftest import tiny_ids, tiny_model
+from ..conftest import tiny_ids, tiny_model
 
 
 def _chain_matches_the_model(model: torch.nn.Module) -> None:

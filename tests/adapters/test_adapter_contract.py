@@ -7,7 +7,7 @@ import torch
 
 from spap.adapters import get_adapter
 
-from .conftest import tiny_ids, tiny_model
+from ..conftest import tiny_ids, tiny_model
 
 
 class AdapterContract:

@@ -5,7 +5,7 @@ import torch
 
 from spap.io.calibration import bundled_text, read_text_file, sample_windows
 
-from .conftest import FAMILIES
+from ..conftest import FAMILIES
 
 
 def test_windows_are_disjoint_deterministic_and_sized():
@@ -53,7 +53,7 @@ def test_wikitext_layout_and_missing_file(tmp_path):
 def test_self_generated_calibration_is_seeded_and_starts_at_bos(family, dtype):
     from spap.io.calibration import self_generated
 
-    from .conftest import tiny_model, tiny_tokenizer
+    from ..conftest import tiny_model, tiny_tokenizer
 
     model, tokenizer = tiny_model(family), tiny_tokenizer()
     a = self_generated(model, tokenizer, 3, 12, seed=0, batch_size=2, dtype=dtype)
@@ -66,7 +66,7 @@ def test_self_generated_calibration_is_seeded_and_starts_at_bos(family, dtype):
 def test_generation_weights_are_a_cast_copy_and_come_back_bit_for_bit():
     from spap.io.calibration import weights_as
 
-    from .conftest import tiny_model
+    from ..conftest import tiny_model
 
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -86,7 +86,7 @@ def test_self_generation_progress_counts_every_generated_token(monkeypatch):
     """The bar ends at n_samples x (seq_len - 1): the prompt (BOS) is not counted, a last short batch is."""
     import spap.io.calibration as calibration
 
-    from .conftest import tiny_model, tiny_tokenizer
+    from ..conftest import tiny_model, tiny_tokenizer
 
     totals: list[int] = []
     updates: list[int] = []

@@ -10,7 +10,7 @@ from spap.config import PruneConfig
 from spap.core import SolverConfig
 from spap.core.heads import column_groups
 
-from .conftest import tiny_ids, tiny_model
+from ..conftest import tiny_ids, tiny_model
 from .test_pipeline import logits
 
 

@@ -6,7 +6,7 @@ import torch
 import spap
 from spap.evaluation.speed import compare
 
-from .conftest import tiny_ids, tiny_model
+from ..conftest import tiny_ids, tiny_model
 from .test_pipeline import fast_config
 
 pytestmark = [
@@ -45,7 +45,7 @@ def test_cuda_speed_comparison_runs_with_graphs():
 def test_self_generation_runs_on_the_gpu_and_returns_the_model_to_the_host():
     from spap.io.calibration import self_generated
 
-    from .conftest import tiny_tokenizer
+    from ..conftest import tiny_tokenizer
 
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     ids = self_generated(model, tokenizer, 3, 12, seed=0, batch_size=2, device=torch.device("cuda"))

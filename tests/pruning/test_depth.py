@@ -14,7 +14,7 @@ import spap
 from spap.adapters import get_adapter
 from spap.pruning.depth import least_changing_layers
 
-from .conftest import tiny_ids, tiny_model
+from ..conftest import tiny_ids, tiny_model
 
 
 def _skipping(model, skipped: set[int]):
@@ -83,7 +83,7 @@ def test_prune_removes_the_layers_of_least_angular_change_then_prunes_width(tmp_
 def test_the_cli_removes_layers_into_a_stock_checkpoint(tiny_checkpoint, tmp_path, capsys):
     from spap.cli import main
 
-    from .test_cli_failures import _nothing_left, _one_error_line
+    from ..cli.test_cli_failures import _nothing_left, _one_error_line
 
     calib = tmp_path / "calib.txt"
     calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)

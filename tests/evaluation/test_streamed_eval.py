@@ -8,7 +8,7 @@ from spap.evaluation.perplexity import perplexity
 from spap.evaluation.streamed import streamed_perplexity
 from spap.io.calibration import bundled_text
 
-from .conftest import VOCAB, tiny_model, tiny_tokenizer
+from ..conftest import VOCAB, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Tests of spap.runtime."""
