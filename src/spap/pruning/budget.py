@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters import ArchitectureAdapter
+from ..adapters import ArchitectureAdapter, get_adapter
 from ..config import PruneConfig
+from .depth import angular_distances, least_changing_layers
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +149,15 @@ def search(
     dtype = resolve_dtype(cfg.compute_dtype, device)
     measured = candidates(model, adapter, cfg.target_ratio)
     fast = replace(cfg, target_ratio=None, solver=replace(cfg.solver, refit="ls"), allocation="uniform")
+    # the dense model's layer ranking is the same for every candidate: one probe pass, not one each
+    angular = (
+        angular_distances(model, adapter, ids, fast, device, dtype) if any(c.drop_layers for c in measured) else []
+    )
     for candidate in measured:
         trial = copy.deepcopy(model)
-        trial_cfg = candidate.config(fast)
-        prune(trial, config=trial_cfg, calibration_ids=ids)
+        if candidate.drop_layers:
+            get_adapter(trial).remove_layers(trial, least_changing_layers(angular, candidate.drop_layers))
+        prune(trial, config=replace(candidate.config(fast), drop_layers=0), calibration_ids=ids)
         candidate.held_out_loss = held_out_loss(trial, held_out, cfg.batch_size, device, dtype)
         log.info("budget candidate %s", asdict(candidate))
         del trial

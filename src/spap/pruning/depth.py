@@ -27,6 +27,20 @@ def least_changing_layers(angular: list[float], n: int) -> list[int]:
     return sorted(sorted(range(len(angular)), key=lambda i: (angular[i], i))[:n])
 
 
+def angular_distances(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    ids: Tensor,
+    cfg: PruneConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[float]:
+    """Each decoder layer's mean angular distance between its input and output on ``ids``, from one
+    dense probe pass (no allocation statistics)."""
+    probe = probe_layers(model, adapter, ids, replace(cfg, allocation="uniform"), device, dtype)
+    return [p.angular for p in probe]
+
+
 def drop_layers(
     model: nn.Module,
     adapter: ArchitectureAdapter,
@@ -39,8 +53,7 @@ def drop_layers(
     returns what was measured and removed, for the report."""
     n_layers = len(adapter.decoder_layers(model))
     least_changing_layers([0.0] * n_layers, cfg.drop_layers)  # a bad count fails before the probe pass
-    probe = probe_layers(model, adapter, ids, replace(cfg, allocation="uniform"), device, dtype)
-    angular = [p.angular for p in probe]
+    angular = angular_distances(model, adapter, ids, cfg, device, dtype)
     dropped = least_changing_layers(angular, cfg.drop_layers)
     adapter.remove_layers(model, dropped)
     return {"dropped": dropped, "angular_distances": angular, "layers_before": n_layers}
