@@ -97,12 +97,12 @@ def prune_checkpoint(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UsageError(f"{out} exists and is not an empty directory; pass --overwrite to replace it")
-    check_positions(
-        model, {"--seq-len": cfg.calibration.seq_len, **({"--ppl-seq-len": ppl_seq_len} if ppl is not None else {})}
-    )
-    torch.manual_seed(cfg.seed)
     source = resolve_model(model)
+    check_positions(
+        source, {"--seq-len": cfg.calibration.seq_len, **({"--ppl-seq-len": ppl_seq_len} if ppl is not None else {})}
+    )
     _check_depth(source, cfg.drop_layers)
+    torch.manual_seed(cfg.seed)
     streamed = _plan_offload(offload, source, cfg, ppl is not None, pad_to_uniform)
     dtype = _save_dtype(save_dtype, model, source)
     extra = {"model": source, "metrics": {}, **(record or {}), "save_dtype": str(dtype).removeprefix("torch.")}
@@ -128,12 +128,13 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def check_positions(model: str | None, lengths: dict[str, int]) -> None:
-    """Refuse window lengths beyond the positions the model was built for: its perplexity there (and
-    a calibration on such windows) would be silently meaningless, or fail deep inside attention."""
-    from .io.models import max_positions, resolve_model
+def check_positions(source: str, lengths: dict[str, int]) -> None:
+    """Refuse window lengths beyond the positions the model at ``source`` (as ``resolve_model`` gives
+    it) was built for: its perplexity there (and a calibration on such windows) would be silently
+    meaningless, or fail deep inside attention."""
+    from .io.models import max_positions
 
-    limit = max_positions(resolve_model(model))
+    limit = max_positions(source)
     for flag, length in lengths.items():
         if limit is not None and length > limit:
             raise UsageError(

@@ -57,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..evaluation.perplexity import check_score_from
     from ..evaluation.texts import check_texts, perplexities
     from ..evaluation.zeroshot import evaluate_task, load_task
-    from ..io.models import load_model
+    from ..io.models import load_model, resolve_model
     from ..runtime.device import resolve_device, resolve_dtype
 
     try:  # bad arguments fail before the model loads
@@ -67,7 +67,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     sources = check_texts(args.ppl) if args.ppl is not None or not (tasks or args.harness) else []
     if sources:
-        check_positions(args.model, {"--seq-len": args.seq_len})
+        check_positions(resolve_model(args.model), {"--seq-len": args.seq_len})
     if _eval_offloaded(args, bool(tasks or args.harness)):
         from transformers import AutoTokenizer
 

@@ -61,16 +61,10 @@ def source_dtype(name_or_path: str | None, resolved: str) -> torch.dtype:
     return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
-    """The float32 safetensors checkpoint of ``gguf_file`` in ``out_dir``, converted one tensor at a
-    time (``io.gguf.convert_gguf``)."""
-    from .gguf import convert_gguf as streamed
-
-    return streamed(gguf_file, out_dir, torch.float32)
-
-
 def resolve_model(name_or_path: str | None) -> str:
     """A path or hub id ``from_pretrained`` can open; GGUF files and the default are converted once, cached."""
+    from .gguf import convert_gguf  # float32 shards, one tensor at a time
+
     name = name_or_path or DEFAULT_MODEL
     if name.lower() in _ALIASES:
         target = cache_root() / "smollm2-135m-instruct"
