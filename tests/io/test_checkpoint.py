@@ -47,3 +47,18 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
             raise RuntimeError("boom")
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pytorch_bin_checkpoint_missing_a_tensor_is_refused(tmp_path):
+    """Formats other than safetensors go through transformers' loading report, which would otherwise
+    initialise the missing tensor at random."""
+    from spap.io.checkpoint import load_pretrained
+    from spap.io.shards import CheckpointError
+
+    model = tiny_model("llama")
+    model.config.save_pretrained(tmp_path)
+    state = model.state_dict()
+    del state["model.layers.0.mlp.down_proj.weight"]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"1 missing \(e.g. model.layers.0.mlp.down_proj.weight\)"):
+        load_pretrained(tmp_path)

@@ -17,7 +17,7 @@ from ..adapters import get_adapter
 from . import remote_code
 from .atomic import atomic_directory
 from .calibration import CALIBRATION_FILE, weights_as
-from .shards import CheckpointError, SafetensorsCheckpoint, non_finite_message, verify_tensors
+from .shards import CheckpointError, SafetensorsCheckpoint, check_tensor_names, non_finite_message, verify_tensors
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +212,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
         model, info = cls.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     else:
         model, info = cast(Any, AutoModelForCausalLM).from_pretrained(path, dtype=dtype, output_loading_info=True)
-    absent, extra = sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ()))
-    if absent or extra:  # other formats than safetensors (checked above): transformers would initialise at random
-        problems = [f"{len(v)} {k} (e.g. {v[0]})" for k, v in (("missing", absent), ("unexpected", extra)) if v]
-        raise CheckpointError(f"{path}: the tensors do not match config.json: {'; '.join(problems)}")
+    # other formats than safetensors (checked above): transformers would initialise missing ones at random
+    check_tensor_names(path, sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ())), [])
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(non_finite_message(path, name))

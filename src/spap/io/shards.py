@@ -211,6 +211,12 @@ def verify_tensors(source: SafetensorsCheckpoint, model: nn.Module) -> None:
         for n in expected
         if n in stored and stored[n] != expected[n]
     ]
+    check_tensor_names(source.directory, missing, unexpected, wrong)
+
+
+def check_tensor_names(directory: str | Path, missing: list[str], unexpected: list[str], wrong: list[str]) -> None:
+    """Raise ``CheckpointError`` naming how many tensors are missing, unexpected or of another shape
+    (with an example of each), if any are."""
     problems = [
         f"{len(items)} {what} (e.g. {items[0]})"
         for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong))
@@ -218,6 +224,6 @@ def verify_tensors(source: SafetensorsCheckpoint, model: nn.Module) -> None:
     ]
     if problems:
         raise CheckpointError(
-            f"{source.directory}: the tensors do not match config.json: {'; '.join(problems)}; the checkpoint is "
+            f"{directory}: the tensors do not match config.json: {'; '.join(problems)}; the checkpoint is "
             "incomplete or its config.json was changed: copy it again"
         )
