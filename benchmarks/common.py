@@ -99,8 +99,7 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import spap
-    from spap.config import CalibrationConfig, PruneConfig
-    from spap.core import SolverConfig
+    from spap.config import PruneConfig
     from spap.evaluation.perplexity import perplexity
     from spap.evaluation.zeroshot import evaluate_task, load_task
     from spap.io.calibration import load_text
@@ -113,14 +112,11 @@ def _run(job: dict[str, Any]) -> dict[str, Any]:
     overrides.update(job.get("overrides", {}))
     t0 = time.perf_counter()
     if job["variant"] != "dense":
-        solver = SolverConfig(**{**overrides.pop("solver", {}), **job.get("solver", {})})
-        cfg = PruneConfig(
-            sparsity=job["sparsity"],
-            solver=solver,
-            calibration=CalibrationConfig(**job["calibration"]),
-            seed=job["seed"],
-            **overrides,
-        )
+        solver = {**overrides.pop("solver", {}), **job.get("solver", {})}
+        # overrides name fields flat (``--set token_weighting=residual``): version 2's form, which
+        # from_dict sorts into the runtime and experimental sections
+        flat = {"sparsity": job["sparsity"], "seed": job["seed"], "solver": solver, **overrides}
+        cfg = PruneConfig.from_dict({"version": 2, **flat, "calibration": job["calibration"]})
         report = spap.prune(model, tokenizer, cfg)
         row.update(
             prune_seconds=report.seconds["total"],

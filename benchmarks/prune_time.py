@@ -93,8 +93,8 @@ def _time_one(job: dict[str, Any]) -> dict[str, Any]:
         calibration=CalibrationConfig(job["calib"], job["n_samples"], job["seq_len"], job["seed"]),
         **overrides,
     )
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.compute_dtype, device)
+    device = resolve_device(cfg.runtime.device)
+    dtype = resolve_dtype(cfg.runtime.compute_dtype, device)
     forward, stats, (d, m) = floor_flops(model, job["n_samples"] * job["seq_len"], job["seq_len"])
     rate_compute = matmul_rate(dtype, 8192, d, m)
     rate_f32 = matmul_rate(torch.float32, m, 8192, m)

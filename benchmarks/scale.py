@@ -36,7 +36,7 @@ def run(
     seed: int,
 ) -> dict:
     import spap
-    from spap.config import PruneConfig
+    from spap.config import PruneConfig, RuntimeConfig
     from spap.core import SolverConfig
 
     torch.manual_seed(seed)
@@ -48,8 +48,7 @@ def run(
     cfg = PruneConfig(
         sparsity=sparsity,
         solver=SolverConfig(**overrides.pop("solver", {})),
-        device=device,
-        compute_dtype=dtype,
+        runtime=RuntimeConfig(device=device, compute_dtype=dtype),
         seed=seed,
         **overrides,
     )

@@ -38,9 +38,8 @@ def test_the_api_writes_the_bytes_the_cli_writes(tiny_checkpoint, tmp_path, cali
     config = spap.PruneConfig(
         sparsity=0.25,
         calibration=spap.CalibrationConfig(str(calib), n_samples=4, seq_len=32),
-        compute_dtype="float32",
         solver=spap.SolverConfig(refit_rounds=2),
-        max_host_memory_gib=8,
+        runtime=spap.RuntimeConfig(compute_dtype="float32", max_host_memory_gib=8),
     )
     result = spap.prune_checkpoint(str(tiny_checkpoint), by_api, config, offload=offload)
     assert result.out == by_api and result.stock and result.offloaded == (offload == "always")
@@ -49,7 +48,9 @@ def test_the_api_writes_the_bytes_the_cli_writes(tiny_checkpoint, tmp_path, cali
         if file.name != "pruning.json":
             assert file.read_bytes() == (by_api / file.name).read_bytes(), file.name
     assert _stable_record(by_cli) == _stable_record(by_api)
-    assert config.max_host_memory_gib == 8 and config.device == "auto"  # the caller's config is not changed
+    assert (
+        config.runtime.max_host_memory_gib == 8 and config.runtime.device == "auto"
+    )  # the caller's config is not changed
 
 
 def test_bad_arguments_raise_before_any_work(tiny_checkpoint, tmp_path, calib):

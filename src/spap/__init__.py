@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .api import CheckpointResult, prune_checkpoint  # noqa: E402
-from .config import CalibrationConfig, PruneConfig  # noqa: E402
+from .config import CalibrationConfig, ExperimentalConfig, PruneConfig, RuntimeConfig  # noqa: E402
 from .core.solver_config import SolverConfig  # noqa: E402
 from .io.checkpoint import load_pretrained, save_pruned  # noqa: E402
 from .pruning.pipeline import PruneReport, prune  # noqa: E402
@@ -11,8 +11,10 @@ from .pruning.pipeline import PruneReport, prune  # noqa: E402
 __all__ = [
     "CalibrationConfig",
     "CheckpointResult",
+    "ExperimentalConfig",
     "PruneConfig",
     "PruneReport",
+    "RuntimeConfig",
     "SolverConfig",
     "load_pretrained",
     "prune",

@@ -68,7 +68,7 @@ def prune_checkpoint(
     embedded SmolLM2-135M) with ``config`` and write the result to ``out``.
 
     offload:        "auto" (stream the layers when the in-memory run would exceed
-                    ``config.max_host_memory_gib``, default 80% of the available memory), "never",
+                    ``config.runtime.max_host_memory_gib``, default 80% of the available memory), "never",
                     "always".
     save_dtype:     dtype of the written weights; "auto" keeps the input's (bfloat16 for GGUF).
     pad_to_uniform: zero-pad per-layer MLP widths to the widest (stock-loadable).
@@ -92,7 +92,7 @@ def prune_checkpoint(
         check_calibration_source(cfg.calibration.source)
     except (OSError, ValueError) as exc:
         raise UsageError(f"calibration: {exc}") from exc
-    cfg.device = distributed.init_from_env(cfg.device)
+    cfg.runtime.device = distributed.init_from_env(cfg.runtime.device)
     writes = distributed.rank() == 0
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -164,11 +164,11 @@ def _plan_offload(mode: str, source: str, cfg: PruneConfig, evaluate: bool, pad_
     cannot honour are bad arguments."""
     from .runtime.memory import choose_offload, default_host_budget_gib
 
-    if cfg.max_host_memory_gib is None:
-        cfg.max_host_memory_gib = round(default_host_budget_gib(), 1)
+    if cfg.runtime.max_host_memory_gib is None:
+        cfg.runtime.max_host_memory_gib = round(default_host_budget_gib(), 1)
     if mode == "never":
         return False
-    streamed, why = choose_offload(mode, source, cfg.max_host_memory_gib, cfg)
+    streamed, why = choose_offload(mode, source, cfg.runtime.max_host_memory_gib, cfg)
     log.info("%s: %s", "offloading" if streamed else "in memory", why)
     if not streamed:
         return False

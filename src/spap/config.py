@@ -1,4 +1,11 @@
-"""Run configuration: dataclasses that round-trip to JSON."""
+"""Run configuration: dataclasses that round-trip to JSON, split by concern.
+
+``PruneConfig`` holds what to prune (top-level fields) and four sections: ``solver`` (the method,
+``spap.core.solver_config``), ``calibration`` (which tokens), ``runtime`` (where and how it runs) and
+``experimental`` (study knobs that lost on the matrix, kept for the studies that cite them).  Every
+field's ``metadata`` carries its command-line flag and help, from which ``spap.cli.parser`` builds
+``spap prune``'s options: a field added here is a flag there.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +13,29 @@ import json
 import math
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from .core.allocation import CFSP_SLOPE
-from .core.solver_config import SolverConfig
+from .core.solver_config import SolverConfig, option
 
 ALLOCATIONS = ("auto", "uniform", "structprune", "global", "angular")
 TARGETS = ("mlp", "attn", "both")
 HEAD_UNITS = ("kv-group", "query")
 TOKEN_WEIGHTINGS = ("none", "residual")
 OFFLOAD_MODES = ("auto", "never", "always")
-CONFIG_VERSION = 2
-"""Version of PruneConfig's JSON form: 1 (no "version" key) lacks drop_layers and target_ratio."""
+CONFIG_VERSION = 3
+"""Version of PruneConfig's JSON form: 1 (no "version" key) lacks drop_layers and target_ratio; 1 and
+2 hold the runtime and experimental fields at the top level."""
+
+_MOVED_IN_V3 = {
+    "device": "runtime",
+    "compute_dtype": "runtime",
+    "batch_size": "runtime",
+    "max_host_memory_gib": "runtime",
+    "error_correction": "experimental",
+    "token_weighting": "experimental",
+}
 
 
 @dataclass
@@ -31,10 +48,15 @@ class CalibrationConfig:
             or "self" (text sampled from the dense model; fully offline).
     """
 
-    source: str = "bundled"
-    n_samples: int = 128
-    seq_len: int = 2048
-    seed: int = 0
+    source: str = option(
+        "bundled",
+        "bundled | self | text FILE | token-id FILE.pt (e.g. calibration_ids.pt of a --calib self run) | "
+        "hf:NAME[:CONFIG[:SPLIT]]",
+        flag="--calib",
+    )
+    n_samples: int = option(128, "calibration sequences")
+    seq_len: int = option(2048, "tokens per calibration sequence")
+    seed: int = option(0, "random seed (calibration sampling and every random draw)", flag="--seed")
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -44,8 +66,67 @@ class CalibrationConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """Where and how a run executes; none of it changes which neurons are removed (up to rounding).
+
+    device:         "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    compute_dtype:  dtype of layer forwards during calibration: "auto" (bfloat16 where the
+                    hardware runs it fast, else float32), "float32", "bfloat16", "float16".
+                    Statistics and solves are always float32/float64.
+    batch_size:     calibration sequences per forward.
+    max_host_memory_gib: host-memory budget (GiB); calibration activations (3 x n x seq_len x hidden
+                    in the compute dtype) over half of it are spilled to per-batch files in $TMPDIR
+                    (``spap.runtime.spill``), and the offload decision uses it.  None: no limit.
+    """
+
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    compute_dtype: str = option(
+        "auto", "dtype of calibration forwards: auto | float32 | bfloat16 | float16", expert=True
+    )
+    batch_size: int = option(8, "calibration sequences per forward", expert=True)
+    max_host_memory_gib: float | None = option(
+        None,
+        "host-memory budget; calibration activations over half of it go to disk "
+        "(default: 80%% of the memory available at start)",
+        flag="--max-host-memory",
+        metavar="GIB",
+    )
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.max_host_memory_gib is not None and not 0 < self.max_host_memory_gib < math.inf:
+            raise ValueError(f"max_host_memory_gib (--max-host-memory) must be > 0, got {self.max_host_memory_gib}")
+
+
+@dataclass
+class ExperimentalConfig:
+    """Study knobs that lost on the quality matrix (docs/studies, docs/hyperparameters.md).
+
+    error_correction: beta in [0, 1]: MLP targets become dense(x) + beta * (dense model's layer
+                    output - pruned model's layer output with the dense MLP), so each layer also
+                    corrects error accumulated upstream (0 = plain layer-wise reconstruction).
+    token_weighting: "none" or "residual" (token n weighted by 1 / mean(h_n^2) of the layer's output
+                    residual stream h_n); applies to every method's statistics and refit.
+    """
+
+    error_correction: float = option(0.0, "beta: also correct upstream error (0..1)")
+    token_weighting: str = option(
+        "none", "residual: weight each token's error by 1/||h||^2 of the residual stream", choices=TOKEN_WEIGHTINGS
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.error_correction <= 1.0:
+            raise ValueError("error_correction must be in [0, 1]")
+        if self.token_weighting not in TOKEN_WEIGHTINGS:
+            raise ValueError(
+                f"unknown token_weighting {self.token_weighting!r}; choose one of {', '.join(TOKEN_WEIGHTINGS)}"
+            )
+
+
+@dataclass
 class PruneConfig:
-    """Everything that determines a pruning run.
+    """Everything that determines a pruning run: what to prune, and the sections below.
 
     sparsity:       fraction of MLP neurons removed, in [0, 1).
     drop_layers:    number of whole decoder layers removed first (those whose output differs least
@@ -69,51 +150,46 @@ class PruneConfig:
     angular_slope:  slope of the "angular" allocation's sigmoid on per-token mean angular distances
                     (default: CFSP's a = 1 at its 128 x 2048 calibration tokens, see spap.core.allocation).
     min_sparsity, max_sparsity: per-layer bounds for non-uniform allocations.
-    error_correction: beta in [0, 1]: MLP targets become dense(x) + beta * (dense model's layer
-                    output - pruned model's layer output with the dense MLP), so each layer also
-                    corrects error accumulated upstream (0 = plain layer-wise reconstruction).
-                    Costs one more layer forward and one hidden-state buffer.
-    token_weighting: "none" (every calibration token counts the same in the MLP reconstruction) or
-                    "residual" (token n weighted by 1 / mean(h_n^2) of the layer's output residual
-                    stream h_n, i.e. the error is measured relative to what the next norm sees).
-                    Applies to every method's per-layer statistics and refit, not to the dense
-                    probes of non-uniform allocations.  See docs/hyperparameters.md.
     width_multiple: round every kept MLP width to a multiple of this (e.g. 64 or 256, for
                     efficient GEMM tiles).  Uniform allocation: each layer's kept width is rounded
                     to the nearest multiple, so all layers keep one width (stock-loadable); the
                     sparsity moves by up to half a multiple per layer.  Non-uniform allocations:
                     the model's total stays within half a multiple of the budget.
-    device:         "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    compute_dtype:  dtype of layer forwards during calibration: "auto" (bfloat16 where the
-                    hardware runs it fast, else float32), "float32", "bfloat16", "float16".
-                    Statistics and solves are always float32/float64.
-    batch_size:     calibration sequences per forward.
-    max_host_memory_gib: host-memory budget (GiB) for calibration activations; when the pipeline's
-                    activation buffers (3 x n x seq_len x hidden in the compute dtype) exceed half of
-                    it, they are spilled to per-batch files in $TMPDIR (``spap.runtime.spill``). None: no limit.
+    seed:           random seed of the pruning itself (refit samples); ``--seed`` also sets the
+                    calibration's.
     """
 
-    sparsity: float = 0.3
-    drop_layers: int = 0
-    target_ratio: float | None = None
-    target: str = "mlp"
-    head_sparsity: float = 0.0
-    head_unit: str = "kv-group"
+    sparsity: float = option(0.3, "fraction of MLP neurons to remove, in [0, 1)")
+    drop_layers: int = option(
+        0,
+        "also remove N whole decoder layers (those that change the hidden state least); stock checkpoint",
+        metavar="N",
+    )
+    target_ratio: float | None = option(
+        None,
+        "remove this fraction of all parameters, split between whole layers, KV groups and MLP width by "
+        "measuring each mix on held-out calibration windows (sets --sparsity, --drop-layers, head sparsity)",
+        metavar="R",
+    )
+    target: str = option("mlp", "prune MLP neurons, attention heads or both", choices=TARGETS)
+    head_sparsity: float = option(0.0, "fraction of attention heads removed per layer, in units of --head-unit")
+    head_unit: str = option(
+        "kv-group",
+        "kv-group: whole KV groups with their query heads; query: the same number of query heads in every KV group",
+        choices=HEAD_UNITS,
+        expert=True,
+    )
+    allocation: str = option("auto", "auto: global for flap, angular for cfsp, else uniform", choices=ALLOCATIONS)
+    temperature: float = option(1.0, "structprune softmax temperature T", expert=True)
+    angular_slope: float = option(CFSP_SLOPE, "angular (CFSP) sigmoid slope", expert=True)
+    min_sparsity: float = option(0.0, "per-layer lower bound (non-uniform allocations)", expert=True)
+    max_sparsity: float = option(0.9, "per-layer upper bound (non-uniform allocations)", expert=True)
+    width_multiple: int = option(1, "round kept MLP widths to multiples of this")
+    seed: int = option(0, "random seed (calibration sampling and every random draw)", flag="--seed")
     solver: SolverConfig = field(default_factory=SolverConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    allocation: str = "auto"
-    temperature: float = 1.0
-    angular_slope: float = CFSP_SLOPE
-    min_sparsity: float = 0.0
-    max_sparsity: float = 0.9
-    width_multiple: int = 1
-    error_correction: float = 0.0
-    token_weighting: str = "none"
-    device: str = "auto"
-    compute_dtype: str = "auto"
-    batch_size: int = 8
-    seed: int = 0
-    max_host_memory_gib: float | None = None
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= self.sparsity < 1.0:
@@ -130,20 +206,10 @@ class PruneConfig:
             raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
-        if not 0.0 <= self.error_correction <= 1.0:
-            raise ValueError("error_correction must be in [0, 1]")
-        if self.token_weighting not in TOKEN_WEIGHTINGS:
-            raise ValueError(
-                f"unknown token_weighting {self.token_weighting!r}; choose one of {', '.join(TOKEN_WEIGHTINGS)}"
-            )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.angular_slope <= 0:
             raise ValueError(f"angular_slope must be > 0, got {self.angular_slope!r}")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if self.max_host_memory_gib is not None and not 0 < self.max_host_memory_gib < math.inf:
-            raise ValueError(f"max_host_memory_gib (--max-host-memory) must be > 0, got {self.max_host_memory_gib}")
 
     @property
     def prunes_mlp(self) -> bool:
@@ -168,16 +234,39 @@ class PruneConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
         """The config of ``data`` (``to_dict``'s form, any version up to ``CONFIG_VERSION``)."""
+        version = 1
         if isinstance(data, dict) and "version" in data:
             data = dict(data)
             version = data.pop("version")
             if not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
                 raise ValueError(f"config version {version!r} is not one this spap reads (1..{CONFIG_VERSION})")
+        if isinstance(data, dict) and version < 3:
+            data = _sections_of_v2(data)
         return _from_dict(cls, data)
 
     @classmethod
     def from_json(cls, text: str) -> PruneConfig:
         return cls.from_dict(json.loads(text))
+
+
+def _sections_of_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 or 2 dict (runtime and experimental fields at the top level) in version 3's form."""
+    data = dict(data)
+    for name, section in _MOVED_IN_V3.items():
+        if name in data:
+            data.setdefault(section, {})[name] = data.pop(name)
+    return data
+
+
+def flag_fields(cls: type = PruneConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted path, dataclass field) of every leaf field of ``cls``, sections depth-first."""
+    leaves: list[tuple[str, Any]] = []
+    for f in fields(cls):
+        if f.default_factory is not MISSING and is_dataclass(f.default_factory):
+            leaves += flag_fields(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            leaves.append((prefix + f.name, f))
+    return leaves
 
 
 def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:

@@ -198,7 +198,7 @@ def test_flags_given_with_config_override_the_file(tiny_checkpoint, tmp_path, ca
 @pytest.mark.parametrize(
     ("content", "words"),
     [
-        ('{"batch_size": "8"}', 'config field batch_size must be an integer, got "8"'),
+        ('{"batch_size": "8"}', 'config field runtime.batch_size must be an integer, got "8"'),  # version 2's place
         ('{"calibration": "bundled"}', "config field calibration must be a JSON object"),
         ('{"solver": {"refit_rounds": 2.5}}', "config field solver.refit_rounds must be an integer"),
         ('{"sparsity": 0.3,}', "not valid JSON"),

@@ -43,7 +43,7 @@ def test_auto_offloads_only_when_the_model_exceeds_the_budget(tiny_checkpoint, t
     assert _prune(tiny_checkpoint, roomy, calib, "--max-host-memory", "64") == 0
     assert json.loads((small / "pruning.json").read_text()).get("offload") is True
     assert "offload" not in json.loads((roomy / "pruning.json").read_text())
-    recorded = json.loads((roomy / "pruning.json").read_text())["config"]["max_host_memory_gib"]
+    recorded = json.loads((roomy / "pruning.json").read_text())["config"]["runtime"]["max_host_memory_gib"]
     assert recorded == 64
     assert_same_checkpoint(small, roomy)
 

@@ -5,7 +5,7 @@ import torch
 
 import spap
 from spap.adapters import get_adapter
-from spap.config import PruneConfig
+from spap.config import PruneConfig, RuntimeConfig
 from spap.core import SolverConfig
 
 from ..conftest import tiny_ids, tiny_model
@@ -19,7 +19,9 @@ def test_baseline_prunes_requested_count_and_reloads(family, method, tmp_path):
     widths = [adapter.mlp_width(layer) for layer in adapter.decoder_layers(model)]
     report = spap.prune(
         model,
-        config=PruneConfig(sparsity=0.3, compute_dtype="float32", solver=SolverConfig(method=method)),
+        config=PruneConfig(
+            sparsity=0.3, runtime=RuntimeConfig(compute_dtype="float32"), solver=SolverConfig(method=method)
+        ),
         calibration_ids=ids,
     )
     removed = [m - w for m, w in zip(widths, report.widths)]

@@ -34,7 +34,9 @@ def test_pruning_at_each_candidate_removes_what_it_predicts(family):
     _, per_layer, per_neuron = budget.layer_costs(model, adapter)
     found = budget.candidates(model, adapter, 0.35)
     assert any(c.kv_groups_removed for c in found) == (family != "opt")  # OPT: heads would need remote code
-    base = spap.PruneConfig(compute_dtype="float32", device="cpu", solver=spap.SolverConfig(refit="ls"))
+    base = spap.PruneConfig(
+        runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"), solver=spap.SolverConfig(refit="ls")
+    )
     for candidate in found:
         trial = tiny_model(family)
         before = sum(p.numel() for p in trial.parameters())
@@ -53,7 +55,9 @@ def test_held_out_windows_are_disjoint_from_calibration():
 def test_the_search_prunes_at_the_mix_of_least_held_out_loss():
     model = tiny_model("llama")
     before = sum(p.numel() for p in model.parameters())
-    cfg = spap.PruneConfig(target_ratio=0.35, compute_dtype="float32", device="cpu", sparsity=0.9)
+    cfg = spap.PruneConfig(
+        target_ratio=0.35, runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"), sparsity=0.9
+    )
     report = spap.prune(model, config=cfg, calibration_ids=tiny_ids(10, 24))
     record = report.extra["budget"]
     losses = [c["held_out_loss"] for c in record["candidates"]]

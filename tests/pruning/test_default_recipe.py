@@ -23,7 +23,7 @@ def _default_config(*flags: str) -> spap.PruneConfig:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_default_recipe_writes_a_stock_checkpoint(family, tmp_path):
     cfg = _default_config()
-    cfg.compute_dtype, cfg.device = "float32", "cpu"
+    cfg.runtime.compute_dtype, cfg.runtime.device = "float32", "cpu"
     cfg.solver.refit_rounds = 2  # the recipe's rules, fewer rounds: a test of shapes and loading
     model = tiny_model(family)
     ids = tiny_ids()

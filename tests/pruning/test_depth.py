@@ -67,7 +67,9 @@ def test_prune_removes_the_layers_of_least_angular_change_then_prunes_width(tmp_
 
     ids = tiny_ids(4, 24)
     model = tiny_model("llama")
-    cfg = spap.PruneConfig(sparsity=0.25, drop_layers=1, compute_dtype="float32", device="cpu")
+    cfg = spap.PruneConfig(
+        sparsity=0.25, drop_layers=1, runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu")
+    )
     angular = [
         p.angular for p in probe_layers(model, get_adapter(model), ids, cfg, resolve_device("cpu"), torch.float32)
     ]

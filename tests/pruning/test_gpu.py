@@ -20,9 +20,9 @@ def test_cuda_pruning_keeps_the_same_neurons_as_cpu(solver):
     ids = tiny_ids(n=8, seq_len=32)
     cpu_model, gpu_model = tiny_model("llama"), tiny_model("llama")
     cfg = fast_config(0.25, **solver)
-    cfg.device = "cpu"
+    cfg.runtime.device = "cpu"
     cpu = spap.prune(cpu_model, config=cfg, calibration_ids=ids)
-    cfg.device = "cuda"  # no index: must compare equal to the tensors' "cuda:0"
+    cfg.runtime.device = "cuda"  # no index: must compare equal to the tensors' "cuda:0"
     gpu = spap.prune(gpu_model, config=cfg, calibration_ids=ids)
     if solver.get("refit") == "ls":  # gradient refits differ in rounding, so only the exact path is compared
         assert [layer.kept for layer in gpu.layers] == [layer.kept for layer in cpu.layers]

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import spap
 from spap.adapters import get_adapter
-from spap.config import PruneConfig
+from spap.config import PruneConfig, RuntimeConfig
 from spap.core import SolverConfig
 from spap.core.heads import column_groups
 
@@ -20,7 +20,7 @@ def head_config(target: str, head_sparsity: float, sparsity: float = 0.25, head_
         target=target,
         head_sparsity=head_sparsity,
         head_unit=head_unit,
-        compute_dtype="float32",
+        runtime=RuntimeConfig(compute_dtype="float32"),
         solver=SolverConfig(refit="ls"),
     )
 

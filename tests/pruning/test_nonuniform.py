@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 
 import spap
 from spap.adapters import get_adapter
-from spap.config import PruneConfig
+from spap.config import PruneConfig, RuntimeConfig
 from spap.core import SolverConfig
 
 from ..conftest import tiny_ids, tiny_model
@@ -54,7 +54,7 @@ def test_global_allocations_meet_the_budget_in_the_pipeline(allocation_rule):
     cfg = PruneConfig(
         sparsity=0.4,
         allocation=allocation_rule,
-        compute_dtype="float32",
+        runtime=RuntimeConfig(compute_dtype="float32"),
         max_sparsity=0.8,
         solver=SolverConfig(refit="ls"),
     )
@@ -73,7 +73,7 @@ def test_angular_distances_are_those_of_the_dense_blocks():
         float((torch.arccos(F.cosine_similarity(a, b, dim=-1).clamp(-1, 1)) / torch.pi).mean())
         for a, b in zip(hidden[:-2], hidden[1:-1])
     ]
-    cfg = PruneConfig(sparsity=0.3, compute_dtype="float32", solver=SolverConfig(method="cfsp"))
+    cfg = PruneConfig(sparsity=0.3, runtime=RuntimeConfig(compute_dtype="float32"), solver=SolverConfig(method="cfsp"))
     report = spap.prune(model, config=cfg, calibration_ids=ids)
     measured = report.extra["allocation"]["angular_distances"]
     assert "energies" not in report.extra["allocation"]  # the angular rule needs no MLP statistics
@@ -83,7 +83,9 @@ def test_angular_distances_are_those_of_the_dense_blocks():
 
 def test_width_multiple_under_uniform_allocation_keeps_one_stock_width(tmp_path):
     model, ids = tiny_model("llama"), tiny_ids()
-    cfg = PruneConfig(sparsity=0.3, width_multiple=8, compute_dtype="float32", solver=SolverConfig(refit="ls"))
+    cfg = PruneConfig(
+        sparsity=0.3, width_multiple=8, runtime=RuntimeConfig(compute_dtype="float32"), solver=SolverConfig(refit="ls")
+    )
     report = spap.prune(model, config=cfg, calibration_ids=ids)
     assert report.widths == [32] * 3  # 48 - round(0.3 * 48) = 34 -> nearest multiple of 8
     out = spap.save_pruned(model, tmp_path / "rounded")
@@ -97,7 +99,7 @@ def test_width_multiple_under_global_allocation_keeps_the_budget():
         sparsity=0.3,
         allocation="structprune",
         width_multiple=8,
-        compute_dtype="float32",
+        runtime=RuntimeConfig(compute_dtype="float32"),
         max_sparsity=0.8,
         solver=SolverConfig(refit="ls"),
     )

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import spap
-from spap.config import PruneConfig
+from spap.config import PruneConfig, RuntimeConfig
 from spap.io.shards import INDEX_FILE, SafetensorsCheckpoint, ShardWriter
 from spap.pruning.offload import prune_offloaded
 from spap.runtime.memory import shard_bytes
@@ -52,7 +52,13 @@ CASES = [
     ("opt", fast_config(0.3, method="flap"), torch.float32),  # learned positions, added biases (remote code)
     (
         "llama",
-        PruneConfig(sparsity=0.3, target="both", head_sparsity=0.5, allocation="structprune", compute_dtype="float32"),
+        PruneConfig(
+            sparsity=0.3,
+            target="both",
+            head_sparsity=0.5,
+            allocation="structprune",
+            runtime=RuntimeConfig(compute_dtype="float32"),
+        ),
         torch.bfloat16,
     ),
 ]
@@ -164,7 +170,8 @@ def test_spilled_activations_give_the_same_pruned_model():
     """A host-memory budget below the activations sends them to disk; the result is unchanged."""
     ids = tiny_ids()
     cfg = fast_config(0.3)
-    spilled_cfg = PruneConfig.from_dict({**cfg.to_dict(), "max_host_memory_gib": 1e-9})
+    spilled_cfg = PruneConfig.from_dict(cfg.to_dict())
+    spilled_cfg.runtime.max_host_memory_gib = 1e-9
     a, b = tiny_model("gemma2"), tiny_model("gemma2")
     report_a = spap.prune(a, config=cfg, calibration_ids=ids)
     report_b = spap.prune(b, config=spilled_cfg, calibration_ids=ids)

@@ -3,7 +3,7 @@ import torch
 
 import spap
 from spap.adapters import UnsupportedArchitectureError, get_adapter
-from spap.config import PruneConfig
+from spap.config import ExperimentalConfig, PruneConfig, RuntimeConfig
 from spap.core import SolverConfig
 
 from ..conftest import tiny_config, tiny_ids, tiny_model
@@ -12,7 +12,7 @@ from ..conftest import tiny_config, tiny_ids, tiny_model
 def fast_config(sparsity: float, **solver) -> PruneConfig:
     solver.setdefault("refit_rounds", 3)
     solver.setdefault("refit_tokens", 64)
-    return PruneConfig(sparsity=sparsity, compute_dtype="float32", solver=SolverConfig(**solver))
+    return PruneConfig(sparsity=sparsity, runtime=RuntimeConfig(compute_dtype="float32"), solver=SolverConfig(**solver))
 
 
 def logits(model, ids):
@@ -85,7 +85,7 @@ def test_error_correction_brings_final_hidden_states_closer_to_dense():
     for beta in (0.0, 1.0):
         model = tiny_model("llama")
         cfg = fast_config(0.4, refit="ls")
-        cfg.error_correction = beta
+        cfg.experimental.error_correction = beta
         spap.prune(model, config=cfg, calibration_ids=ids)
         with torch.no_grad():
             hidden = model(ids, output_hidden_states=True).hidden_states[-1]
@@ -102,7 +102,7 @@ def test_error_correction_rejects_post_norm_opt():
     config.do_layer_norm_before = False
     model = AutoModelForCausalLM.from_config(config).eval()
     cfg = fast_config(0.2, refit="ls")
-    cfg.error_correction = 0.5
+    cfg.experimental.error_correction = 0.5
     with pytest.raises(ValueError, match="error_correction"):
         spap.prune(model, config=cfg, calibration_ids=tiny_ids())
 
@@ -147,14 +147,14 @@ def test_token_weighting_prunes_and_changes_the_fit(refit):
     for weighting in ("none", "residual"):
         model = tiny_model("llama")
         cfg = fast_config(0.4, refit=refit)
-        cfg.token_weighting = weighting
+        cfg.experimental.token_weighting = weighting
         reports[weighting] = spap.prune(model, config=cfg, calibration_ids=ids)
         kept[weighting] = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     assert reports["residual"].widths == reports["none"].widths
-    assert reports["residual"].config["token_weighting"] == "residual"
+    assert reports["residual"].config["experimental"]["token_weighting"] == "residual"
     assert not torch.allclose(kept["residual"], kept["none"])
     with pytest.raises(ValueError, match="token_weighting"):
-        PruneConfig(token_weighting="bogus")
+        ExperimentalConfig(token_weighting="bogus")
 
 
 @pytest.mark.parametrize("family", ["opt", "gemma2"])
@@ -166,7 +166,7 @@ def test_token_weighting_rejects_models_that_normalise_the_mlp_output(family):
         config.do_layer_norm_before = False  # OPT-350m's post-norm
     model = AutoModelForCausalLM.from_config(config).eval()
     cfg = fast_config(0.2, refit="ls")
-    cfg.token_weighting = "residual"
+    cfg.experimental.token_weighting = "residual"
     with pytest.raises(
         ValueError, match=f"token_weighting needs layers whose MLP output is added last; {family} is not"
     ):
@@ -195,7 +195,9 @@ def test_attention_replay_changes_nothing(family, monkeypatch):
 
     ids = tiny_ids()
     config = PruneConfig(
-        sparsity=0.25, compute_dtype="bfloat16", solver=SolverConfig(refit_rounds=2, refit_tokens=64, refit_patience=0)
+        sparsity=0.25,
+        runtime=RuntimeConfig(compute_dtype="bfloat16"),
+        solver=SolverConfig(refit_rounds=2, refit_tokens=64, refit_patience=0),
     )
 
     def counted_prune() -> tuple[torch.nn.Module, spap.PruneReport, int]:

@@ -45,7 +45,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     if distributed.rank() != 0:  # data-parallel workers: rank 0 wrote the checkpoint
         return 0
-    cpu = resolve_device(result.record["config"]["device"]).type == "cpu"
+    cpu = resolve_device(result.record["config"]["runtime"]["device"]).type == "cpu"
     speed = quick_speed(result.source, result.out, "cpu") if result.metrics and cpu else None
     summary = {**result.record, "seconds": result.report.seconds}
     print(format_summary(result.out, summary, result.metrics, speed, result.stock))

@@ -6,78 +6,97 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import fields
+import typing
+from collections.abc import Callable
+from dataclasses import Field, fields
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from ..config import ALLOCATIONS, HEAD_UNITS, OFFLOAD_MODES, TOKEN_WEIGHTINGS, CalibrationConfig, PruneConfig
-from ..core.allocation import CFSP_SLOPE
-from ..core.solver_config import METHODS, REFITS, SELECTIONS, SolverConfig
+from ..config import OFFLOAD_MODES, PruneConfig, flag_fields
 from ..errors import UsageError
 
-_SOLVER_HELP = {
-    "penalty_rounds": "K, penalty-loop rounds",
-    "rho_init": "rho_0 relative to mean diag(G)",
-    "rho_growth": "tau, rho multiplier per round",
-    "momentum": "alpha, soft-mask momentum",
-    "score_exponent": "t, importance exponent",
-    "ramp": "fraction of rounds over which the target count grows to k",
-    "penalty_patience": "stop the penalty loop once the full-size mask is unchanged this many rounds (0: all rounds)",
-    "damping": "ridge relative to mean diag(G)",
-    "refit_rounds": "final alternating-minimisation rounds",
-    "refit_grad_steps": "gradient steps on W_up/W_gate per round",
-    "refit_tokens": "calibration tokens used by the refit",
-    "refit_patience": "stop the refit after this many rounds without held-out improvement (0: all rounds)",
-    "refit_holdout_tokens": "calibration tokens the refit's early stopping measures on",
-    "refit_min_gain": "a round must lower the held-out error by this fraction to count as improving",
-    "refit_proximal": "trust-region strength of the refit (0: off)",
-    "refit_input_noise": "sigma: refit on inputs x + sigma rms(x) eps, dense targets there (0: off)",
+_GROUPS = {
+    "": "what to prune",
+    "solver.": "method (constants: docs/hyperparameters.md)",
+    "calibration.": "calibration",
+    "runtime.": "where it runs",
+    "experimental.": "experimental (study knobs that lost on the quality matrix; docs/studies)",
 }
 
 
-def _add_solver_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("solver (defaults: see docs/hyperparameters.md)")
-    g.add_argument("--method", default="spap", choices=METHODS)
-    g.add_argument("--selection", default=None, choices=SELECTIONS, help="override the method's selection rule")
-    g.add_argument("--refit", default=None, choices=REFITS, help="override the method's reconstruction")
-    g.add_argument("--fit-bias", default="auto", choices=["auto", "yes", "no"])
-    g.add_argument(
-        "--no-refit-safeguard",
-        dest="refit_safeguard",
-        action="store_false",
-        help="keep the refit even where it raises the objective on all calibration tokens",
-    )
-    defaults = SolverConfig()
-    for name, text in _SOLVER_HELP.items():
-        value = getattr(defaults, name)
-        g.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=f"{text} (default {value})")
+def _flag(path: str, f: Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-_EXPERT_FLAGS = {
-    "--head-unit",
-    "--temperature",
-    "--angular-slope",
-    "--min-sparsity",
-    "--max-sparsity",
-    "--pad-to-uniform",
-    "--error-correction",
-    "--token-weighting",
-    "--batch-size",
-    "--compute-dtype",
-    "--ppl-seq-len",
-    "--eval-dtype",
-    "--selection",
-    "--fit-bias",
-    "--no-refit-safeguard",
-    *("--" + name.replace("_", "-") for name in _SOLVER_HELP),
-}
-"""Flags listed by ``--help-all`` only: solver constants and research options."""
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").removeprefix("no-").replace("-", "_")
 
 
-def _hide_expert_flags(parser: argparse.ArgumentParser) -> None:
-    for action in parser._actions:
-        if set(action.option_strings) & _EXPERT_FLAGS:
-            action.help = argparse.SUPPRESS
+def _value_type(path: str, f: Field) -> Callable[[str], Any]:
+    """argparse type of a config field: its annotation's (X or X | None), GiB sizes checked."""
+    if path == "runtime.max_host_memory_gib":
+        return _gib
+    hint = typing.get_type_hints(_owner(path))[f.name]
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    return kinds[0]
+
+
+def _owner(path: str) -> type:
+    section = path.partition(".")[0] if "." in path else ""
+    return {f.name: f.default_factory for f in fields(PruneConfig)}.get(section, PruneConfig)  # type: ignore[return-value]
+
+
+def config_flags() -> dict[str, tuple[str, ...]]:
+    """argparse dest -> the PruneConfig fields (dotted paths) that flag sets."""
+    by_dest: dict[str, tuple[str, ...]] = {}
+    for path, f in flag_fields():
+        dest = _dest(_flag(path, f))
+        by_dest[dest] = (*by_dest.get(dest, ()), path)
+    return by_dest
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> set[str]:
+    """One option per PruneConfig field, in groups by section, generated from the fields' metadata
+    (``spap.core.solver_config.option``); returns the flags that ``--help`` hides."""
+    defaults = PruneConfig().to_dict()
+    groups = {title: p.add_argument_group(title) for title in _GROUPS.values()}
+    hidden: set[str] = set()
+    seen: set[str] = set()
+    for path, f in flag_fields():
+        flag = _flag(path, f)
+        if flag in seen:  # --seed sets two fields
+            continue
+        seen.add(flag)
+        meta = f.metadata
+        section = path.rpartition(".")[0] + "." if "." in path else ""
+        experimental = meta.get("experimental") or section == "experimental."
+        group = groups[_GROUPS["experimental." if experimental else section]]
+        default = defaults
+        for key in path.split("."):
+            default = default[key]
+        if isinstance(default, bool):
+            action = "store_false" if default else "store_true"
+            group.add_argument(flag, dest=_dest(flag), action=action, default=default, help=meta["help"])
+        else:
+            shown = (
+                ""
+                if default is None or meta.get("choices")
+                else f" (default {default:g})"
+                if isinstance(default, float)
+                else f" (default {default})"
+            )
+            group.add_argument(
+                flag,
+                dest=_dest(flag),
+                type=_value_type(path, f),
+                default=default,
+                choices=meta.get("choices"),
+                metavar=meta.get("metavar"),
+                help=meta["help"] + shown,
+            )
+        if meta.get("expert") or experimental:
+            hidden.add(flag)
+    return hidden
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,22 +127,6 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "model", nargs="?", default=None, help="checkpoint dir, .gguf file or hub id (default: embedded SmolLM2-135M)"
     )
-    p.add_argument("--sparsity", type=float, default=0.3, help="fraction of MLP neurons to remove, in [0, 1)")
-    p.add_argument(
-        "--drop-layers",
-        type=int,
-        default=0,
-        metavar="N",
-        help="also remove N whole decoder layers (those that change the hidden state least); stock checkpoint",
-    )
-    p.add_argument(
-        "--target-ratio",
-        type=float,
-        default=None,
-        metavar="R",
-        help="remove this fraction of all parameters, split between whole layers, KV groups and MLP width by "
-        "measuring each mix on held-out calibration windows (sets --sparsity, --drop-layers, head sparsity)",
-    )
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument(
         "--save-dtype",
@@ -133,57 +136,12 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument(
-        "--target", default="mlp", choices=["mlp", "attn", "both"], help="prune MLP neurons, attention heads or both"
+        "--config", default=None, help="JSON file with a PruneConfig; flags given on the command line override it"
     )
-    p.add_argument(
-        "--head-sparsity",
-        type=float,
-        default=0.0,
-        help="fraction of attention heads removed per layer, in units of --head-unit",
-    )
-    p.add_argument(
-        "--head-unit",
-        default="kv-group",
-        choices=HEAD_UNITS,
-        help="kv-group: whole KV groups with their query heads; query: the same number of query heads in every KV group",
-    )
-    p.add_argument(
-        "--allocation",
-        default="auto",
-        choices=ALLOCATIONS,
-        help="auto: global for flap, angular for cfsp, else uniform",
-    )
-    p.add_argument("--temperature", type=float, default=1.0, help="structprune softmax temperature T")
-    p.add_argument(
-        "--angular-slope", type=float, default=CFSP_SLOPE, help=f"angular (CFSP) sigmoid slope (default {CFSP_SLOPE:g})"
-    )
-    p.add_argument("--min-sparsity", type=float, default=0.0, help="per-layer lower bound (non-uniform allocations)")
-    p.add_argument("--max-sparsity", type=float, default=0.9, help="per-layer upper bound (non-uniform allocations)")
-    p.add_argument("--width-multiple", type=int, default=1, help="round kept MLP widths to multiples of this")
-    p.add_argument(
-        "--pad-to-uniform",
-        action="store_true",
-        help="zero-pad non-uniform widths to the maximum (stock-loadable everywhere)",
-    )
-    p.add_argument("--error-correction", type=float, default=0.0, help="beta: also correct upstream error (0..1)")
-    p.add_argument(
-        "--token-weighting",
-        default="none",
-        choices=TOKEN_WEIGHTINGS,
-        help="experimental; residual: weight each token's reconstruction error by 1/||h||^2 of the residual "
-        "stream (better for SPAP at long context, breaks fasp; docs/hyperparameters.md)",
-    )
-    p.add_argument(
-        "--calib",
-        default="bundled",
-        help="bundled | self | text FILE | token-id FILE.pt (e.g. calibration_ids.pt of a --calib self run) | hf:NAME[:CONFIG[:SPLIT]]",
-    )
-    p.add_argument("--n-samples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--compute-dtype", default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", action="store_true", help="perplexity before and after pruning")
+    p.add_argument("--ppl", nargs="*", default=None, help="text files for --eval (default: bundled held-out text)")
+    p.add_argument("--ppl-seq-len", type=int, default=2048, help="window length for --eval")
+    p.add_argument("--eval-dtype", default="bfloat16", help="matmul dtype for evaluation (autocast)")
     p.add_argument(
         "--offload",
         default="auto",
@@ -192,24 +150,16 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
         "shard by shard (auto: when the model would not fit in --max-host-memory)",
     )
     p.add_argument(
-        "--max-host-memory",
-        type=_gib,
-        default=None,
-        metavar="GIB",
-        help="host-memory budget; calibration activations over half of it go to disk "
-        "(default: 80%% of the memory available at start)",
+        "--pad-to-uniform",
+        action="store_true",
+        help="zero-pad non-uniform widths to the maximum (stock-loadable everywhere)",
     )
-    p.add_argument(
-        "--config", default=None, help="JSON file with a PruneConfig; flags given on the command line override it"
-    )
-    p.add_argument("--eval", action="store_true", help="perplexity before and after pruning")
-    p.add_argument("--ppl", nargs="*", default=None, help="text files for --eval (default: bundled held-out text)")
-    p.add_argument("--ppl-seq-len", type=int, default=2048)
-    p.add_argument("--eval-dtype", default="bfloat16", help="matmul dtype for evaluation (autocast)")
-    _add_solver_args(p)
+    hidden = _add_config_args(p) | {"--ppl-seq-len", "--eval-dtype", "--pad-to-uniform"}
     p.add_argument("--help-all", action="help", help="show every option, solver constants included, and exit")
     if not show_all:
-        _hide_expert_flags(p)
+        for action in p._actions:
+            if set(action.option_strings) & hidden:
+                action.help = argparse.SUPPRESS
 
     e = sub.add_parser("eval", help="evaluate a (pruned) checkpoint")
     e.add_argument("model", nargs="?", default=None, help="checkpoint dir (default: embedded SmolLM2-135M)")
@@ -268,21 +218,20 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
     """The run's PruneConfig: from the flags, or from ``--config FILE`` with the flags given on the
-    command line overriding the file's values."""
+    command line (``args.explicit``) overriding the file's values."""
     try:
-        flags = _config_from_flags(args)
+        given = _config_from_flags(args).to_dict()
     except (ValueError, TypeError) as exc:  # invalid values
         raise UsageError(str(exc)) from exc
     if not args.config:
-        return flags
+        return PruneConfig.from_dict(given)
     file = Path(args.config)
     try:
         merged = PruneConfig.from_dict(json.loads(file.read_text())).to_dict()  # from_dict names a non-object
-        given = flags.to_dict()
+        by_dest = config_flags()
         for dest in getattr(args, "explicit", set()):
-            for path in _config_fields_of_flag(dest):
-                parent, _, key = path.rpartition(".")
-                (merged[parent] if parent else merged)[key] = (given[parent] if parent else given)[key]
+            for path in by_dest.get(dest, ()):
+                _set(merged, path, _get(given, path))
         return PruneConfig.from_dict(merged)
     except json.JSONDecodeError as exc:
         raise UsageError(f"--config {file}: not valid JSON ({exc})") from None
@@ -292,24 +241,15 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         raise UsageError(f"--config {file}: {exc}") from None
 
 
-_FLAG_FIELDS = {
-    "calib": ("calibration.source",),
-    "n_samples": ("calibration.n_samples",),
-    "seq_len": ("calibration.seq_len",),
-    "seed": ("seed", "calibration.seed"),
-    "max_host_memory": ("max_host_memory_gib",),
-}
+def _get(tree: dict[str, Any], path: str) -> Any:
+    for key in path.split("."):
+        tree = tree[key]
+    return tree
 
 
-def _config_fields_of_flag(dest: str) -> tuple[str, ...]:
-    """The PruneConfig fields (dotted paths) that the flag with argparse ``dest`` sets; () for flags
-    that are no part of the configuration (--out, --eval, ...)."""
-    if dest in _FLAG_FIELDS:
-        return _FLAG_FIELDS[dest]
-    if dest in {f.name for f in fields(SolverConfig)}:
-        return (f"solver.{dest}",)
-    top = {f.name for f in fields(PruneConfig)} - {"solver", "calibration"}
-    return (dest,) if dest in top else ()
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    parent, _, key = path.rpartition(".")
+    (_get(tree, parent) if parent else tree)[key] = value
 
 
 def explicit_dests(argv: list[str]) -> set[str]:
@@ -324,27 +264,9 @@ def explicit_dests(argv: list[str]) -> set[str]:
 
 
 def _config_from_flags(args: argparse.Namespace) -> PruneConfig:
-    solver_kwargs = {f.name: getattr(args, f.name) for f in fields(SolverConfig) if hasattr(args, f.name)}
-    return PruneConfig(
-        sparsity=args.sparsity,
-        drop_layers=args.drop_layers,
-        target_ratio=args.target_ratio,
-        target=args.target,
-        head_sparsity=args.head_sparsity,
-        head_unit=args.head_unit,
-        solver=SolverConfig(**solver_kwargs),
-        calibration=CalibrationConfig(args.calib, args.n_samples, args.seq_len, args.seed),
-        allocation=args.allocation,
-        temperature=args.temperature,
-        angular_slope=args.angular_slope,
-        min_sparsity=args.min_sparsity,
-        max_sparsity=args.max_sparsity,
-        width_multiple=args.width_multiple,
-        error_correction=args.error_correction,
-        token_weighting=args.token_weighting,
-        device=args.device,
-        compute_dtype=args.compute_dtype,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        max_host_memory_gib=args.max_host_memory,
-    )
+    """PruneConfig of the parsed flags (every config field has one, see ``config_flags``)."""
+    tree = PruneConfig().to_dict()
+    for dest, paths in config_flags().items():
+        for path in paths:
+            _set(tree, path, getattr(args, dest))
+    return PruneConfig.from_dict(tree)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
+from typing import Any
 
 METHODS = ("spap", "magnitude", "wanda-sp", "fasp", "flap", "cfsp")
 SELECTIONS = ("penalty", "score")
@@ -17,6 +18,23 @@ METHOD_DEFAULTS: dict[str, tuple[str, str]] = {
     "flap": ("score", "bias"),
     "cfsp": ("score", "none"),  # CFSP's recovery fine-tuning (LoRA) is training, not part of the harness
 }
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    expert: bool = False,
+    experimental: bool = False,
+) -> Any:
+    """A dataclass field with its command-line form in ``metadata``: ``flag`` (default ``--name``),
+    ``help``, ``choices``, ``metavar``; ``expert`` flags are listed by ``--help-all`` only, and
+    ``experimental`` ones there too, in their own group (study knobs that lost)."""
+    meta = dict(help=help, flag=flag, choices=choices, metavar=metavar, expert=expert or experimental)
+    return field(default=default, metadata={**meta, "experimental": experimental})
 
 
 @dataclass
@@ -60,27 +78,45 @@ class SolverConfig:
     fit_bias:        "auto" (refit the down bias only where the model has one), "yes", "no".
     """
 
-    method: str = "spap"
-    selection: str | None = None
-    refit: str | None = None
-    penalty_rounds: int = 30
-    rho_init: float = 0.1
-    rho_growth: float = 1.3
-    momentum: float = 0.3
-    score_exponent: float = 0.5
-    ramp: float = 0.6
-    penalty_patience: int = 2
-    damping: float = 1e-2
-    refit_rounds: int = 20
-    refit_grad_steps: int = 3
-    refit_tokens: int = 8192
-    refit_patience: int = 1
-    refit_holdout_tokens: int = 8192
-    refit_min_gain: float = 1e-3
-    refit_proximal: float = 0.0
-    refit_input_noise: float = 0.0
-    refit_safeguard: bool = True
-    fit_bias: str = "auto"
+    method: str = option("spap", "the pruning method (default: see the README)", choices=METHODS)
+    selection: str | None = option(None, "override the method's selection rule", choices=SELECTIONS, expert=True)
+    refit: str | None = option(None, "override the method's reconstruction", choices=REFITS)
+    penalty_rounds: int = option(30, "K, penalty-loop rounds", expert=True)
+    rho_init: float = option(0.1, "rho_0 relative to mean diag(G)", expert=True)
+    rho_growth: float = option(1.3, "tau, rho multiplier per round", expert=True)
+    momentum: float = option(0.3, "alpha, soft-mask momentum", expert=True)
+    score_exponent: float = option(0.5, "t, importance exponent", expert=True)
+    ramp: float = option(0.6, "fraction of rounds over which the target count grows to k", expert=True)
+    penalty_patience: int = option(
+        2, "stop the penalty loop once the full-size mask is unchanged this many rounds (0: all rounds)", expert=True
+    )
+    damping: float = option(1e-2, "ridge relative to mean diag(G)", expert=True)
+    refit_rounds: int = option(20, "final alternating-minimisation rounds", expert=True)
+    refit_grad_steps: int = option(3, "gradient steps on W_up/W_gate per round", expert=True)
+    refit_tokens: int = option(8192, "calibration tokens used by the refit", expert=True)
+    refit_patience: int = option(
+        1, "stop the refit after this many rounds without held-out improvement (0: all rounds)", expert=True
+    )
+    refit_holdout_tokens: int = option(8192, "calibration tokens the refit's early stopping measures on", expert=True)
+    refit_min_gain: float = option(
+        1e-3, "a round must lower the held-out error by this fraction to count as improving", expert=True
+    )
+    refit_proximal: float = option(0.0, "trust-region strength of the refit (0: off)", experimental=True)
+    refit_input_noise: float = option(
+        0.0, "sigma: refit on inputs x + sigma rms(x) eps, dense targets there (0: off)", experimental=True
+    )
+    refit_safeguard: bool = option(
+        True,
+        "keep the refit even where it raises the objective on all calibration tokens",
+        flag="--no-refit-safeguard",
+        expert=True,
+    )
+    fit_bias: str = option(
+        "auto",
+        "refit the down bias: auto (where the model has one), yes, no",
+        choices=("auto", "yes", "no"),
+        expert=True,
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -145,8 +145,8 @@ def search(
     from .pipeline import prune
 
     assert cfg.target_ratio is not None
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.compute_dtype, device)
+    device = resolve_device(cfg.runtime.device)
+    dtype = resolve_dtype(cfg.runtime.compute_dtype, device)
     measured = candidates(model, adapter, cfg.target_ratio)
     fast = replace(cfg, target_ratio=None, solver=replace(cfg.solver, refit="ls"), allocation="uniform")
     # the dense model's layer ranking is the same for every candidate: one probe pass, not one each
@@ -158,7 +158,7 @@ def search(
         if candidate.drop_layers:
             get_adapter(trial).remove_layers(trial, least_changing_layers(angular, candidate.drop_layers))
         prune(trial, config=replace(candidate.config(fast), drop_layers=0), calibration_ids=ids)
-        candidate.held_out_loss = held_out_loss(trial, held_out, cfg.batch_size, device, dtype)
+        candidate.held_out_loss = held_out_loss(trial, held_out, cfg.runtime.batch_size, device, dtype)
         log.info("budget candidate %s", asdict(candidate))
         del trial
     best = min(measured, key=lambda c: (c.held_out_loss, c.drop_layers))

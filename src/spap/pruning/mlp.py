@@ -93,11 +93,11 @@ def prune_layer_mlp(
     dense = adapter.read_mlp(layer).to(device, torch.float32)
     offsets_first = offsets_again = weights_first = weights_again = None
     if dense_outputs is not None:
-        beta = cfg.error_correction
+        beta = cfg.experimental.error_correction
         offsets_first, offsets_again = _record_then_replay(
             lambda batch, out: beta * (dense_outputs.hidden[batch].to(out.device, torch.float32) - out.float())
         )
-    if cfg.token_weighting == "residual":
+    if cfg.experimental.token_weighting == "residual":
         weights_first, weights_again = _record_then_replay(lambda _batch, out: residual_token_weights(out))
 
     seconds: dict[str, float] = {}

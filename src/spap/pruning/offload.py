@@ -38,7 +38,7 @@ def prune_offloaded(
     memory: the same checkpoint ``prune`` + ``save_pruned`` write (tensors equal; shards may differ).
 
     ``save_dtype`` None keeps the input's stored dtype. ``report_extra`` is merged into pruning.json.
-    ``max_shard_bytes`` None: ``shard_bytes(cfg.max_host_memory_gib)`` (a shard is buffered in memory).
+    ``max_shard_bytes`` None: ``shard_bytes(cfg.runtime.max_host_memory_gib)`` (a shard is buffered in memory).
     Written atomically: an error or interrupt leaves no ``out_dir``. Data-parallel ranks each stream
     every layer; rank 0 writes.
     """
@@ -55,7 +55,7 @@ def prune_offloaded(
     writes = distributed.rank() == 0
     target = atomic_directory(out_dir, overwrite=overwrite) if writes else nullcontext(None)
     with target as tmp:
-        shard = max_shard_bytes or shard_bytes(cfg.max_host_memory_gib)
+        shard = max_shard_bytes or shard_bytes(cfg.runtime.max_host_memory_gib)
         writer = ShardWriter(tmp, shard, dtype) if tmp is not None else None
         streamed = StreamedLayers(model, source, writer)
         report = prune(model, tokenizer, cfg, calibration_ids=calibration_ids, residency=streamed)

@@ -113,10 +113,10 @@ def prune(
     get_adapter(model)  # an unsupported architecture fails here, before any sizing
     shape = tuple(calibration_ids.shape) if calibration_ids is not None else None
     n, seq_len = shape or (cfg.calibration.n_samples, cfg.calibration.seq_len)
-    dtype = resolve_dtype(cfg.compute_dtype, resolve_device(cfg.device))
+    dtype = resolve_dtype(cfg.runtime.compute_dtype, resolve_device(cfg.runtime.device))
     first, last = distributed.shard_bounds(n)  # data parallel: this rank's sequences
     needed = activation_bytes(last - first, seq_len, _hidden_size(model), dtype)
-    spill = cfg.max_host_memory_gib is not None and needed > cfg.max_host_memory_gib * 2**30 / 2
+    spill = cfg.runtime.max_host_memory_gib is not None and needed > cfg.runtime.max_host_memory_gib * 2**30 / 2
     if spill:
         log.info("calibration activations (%.2f GiB) go to disk: over half of --max-host-memory", needed / 2**30)
     frontier = None
@@ -143,8 +143,10 @@ def _search_budget(
             raise ValueError("pass a tokenizer or calibration_ids")
         n = cfg.calibration.n_samples
         extra = replace(cfg.calibration, n_samples=n + max(1, n // 4))
-        device = resolve_device(cfg.device)
-        calibration_ids = calibration_tokens(tokenizer, extra, model, resolve_dtype(cfg.compute_dtype, device), device)
+        device = resolve_device(cfg.runtime.device)
+        calibration_ids = calibration_tokens(
+            tokenizer, extra, model, resolve_dtype(cfg.runtime.compute_dtype, device), device
+        )
     ids, held_out = budget.split_held_out(calibration_ids, 0.2, cfg.seed)
     best, measured = budget.search(model, get_adapter(model), cfg, ids, held_out)
     log.info(
@@ -173,8 +175,8 @@ def _prune(
 ) -> PruneReport:
     t_start = time.perf_counter()
     adapter = get_adapter(model)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.compute_dtype, device)
+    device = resolve_device(cfg.runtime.device)
+    dtype = resolve_dtype(cfg.runtime.compute_dtype, device)
     reset_peak_memory(device)
     layers = adapter.decoder_layers(model)
     widths = [adapter.mlp_width(layer) for layer in layers]
@@ -220,7 +222,7 @@ def _prune(
     t0 = time.perf_counter()
     first, last = distributed.shard_bounds(calibration_ids.shape[0])  # data parallel: this rank's sequences
     with residency.capture():
-        inputs = capture_layer_inputs(model, layers, calibration_ids[first:last], cfg.batch_size, device, dtype)
+        inputs = capture_layer_inputs(model, layers, calibration_ids[first:last], cfg.runtime.batch_size, device, dtype)
     seconds["capture"] = time.perf_counter() - t0
     positions = holdout_mask = None
     if cfg.solver.needs_sample:
@@ -231,13 +233,13 @@ def _prune(
         positions = distributed.local_positions(positions, first * seq_len, last * seq_len)
 
     for option, used in (
-        ("error_correction", cfg.error_correction > 0),
-        ("token_weighting", cfg.token_weighting != "none"),
+        ("error_correction", cfg.experimental.error_correction > 0),
+        ("token_weighting", cfg.experimental.token_weighting != "none"),
     ):
         if used and not adapter.mlp_output_is_residual(model):
             raise ValueError(f"{option} needs layers whose MLP output is added last; {_model_type(model)} is not")
     ctx = LayerContext(adapter, cfg, device, dtype, positions, holdout_mask)
-    dense_inputs = inputs if cfg.error_correction > 0 else None
+    dense_inputs = inputs if cfg.experimental.error_correction > 0 else None
     reports: list[LayerReport] = []
     bar = tqdm(list(enumerate(layers)), desc=f"{cfg.solver.method} {cfg.sparsity:.0%}", unit="layer")
     for index, layer in bar:

@@ -55,7 +55,7 @@ def probe_layers(
     residency = residency or ResidentLayers()
     layers = adapter.decoder_layers(model)
     with residency.capture():
-        inputs = capture_layer_inputs(model, layers, ids, cfg.batch_size, device, dtype)
+        inputs = capture_layer_inputs(model, layers, ids, cfg.runtime.batch_size, device, dtype)
     needs_statistics = cfg.allocation_rule in ("global", "structprune")
     probes = []
     for index, layer in enumerate(tqdm(layers, desc="probe", unit="layer")):

@@ -40,7 +40,7 @@ def in_memory_bytes(path: str | Path, cfg: PruneConfig | None = None) -> int | N
     if cfg is None:
         return weights
     config = AutoConfig.from_pretrained(str(path)).get_text_config()
-    dtype = resolve_dtype(cfg.compute_dtype, resolve_device(cfg.device))
+    dtype = resolve_dtype(cfg.runtime.compute_dtype, resolve_device(cfg.runtime.device))
     n, seq_len = cfg.calibration.n_samples, cfg.calibration.seq_len
     return weights + activation_bytes(n, seq_len, config.hidden_size, dtype)
 
