@@ -17,6 +17,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from .core.allocation import CFSP_SLOPE
+from .core.methods import get_method
 from .core.solver_config import SolverConfig, option
 
 ALLOCATIONS = ("auto", "uniform", "structprune", "global", "angular")
@@ -222,7 +223,7 @@ class PruneConfig:
     @property
     def allocation_rule(self) -> str:
         if self.allocation == "auto":
-            return {"flap": "global", "cfsp": "angular"}.get(self.solver.method, "uniform")
+            return get_method(self.solver.method).allocation
         return self.allocation
 
     def to_dict(self) -> dict[str, Any]:

@@ -21,26 +21,49 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .methods import Method, get_method, register
 from .stats import MLPStatistics
 
+
+def _magnitude(w: Tensor, stats: MLPStatistics) -> Tensor:
+    return w.norm(dim=0)
+
+
+def _wanda_sp(w: Tensor, stats: MLPStatistics) -> Tensor:
+    return w.abs().mean(0) * _z_norm(stats)
+
+
+def _fasp(w: Tensor, stats: MLPStatistics) -> Tensor:
+    return w.abs().sum(0) * _z_norm(stats)
+
+
+def _flap(w: Tensor, stats: MLPStatistics) -> Tensor:
+    return stats.z_var * w.pow(2).sum(0)
+
+
+def _cfsp(w: Tensor, stats: MLPStatistics) -> Tensor:
+    return _z_norm(stats)
+
+
+def _z_norm(stats: MLPStatistics) -> Tensor:
+    return stats.z_sq.clamp_min(0).sqrt()  # ||z_i|| = sqrt(G_ii)
+
+
+register(Method("magnitude", "score", "none", score=_magnitude, summary="column norm of W_down"))
+register(Method("wanda-sp", "score", "none", score=_wanda_sp, summary="structured Wanda (FLAP's Wanda-sp)"))
+register(Method("fasp", "score", "ls", score=_fasp, summary="FASP: Wanda score, closed-form W_down"))
+register(Method("flap", "score", "bias", "global", _flap, "FLAP: fluctuation, global ranking, bias compensation"))
+# CFSP's recovery fine-tuning (LoRA) is training, not part of the harness
+register(Method("cfsp", "score", "none", "angular", _cfsp, "CFSP: activation norm, angular allocation"))
 SCORE_RULES = ("magnitude", "wanda-sp", "fasp", "flap", "cfsp")
 
 
 def neuron_scores(rule: str, down: Tensor, stats: MLPStatistics) -> Tensor:
-    """Importance (m,) in float64 of each neuron under ``rule``."""
-    w = down.double()
-    z_sq = stats.z_sq.clamp_min(0)  # ||z_i||^2 = G_ii
-    if rule == "magnitude":
-        return w.norm(dim=0)
-    if rule == "wanda-sp":
-        return w.abs().mean(0) * z_sq.sqrt()
-    if rule == "fasp":
-        return w.abs().sum(0) * z_sq.sqrt()
-    if rule == "flap":
-        return stats.z_var * w.pow(2).sum(0)
-    if rule == "cfsp":
-        return z_sq.sqrt()
-    raise ValueError(f"unknown score rule {rule!r}; choose one of {', '.join(SCORE_RULES)}")
+    """Importance (m,) in float64 of each neuron under the score of method ``rule``."""
+    score = get_method(rule).score
+    if score is None:
+        raise ValueError(f"method {rule!r} has no neuron score; choose one of {', '.join(SCORE_RULES)}")
+    return score(down.double(), stats)
 
 
 def bottom_k(scores: Tensor, k: int, blocks: Tensor | None = None) -> Tensor:

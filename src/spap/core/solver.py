@@ -10,9 +10,10 @@ import torch
 from torch import Tensor
 
 from .linalg import QuadraticLS
+from .methods import get_method
 from .mlp import MLPWeights
 from .refit import Holdout, alternating_refit, gradient_refit, perturbed_rows
-from .scores import bottom_k, neuron_scores
+from .scores import bottom_k
 from .selection import penalty_select, score_select
 from .solver_config import SolverConfig
 from .stats import MLPStatistics
@@ -50,8 +51,9 @@ def select_neurons(
     weights: MLPWeights, stats: MLPStatistics, n_prune: int, cfg: SolverConfig
 ) -> tuple[Tensor, list[float]]:
     """Bool mask (m,) of neurons to remove and the penalty-loop objective trace (empty for scores)."""
-    if cfg.method != "spap":
-        return bottom_k(neuron_scores(cfg.method, weights.down, stats), n_prune), []
+    score = get_method(cfg.method).score
+    if score is not None:
+        return bottom_k(score(weights.down.double(), stats), n_prune), []
     problem = QuadraticLS.from_stats(stats)
     if resolve_fit_bias(cfg, weights):
         problem = problem.centered()

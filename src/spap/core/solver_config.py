@@ -5,19 +5,12 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
-METHODS = ("spap", "magnitude", "wanda-sp", "fasp", "flap", "cfsp")
+from .methods import get_method, method_names
+
+METHODS = method_names()
+
 SELECTIONS = ("penalty", "score")
 REFITS = ("alternating", "gd", "ls", "bias", "none")
-
-# method -> (neuron selection rule, weight reconstruction after removal)
-METHOD_DEFAULTS: dict[str, tuple[str, str]] = {
-    "spap": ("penalty", "alternating"),
-    "magnitude": ("score", "none"),
-    "wanda-sp": ("score", "none"),
-    "fasp": ("score", "ls"),
-    "flap": ("score", "bias"),
-    "cfsp": ("score", "none"),  # CFSP's recovery fine-tuning (LoRA) is training, not part of the harness
-}
 
 
 def option(
@@ -41,7 +34,7 @@ def option(
 class SolverConfig:
     """How one MLP is pruned.  Defaults were chosen on SmolLM2-135M (see docs/hyperparameters.md).
 
-    method:          spap | magnitude | wanda-sp | fasp | flap | cfsp.
+    method:          a registered method (spap.core.methods): spap | magnitude | wanda-sp | fasp | flap | cfsp.
     selection:       override of the method's selection rule: "penalty" (SPAP loop) or "score".
     refit:           override of the reconstruction: "alternating" (closed-form W_down + gradient
                      steps on W_up/W_gate, repeated), "gd" (plain gradient descent on all three),
@@ -119,8 +112,7 @@ class SolverConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        get_method(self.method)  # ValueError naming the choices
         if self.selection is not None and self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
         if self.refit is not None and self.refit not in REFITS:
@@ -142,17 +134,17 @@ class SolverConfig:
 
     @property
     def selection_rule(self) -> str:
-        return self.selection or METHOD_DEFAULTS[self.method][0]
+        return self.selection or get_method(self.method).selection
 
     @property
     def refit_rule(self) -> str:
-        return self.refit or METHOD_DEFAULTS[self.method][1]
+        return self.refit or get_method(self.method).refit
 
     @property
     def needs_gram(self) -> bool:
         """Whether the solve needs the full Gram / cross statistics (SPAP's selection or any least
         squares); score rules with no or a bias-only reconstruction need diag(G) and sum z only."""
-        return self.method == "spap" or self.refit_rule in ("ls", "alternating", "gd")
+        return get_method(self.method).score is None or self.refit_rule in ("ls", "alternating", "gd")
 
     @property
     def holdout_tokens(self) -> int:
