@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from spap.io.gguf import convert_gguf
 from spap.io.models import smollm2_gguf_path
+from spap.io.shards import ShardWriter
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,9 +21,15 @@ pytestmark = [
 ]
 
 
-def test_streamed_conversion_equals_transformers_reader_tensor_by_tensor(tmp_path):
+def test_streamed_conversion_equals_transformers_reader_tensor_by_tensor(tmp_path, monkeypatch):
     gguf = smollm2_gguf_path()
+    by_rows = []
+    add_rows = ShardWriter.add_rows
+    monkeypatch.setattr(
+        ShardWriter, "add_rows", lambda self, name, *a: by_rows.append(name) or add_rows(self, name, *a)
+    )
     out = convert_gguf(gguf, tmp_path / "converted", max_shard_bytes=2**26)
+    assert by_rows == ["model.embed_tokens.weight"]  # 113 MB as float32: converted in row blocks
     streamed = {}
     for shard in out.glob("*.safetensors"):
         streamed.update(load_file(shard))

@@ -10,6 +10,9 @@ map) straight into a ``ShardWriter``: peak memory is about the largest tensor, w
 from __future__ import annotations
 
 import logging
+import math
+import mmap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +70,21 @@ def convert_gguf(
     with atomic_directory(out_dir) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes, dtype)
         for tensor in tqdm(reader.tensors, desc=f"converting {name}", unit="tensor"):
-            weights = dequantize(tensor.data, tensor.tensor_type)
-            result = processor.process(
-                weights=weights, name=tensor.name, tensor_key_mapping=names, parsed_parameters=parsed
-            )
-            if result.name not in names or names[result.name] not in wanted:
-                continue
-            key = names[result.name]
-            writer.add({key: torch.from_numpy(np.ascontiguousarray(result.weights)).to(dtype)}, owned=True)
-            written.add(key)
+            context = dict(tensor_key_mapping=names, parsed_parameters=parsed)
+            if _by_rows(tensor, processor, context):  # e.g. the embeddings: never whole in memory
+                key = names.get(tensor.name)
+                if key in wanted:
+                    rows = (_as_tensor(dequantize(block, tensor.tensor_type)) for block in _row_blocks(tensor))
+                    writer.add_rows(key, _hf_shape(tensor), rows)
+                    written.add(key)
+            else:
+                weights = dequantize(tensor.data, tensor.tensor_type)
+                result = processor.process(weights=weights, name=tensor.name, **context)
+                key = names.get(result.name)
+                if key in wanted:
+                    writer.add({key: _as_tensor(result.weights).to(dtype)}, owned=True)
+                    written.add(key)
+            _release_mapped_pages(reader)
         missing = sorted(wanted - written)
         if missing:
             raise CheckpointError(f"{gguf_file} lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
@@ -86,3 +95,46 @@ def convert_gguf(
             GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out_dir
+
+
+ROW_BLOCK_BYTES = 2**26
+"""Tensors larger than this as float32 are dequantised in row blocks of about this size."""
+
+
+def _hf_shape(tensor: Any) -> tuple[int, ...]:
+    return tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dimensions innermost first
+
+
+def _row_blocks(tensor: Any) -> Iterator[np.ndarray]:
+    """The tensor's stored rows (quantised bytes or floats) in blocks of about ROW_BLOCK_BYTES as float32."""
+    rows, row_bytes = tensor.data.shape[0], 4 * math.prod(_hf_shape(tensor)[1:])
+    step = max(1, ROW_BLOCK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        yield tensor.data[start : start + step]
+
+
+def _by_rows(tensor: Any, processor: Any, context: dict[str, Any]) -> bool:
+    """Whether to convert ``tensor`` row block by row block: it is large, a 2-D matrix stored row by
+    row, and the architecture's processing leaves it as it is (checked on its first rows: llama.cpp
+    layouts that processors undo, e.g. permuted q/k rows or transposed GPT-2 matrices, go whole)."""
+    shape = _hf_shape(tensor)
+    if len(shape) != 2 or 4 * math.prod(shape) <= ROW_BLOCK_BYTES or tensor.data.shape[0] != shape[0]:
+        return False
+    from gguf import dequantize
+
+    probe = dequantize(tensor.data[:2], tensor.tensor_type)
+    result = processor.process(weights=probe, name=tensor.name, **context)
+    return result.name == tensor.name and result.weights is probe
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _release_mapped_pages(reader: Any) -> None:
+    """Drop the GGUF file's pages read so far from this process's resident set (the mapping is
+    read-only; a page read again comes back from the page cache): without it the whole file counts in
+    the peak RSS by the last tensor."""
+    mapped = getattr(reader.data, "_mmap", None)  # numpy.memmap's mmap object
+    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)

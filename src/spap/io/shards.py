@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
 class CheckpointError(ValueError):
@@ -155,6 +157,31 @@ class ShardWriter:
         self.total_bytes += size
         if self._buffer_bytes >= self.max_shard_bytes:
             self._flush()
+
+    def add_rows(self, name: str, shape: tuple[int, ...], chunks: Iterable[Tensor]) -> None:
+        """Write one tensor of ``shape`` into a shard of its own from ``chunks``, consecutive row blocks
+        (each (r, *shape[1:])), never holding it whole: the safetensors header is known from the
+        shape, and the rows follow it in order (the format's layout: an 8-byte header length, the
+        JSON header, the row-major bytes)."""
+        self._flush()
+        dtype = self.dtype or torch.float32
+        nbytes = math.prod(shape) * dtype.itemsize
+        entry = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [0, nbytes]}
+        header = json.dumps({"__metadata__": {"format": "pt"}, name: entry}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        written = 0
+        with open(self._part(len(self._shards)), "wb") as file:
+            file.write(struct.pack("<Q", len(header)) + header)
+            for chunk in chunks:
+                rows = chunk.detach().to("cpu", dtype).contiguous()
+                if tuple(rows.shape[1:]) != tuple(shape[1:]):
+                    raise ValueError(f"{name}: a row block of shape {tuple(rows.shape)} for a tensor of {shape}")
+                file.write(rows.view(torch.uint8).numpy().data)
+                written += rows.numel() * dtype.itemsize
+        if written != nbytes:
+            raise ValueError(f"{name}: the row blocks hold {written} bytes, the shape {shape} needs {nbytes}")
+        self._shards.append([name])
+        self.total_bytes += nbytes
 
     def _stored(self, tensor: Tensor, owned: bool) -> Tensor:
         stored = tensor.detach()
