@@ -243,7 +243,57 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "Ratios: ppl / the best baseline's ppl in the same column (track and calibration; the depth track, "
         "at the parameter count of 30% of MLP neurons, against the stock track's)."
     )
+    lines += ["", *geomean_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+def stock_cells(rows: list[dict[str, Any]]) -> list[tuple[str, str, float]]:
+    """(model, calibration, sparsity) of the stock track that hold at least one baseline row."""
+    keys = {(r["model"], r["calibration"], r["sparsity"]) for r in rows if r["track"] == "stock"}
+    return sorted(k for k in keys if _cell_best(rows, *k) is not None)
+
+
+def _cell_best(rows: list[dict[str, Any]], model: str, calibration: str, sparsity: float) -> float | None:
+    subset = [r for r in rows if r["model"] == model and r["sparsity"] == sparsity]
+    return best_baseline(subset, "stock", calibration)
+
+
+def geomeans(rows: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
+    """recipe -> (geometric mean over the stock cells of ppl / the cell's best baseline, cells), for
+    the recipes present in every stock cell (the rule that picks ``spap prune``'s default)."""
+    cells = stock_cells(rows)
+    out: dict[str, tuple[float, int]] = {}
+    for recipe in RECIPES["stock"]:
+        ratios = []
+        for model, calibration, sparsity in cells:
+            match = [
+                r["ppl_2048"]
+                for r in rows
+                if (r["model"], r["calibration"], r["sparsity"], r["track"], r["recipe"])
+                == (model, calibration, sparsity, "stock", recipe)
+            ]
+            if match:
+                ratios.append(match[0] / _cell_best(rows, model, calibration, sparsity))  # type: ignore[operator]
+        if cells and len(ratios) == len(cells):
+            out[recipe] = (math.exp(sum(math.log(x) for x in ratios) / len(ratios)), len(ratios))
+    return out
+
+
+def geomean_table(rows: list[dict[str, Any]]) -> list[str]:
+    means = geomeans(rows)
+    if not means:
+        return []
+    cells = stock_cells(rows)
+    lines = [
+        f"## Stock track over its {len(cells)} cells: geometric mean of ppl / best baseline (lower is better)",
+        "",
+        "| recipe | geometric mean | mean prune time |",
+        "|---|---|---|",
+    ]
+    for recipe, (mean, _) in sorted(means.items(), key=lambda item: item[1][0]):
+        seconds = [r["prune_seconds"] for r in rows if r["track"] == "stock" and r["recipe"] == recipe]
+        lines.append(f"| {recipe} | {mean:.3f} | {sum(seconds) / len(seconds):.0f} s |")
+    return lines
 
 
 def best_baseline(rows: list[dict[str, Any]], track: str, calibration: str) -> float | None:

@@ -44,3 +44,14 @@ def test_the_estimate_is_the_longest_earlier_row_of_the_recipe():
     rows = [_row("fasp", 50.0), {**_row("fasp", 50.0, calibration="wikitext2-valid"), "row_seconds": 240.0}]
     assert matrix.estimate_minutes(_row("fasp", 0), rows) == 4.0
     assert matrix.estimate_minutes(_row("cfsp-uniform", 0), rows) == matrix.MODELS["smollm2"]["guess_minutes"]
+
+
+def test_the_geometric_mean_covers_the_recipes_present_in_every_stock_cell():
+    rows = [_row("fasp", 50.0), _row("spap-ls", 45.0), _row("spap", 55.0)]
+    valid = dict(calibration="wikitext2-valid")
+    rows += [{**_row("fasp", 40.0), **valid}, {**_row("spap-ls", 40.0 * 1.1), **valid}]
+    means = matrix.geomeans(rows)
+    assert set(means) == {"fasp", "spap-ls"}  # spap lacks the in-domain cell
+    assert means["fasp"] == (1.0, 2)
+    assert abs(means["spap-ls"][0] - (0.9 * 1.1) ** 0.5) < 1e-12
+    assert "| spap-ls | 0.995 |" in matrix.markdown(rows)

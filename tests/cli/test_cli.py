@@ -28,6 +28,8 @@ def test_prune_command_writes_loadable_checkpoint_and_report(tiny_checkpoint, tm
             "32",
             "--compute-dtype",
             "float32",
+            "--method",
+            "spap",  # the published recipe, whose refit reports refit_accepted
             "--refit-rounds",
             "2",
             "--refit-tokens",
@@ -160,4 +162,4 @@ def test_cfsp_flags_reach_the_config():
     assert cfg.solver.method == "cfsp" and cfg.allocation_rule == "angular" and cfg.angular_slope == 5.0
     assert PruneConfig.from_json(cfg.to_json()) == cfg
     default = config_from_args(build_parser().parse_args(["prune", "--out", "x", "--allocation", "angular"]))
-    assert default.angular_slope == 128 * 2048 / 1e4 and default.solver.method == "spap"
+    assert default.angular_slope == 128 * 2048 / 1e4 and default.solver.method == "spap-ls"

@@ -20,7 +20,7 @@ def nearly_low_rank_inputs(n: int, d: int, rank: int, seed: int) -> torch.Tensor
 
 def refit(mlp: MLPWeights, x: torch.Tensor, sigma: float, sample_x: torch.Tensor | None = None) -> MLPWeights:
     stats = stats_for(mlp, x, sample=x.shape[0])
-    cfg = SolverConfig(refit_input_noise=sigma, refit_rounds=6)
+    cfg = SolverConfig(method="spap", refit_input_noise=sigma, refit_rounds=6)
     return prune_mlp(mlp, stats, 16, cfg, stats.sample_inputs() if sample_x is None else sample_x).weights
 
 
@@ -63,4 +63,4 @@ def test_noisy_refit_matches_the_dense_response_off_the_calibration_inputs(seed)
 def test_negative_or_nan_noise_is_rejected():
     for bad in (-0.1, float("nan")):
         with pytest.raises(ValueError, match="refit_input_noise"):
-            SolverConfig(refit_input_noise=bad)
+            SolverConfig(method="spap", refit_input_noise=bad)

@@ -181,7 +181,7 @@ def test_a_bfloat16_refit_holds_at_most_three_trial_points_at_once(monkeypatch):
     monkeypatch.setattr(refit.Evaluated, "__init__", tracked)
     mlp = random_mlp(d=16, m=40, seed=11)
     x = torch.randn(400, 16)
-    cfg = SolverConfig(refit="alternating", refit_rounds=4, refit_grad_steps=4, refit_patience=0)
+    cfg = SolverConfig(method="spap", refit="alternating", refit_rounds=4, refit_grad_steps=4, refit_patience=0)
     prune_mlp(mlp, stats_for(mlp, x, 400), 16, cfg, x, refit_dtype=torch.bfloat16)
     assert len(alive) > 8  # the run made many trials
     assert peak["n"] <= 3
@@ -295,10 +295,10 @@ def test_safeguard_restores_closed_form_where_the_sample_refit_raises_the_full_o
     x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(3))  # not the order-dependent global RNG
     x[-5:] *= 40  # outside the sample (first 40 rows)
     cfg = dict(refit_rounds=30, refit_grad_steps=5)
-    _, off = _refit_then_finalize(mlp, x, 40, SolverConfig(refit_safeguard=False, **cfg))
+    _, off = _refit_then_finalize(mlp, x, 40, SolverConfig(method="spap", refit_safeguard=False, **cfg))
     assert off.refit_accepted and off.error_refit > off.error_ls
     assert output_error(mlp, off.weights, x) > output_error(mlp, off.closed_form, x)
-    res, on = _refit_then_finalize(mlp, x, 40, SolverConfig(**cfg))
+    res, on = _refit_then_finalize(mlp, x, 40, SolverConfig(method="spap", **cfg))
     assert on.refit_accepted is False and on.error_refit == pytest.approx(off.error_refit)
     for name in ("up", "gate", "down"):
         assert torch.equal(getattr(on.weights, name), getattr(res.closed_form, name))
@@ -307,6 +307,6 @@ def test_safeguard_restores_closed_form_where_the_sample_refit_raises_the_full_o
 def test_safeguard_keeps_a_refit_that_lowers_the_full_objective():
     mlp = random_mlp(d=16, m=40, seed=7)
     x = torch.randn(600, 16)
-    res, on = _refit_then_finalize(mlp, x, 600, SolverConfig(refit_rounds=8))
+    res, on = _refit_then_finalize(mlp, x, 600, SolverConfig(method="spap", refit_rounds=8))
     assert on.refit_accepted is True and on.error_refit < on.error_ls
     assert not torch.equal(on.weights.up, res.closed_form.up)

@@ -1,6 +1,7 @@
-"""The recipe ``spap prune`` runs without flags writes a checkpoint stock transformers loads, for every
-supported family, and ``--method spap`` is SPAP as published (penalty-loop selection, closed-form
-W_down, alternating refit of up/gate/down)."""
+"""The recipe ``spap prune`` runs without flags (spap-ls: SPAP's selection and closed-form W_down, chosen
+on the quality matrix) writes a checkpoint stock transformers loads, for every supported family, and
+``--method spap`` is SPAP as published (penalty-loop selection, closed-form W_down, alternating refit
+of up/gate/down)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ def _default_config(*flags: str) -> spap.PruneConfig:
 def test_the_default_recipe_writes_a_stock_checkpoint(family, tmp_path):
     cfg = _default_config()
     cfg.runtime.compute_dtype, cfg.runtime.device = "float32", "cpu"
-    cfg.solver.refit_rounds = 2  # the recipe's rules, fewer rounds: a test of shapes and loading
     model = tiny_model(family)
     ids = tiny_ids()
     spap.prune(model, config=cfg, calibration_ids=ids)
@@ -40,3 +40,10 @@ def test_method_spap_is_the_published_recipe():
     assert (solver.selection_rule, solver.refit_rule) == ("penalty", "alternating")
     assert solver.penalty_rounds > 0 and solver.rho_growth > 1 and solver.refit_rounds > 0
     assert _default_config("--method", "spap").allocation_rule == "uniform"
+
+
+def test_the_default_is_spap_without_the_refit():
+    cfg = _default_config()
+    assert cfg.solver.method == "spap-ls" and cfg.allocation_rule == "uniform"
+    assert (cfg.solver.selection_rule, cfg.solver.refit_rule) == ("penalty", "ls")
+    assert not cfg.solver.needs_sample  # no stored rows: the refit's memory and time are not spent

@@ -12,7 +12,11 @@ from ..conftest import tiny_config, tiny_ids, tiny_model
 def fast_config(sparsity: float, **solver) -> PruneConfig:
     solver.setdefault("refit_rounds", 3)
     solver.setdefault("refit_tokens", 64)
-    return PruneConfig(sparsity=sparsity, runtime=RuntimeConfig(compute_dtype="float32"), solver=SolverConfig(**solver))
+    return PruneConfig(
+        sparsity=sparsity,
+        runtime=RuntimeConfig(compute_dtype="float32"),
+        solver=SolverConfig(**{"method": "spap", **solver}),
+    )
 
 
 def logits(model, ids):
@@ -197,7 +201,7 @@ def test_attention_replay_changes_nothing(family, monkeypatch):
     config = PruneConfig(
         sparsity=0.25,
         runtime=RuntimeConfig(compute_dtype="bfloat16"),
-        solver=SolverConfig(refit_rounds=2, refit_tokens=64, refit_patience=0),
+        solver=SolverConfig(method="spap", refit_rounds=2, refit_tokens=64, refit_patience=0),
     )
 
     def counted_prune() -> tuple[torch.nn.Module, spap.PruneReport, int]:

@@ -34,7 +34,8 @@ def option(
 class SolverConfig:
     """How one MLP is pruned.  Defaults were chosen on SmolLM2-135M (see docs/hyperparameters.md).
 
-    method:          a registered method (spap.core.methods): spap | magnitude | wanda-sp | fasp | flap | cfsp.
+    method:          a registered method (spap.core.methods): spap-ls (default) | spap | magnitude | wanda-sp |
+                     fasp | flap | cfsp.
     selection:       override of the method's selection rule: "penalty" (SPAP loop) or "score".
     refit:           override of the reconstruction: "alternating" (closed-form W_down + gradient
                      steps on W_up/W_gate, repeated), "gd" (plain gradient descent on all three),
@@ -71,7 +72,9 @@ class SolverConfig:
     fit_bias:        "auto" (refit the down bias only where the model has one), "yes", "no".
     """
 
-    method: str = option("spap", "the pruning method (default: see the README)", choices=METHODS)
+    method: str = option(
+        "spap-ls", "spap-ls: SPAP without the refit (default); spap: as published; the rest: baselines", choices=METHODS
+    )
     selection: str | None = option(None, "override the method's selection rule", choices=SELECTIONS, expert=True)
     refit: str | None = option(None, "override the method's reconstruction", choices=REFITS)
     penalty_rounds: int = option(30, "K, penalty-loop rounds", expert=True)
