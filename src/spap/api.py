@@ -24,6 +24,7 @@ import torch
 from .config import OFFLOAD_MODES, PruneConfig
 from .errors import UsageError
 from .pruning.pipeline import PruneReport
+from .runtime.memory import MemoryPlan
 
 log = logging.getLogger(__name__)
 
@@ -80,32 +81,22 @@ def prune_checkpoint(
     Bad arguments raise ``UsageError`` before the model loads; nothing is left at ``out`` on any
     failure. Data-parallel ranks (torchrun) each run this; rank 0 writes.
     """
-    from .io.calibration import check_calibration_source
-    from .io.models import resolve_model
     from .pruning import distributed
 
     say = echo or log.info
-    cfg = PruneConfig.from_dict(config.to_dict()) if config is not None else PruneConfig()
-    _check_choice("offload", offload, OFFLOAD_MODES)
     _check_choice("save_dtype", save_dtype, SAVE_DTYPES)
-    try:  # an unreadable calibration text is a bad argument: fail before the model loads
-        check_calibration_source(cfg.calibration.source)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"calibration: {exc}") from exc
-    cfg.runtime.device = distributed.init_from_env(cfg.runtime.device)
-    writes = distributed.rank() == 0
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UsageError(f"{out} exists and is not an empty directory; pass --overwrite to replace it")
-    source = resolve_model(model)
-    check_positions(
-        source, {"--seq-len": cfg.calibration.seq_len, **({"--ppl-seq-len": ppl_seq_len} if ppl is not None else {})}
-    )
-    _check_depth(source, cfg.drop_layers)
+    cfg, source, streamed, plan = _prepare(model, config, offload, save_dtype, ppl, ppl_seq_len, pad_to_uniform)
+    if plan is not None:
+        say(plan.line())
+    writes = distributed.rank() == 0
     torch.manual_seed(cfg.seed)
-    streamed = _plan_offload(offload, source, cfg, ppl is not None, pad_to_uniform)
     dtype = _save_dtype(save_dtype, model, source)
     extra = {"model": source, "metrics": {}, **(record or {}), "save_dtype": str(dtype).removeprefix("torch.")}
+    if plan is not None:
+        extra["predicted_peak_rss_gib"] = round(plan.peak_gib, 2)
     if streamed:
         result = _prune_streamed(source, out, cfg, dtype, overwrite, extra, say)
     else:
@@ -118,9 +109,66 @@ def prune_checkpoint(
     say(
         f"pruned {sparsity:.1%} of MLP neurons{layers} with {cfg.solver.method} in {done.seconds['total']:.0f}s: "
         f"{done.parameters_before / 1e6:.1f}M -> {done.parameters_after / 1e6:.1f}M parameters; "
-        f"peak RSS {done.memory['peak_rss_gib']:.1f} GiB"
+        f"peak RSS {done.memory['peak_rss_gib']:.1f} GiB" + (f" (predicted {plan.peak_gib:.1f})" if plan else "")
     )
     return result
+
+
+def plan_checkpoint(model: str | None, config: PruneConfig | None = None, *, offload: str = "auto") -> Plan:
+    """What ``prune_checkpoint`` would do, without loading the model: the checks it makes, whether it
+    streams the layers, and its predicted peak host memory (``spap prune --dry-run``)."""
+    _, source, streamed, memory = _prepare(model, config, offload, "auto", None, 2048, False)
+    return Plan(source, streamed, memory)
+
+
+@dataclass
+class Plan:
+    """``plan_checkpoint``'s answer; ``memory`` is None where spap cannot size the input (no local
+    safetensors checkpoint)."""
+
+    source: str
+    streamed: bool
+    memory: MemoryPlan | None
+
+    def line(self) -> str:
+        where = "streamed one decoder layer at a time" if self.streamed else "in memory"
+        return f"{self.source}: {where}; " + (self.memory.line() if self.memory else "memory not predicted")
+
+
+def _prepare(
+    model: str | None,
+    config: PruneConfig | None,
+    offload: str,
+    save_dtype: str,
+    ppl: list[str] | None,
+    ppl_seq_len: int,
+    pad_to_uniform: bool,
+) -> tuple[PruneConfig, str, bool, MemoryPlan | None]:
+    """The checks before any work (``UsageError``), then (the run's own config, the checkpoint path
+    as resolved, whether the layers are streamed, the predicted peak memory)."""
+    from .io.calibration import check_calibration_source
+    from .io.models import resolve_model
+    from .pruning import distributed
+    from .runtime.memory import predict_peak
+
+    cfg = PruneConfig.from_dict(config.to_dict()) if config is not None else PruneConfig()
+    _check_choice("offload", offload, OFFLOAD_MODES)
+    try:  # an unreadable calibration text is a bad argument: fail before the model loads
+        check_calibration_source(cfg.calibration.source)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"calibration: {exc}") from exc
+    cfg.runtime.device = distributed.init_from_env(cfg.runtime.device)
+    source = resolve_model(model)
+    check_positions(
+        source, {"--seq-len": cfg.calibration.seq_len, **({"--ppl-seq-len": ppl_seq_len} if ppl is not None else {})}
+    )
+    _check_depth(source, cfg.drop_layers)
+    streamed = _plan_offload(offload, source, cfg, ppl is not None, pad_to_uniform)
+    try:
+        memory = predict_peak(source, cfg, streamed, _save_dtype(save_dtype, model, source).itemsize)
+    except (FileNotFoundError, NotADirectoryError):  # a hub id or another format: not sized
+        memory = None
+    return cfg, source, streamed, memory
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

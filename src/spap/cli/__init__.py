@@ -23,12 +23,17 @@ log = logging.getLogger("spap")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from ..api import prune_checkpoint
+    from ..api import plan_checkpoint, prune_checkpoint
     from ..pruning import distributed
     from ..runtime.device import resolve_device
     from .summary import format_summary, quick_speed
 
     cfg = config_from_args(args)
+    if args.dry_run:
+        print(plan_checkpoint(args.model, cfg, offload=args.offload).line())
+        return 0
+    if args.out is None:
+        raise UsageError("--out DIR is required (or pass --dry-run)")
     result = prune_checkpoint(
         args.model,
         args.out,

@@ -127,7 +127,12 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "model", nargs="?", default=None, help="checkpoint dir, .gguf file or hub id (default: embedded SmolLM2-135M)"
     )
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--out", default=None, help="output directory (written atomically; required unless --dry-run)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the arguments, decide --offload and print the predicted peak host memory; load nothing",
+    )
     p.add_argument(
         "--save-dtype",
         default="auto",

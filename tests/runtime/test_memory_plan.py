@@ -1,0 +1,87 @@
+"""The memory model: an upper bound of what ``spap prune`` takes on a real run, depth-free when
+streamed, and ``spap prune --dry-run`` prints it without loading or writing anything."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from spap.cli import main
+from spap.config import CalibrationConfig, PruneConfig, RuntimeConfig
+from spap.core import SolverConfig
+from spap.runtime.memory import RUNTIME_GIB, SOLVER_MATRICES, predict_peak, shard_bytes
+
+from ..conftest import tiny_tokenizer
+
+
+def _checkpoint(directory, layers: int, intermediate: int = 64):
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def _cfg(**solver) -> PruneConfig:
+    return PruneConfig(
+        calibration=CalibrationConfig(n_samples=4, seq_len=32),
+        solver=SolverConfig(**solver),
+        runtime=RuntimeConfig(compute_dtype="float32", device="cpu"),
+    )
+
+
+def test_streamed_prediction_does_not_grow_with_depth_and_in_memory_does(tmp_path):
+    shallow, deep = _checkpoint(tmp_path / "two", 2), _checkpoint(tmp_path / "eight", 8)
+    cfg = _cfg()
+    cfg.runtime.max_host_memory_gib = 1.0
+    two, eight = (predict_peak(path, cfg, streamed=True).prune for path in (shallow, deep))
+    assert {k: v for k, v in two.items() if k != "output shard"} == {
+        k: v for k, v in eight.items() if k != "output shard"
+    }
+    assert eight["output shard"] <= shard_bytes(1.0) / 2**30  # the writer's buffer: one shard at most
+    assert predict_peak(deep, cfg, streamed=False).peak_gib > predict_peak(shallow, cfg, streamed=False).peak_gib
+
+
+def test_the_solve_term_is_the_methods(tmp_path):
+    path = _checkpoint(tmp_path / "wide", 2, intermediate=4096)  # m x m float64 matrices dominate
+    least_squares = predict_peak(path, _cfg(method="spap-ls"), streamed=True).prune["solve"]
+    scores_only = predict_peak(path, _cfg(method="wanda-sp"), streamed=True).prune["solve"]
+    assert least_squares > SOLVER_MATRICES * 8 * 4096**2 / 2**30 > 100 * scores_only
+
+
+def test_the_prediction_bounds_a_real_run_from_above(tmp_path, tiny_checkpoint):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "out"
+    argv = ["prune", str(tiny_checkpoint), "--out", str(out), "--calib", str(calib)]
+    argv += ["--n-samples", "4", "--seq-len", "32", "--compute-dtype", "float32"]
+    code = f"import resource, sys; from spap.cli import main; assert main({argv!r}) == 0; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    peak_gib = (
+        int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split()[-1])
+        / 2**20
+    )
+    recorded = json.loads((out / "pruning.json").read_text())["predicted_peak_rss_gib"]
+    print(f"tiny run: measured {peak_gib:.3f} GiB, predicted {recorded:.3f}")
+    assert peak_gib <= recorded, (peak_gib, recorded)
+    assert recorded < RUNTIME_GIB + 0.1  # a tiny model: the process's own cost
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_checkpoint), "--dry-run", "--out", str(out), "--seq-len", "32"]) == 0
+    line = capsys.readouterr().out
+    assert "in memory; predicted peak host memory" in line and "runtime 0.65" in line, line
+    assert not out.exists()
+    assert main(["prune", str(tiny_checkpoint), "--dry-run", "--offload", "always", "--seq-len", "32"]) == 0
+    assert "streamed one decoder layer at a time; predicted peak host memory" in capsys.readouterr().out
