@@ -12,13 +12,14 @@ checkpoints are compared tensor by tensor (``identical``: the same kept neurons 
     python benchmarks/out_of_core.py --model DIR --skip-prune \
         --eval-text ../shared/data/wikitext-2-raw/wiki.test.raw --eval-windows 4
 
-Appends rows ``{"model", "mode", "layers", "peak_rss_gib", "seconds", "identical", "tokens",
-"recipe", "machine", "command"}`` to results/out-of-core.json (a rerun replaces its row) and prints a table.
+Appends rows ``{"model", "mode", "layers", "peak_rss_gib", "predicted_gib", "seconds", "identical",
+"tokens", "recipe", "machine", "command"}`` to results/out-of-core.json (a rerun replaces its row) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import tempfile
@@ -153,6 +154,8 @@ def main() -> None:
             row = {"model": name, "mode": "in-memory" if mode == "never" else "offload", "layers": layers}
             row["recipe"] = args.extra or "default"
             row.update(measured, tokens=args.n_samples * args.seq_len, machine=machine())
+            predicted = json.loads((out / "pruning.json").read_text()).get("predicted_peak_rss_gib")
+            row["predicted_gib"] = predicted  # spap's memory model, printed before the run
             row["command"] = f"spap {shlex.join(argv)}"
             new.append(row)
         if len(outputs) == 2:
@@ -166,11 +169,12 @@ def main() -> None:
     rows = [r for r in rows if key(r) not in {key(r) for r in new}] + new
     save_rows(Path(args.results), rows, {"script": "benchmarks/out_of_core.py"})
     table = [
-        [r["model"], r.get("recipe", "default"), r["mode"], r.get("layers") or "", r["peak_rss_gib"], r["seconds"]]
+        [r["model"], r.get("recipe", "default"), r["mode"], r.get("layers") or "", r["peak_rss_gib"]]
+        + [r.get("predicted_gib") or "", r["seconds"]]
         + [r.get("identical", "")]
         for r in rows
     ]
-    header = ["model", "recipe", "mode", "layers", "peak RSS GiB", "seconds", "identical"]
+    header = ["model", "recipe", "mode", "layers", "peak RSS GiB", "predicted GiB", "seconds", "identical"]
     print(markdown_table(header, table))
 
 

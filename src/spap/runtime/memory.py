@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import OFFLOAD_MODES, PruneConfig
 from ..io.shards import SafetensorsCheckpoint
@@ -90,33 +91,51 @@ class MemoryPlan:
 
 
 def predict_peak(path: str | Path, cfg: PruneConfig, streamed: bool, save_bytes: int = 2) -> MemoryPlan:
-    """Predicted peak host memory of pruning the local safetensors checkpoint ``path`` with ``cfg``
-    (CPU solves; on a GPU the solver's share moves to the device), from config.json and the shard
-    headers only:
+    """Predicted peak host memory of pruning the local safetensors checkpoint ``path`` with ``cfg``,
+    from config.json and the shard headers only (see ``predict_peak_of_shapes``)."""
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(str(path)).get_text_config()
+    shapes = SafetensorsCheckpoint(path).shapes()
+    return predict_peak_of_shapes(shapes, text.hidden_size, text.intermediate_size, cfg, streamed, save_bytes)
+
+
+def predict_peak_of_config(config: Any, cfg: PruneConfig, streamed: bool, save_bytes: int = 2) -> MemoryPlan:
+    """The same for a model that exists only as a transformers config (e.g. ``LlamaConfig(...)`` of
+    LLaMA-3-70B): the shapes come from the model built on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied weights once
+    text = config.get_text_config()
+    return predict_peak_of_shapes(shapes, text.hidden_size, text.intermediate_size, cfg, streamed, save_bytes)
+
+
+def predict_peak_of_shapes(
+    shapes: dict[str, tuple[int, ...]], d: int, m: int, cfg: PruneConfig, streamed: bool, save_bytes: int = 2
+) -> MemoryPlan:
+    """Predicted peak host memory of pruning a model whose tensors have ``shapes`` (hidden size d,
+    MLP width m) with ``cfg`` (CPU solves; on a GPU the solve's share moves to the device):
 
     - in memory, pruning: the float32 model (4 bytes per stored element) + calibration activations +
       one MLP's solve;
-    - in memory, saving: the float32 model + two copies of the weights at ``save_bytes`` per element
-      (the cast state dict and the serialised buffer);
-    - streamed: the float32 weights outside the decoder layers + two copies of the largest layer +
-      one output shard buffer + activations + one MLP's solve.
+    - in memory, saving: the pruned float32 model + two copies of its weights at ``save_bytes`` per
+      element (the cast state dict and the serialised buffer);
+    - streamed: the embeddings (stored dtype) + two float32 copies of the largest layer + the output
+      buffer (one shard at most) + activations + one MLP's solve.
 
     Activations: three n x seq_len x hidden buffers in the compute dtype (one batch when they spill).
     The solve: ``SOLVER_MATRICES`` m x m float64 matrices and the d x m cross product when the method
     solves least squares, else O(m); the refit's token rows and their activations when the method refits.
     """
-    from transformers import AutoConfig
-
     from .device import resolve_device, resolve_dtype
     from .spill import activation_bytes
 
     gib = 2**30
-    source = SafetensorsCheckpoint(path)
-    shapes = source.shapes()
-    text = AutoConfig.from_pretrained(str(path)).get_text_config()
-    d, m = text.hidden_size, text.intermediate_size
     layer_elements: dict[str, int] = {}
-    outside = 0
+    outside = head = 0
     for name, shape in shapes.items():
         parts = name.split(".")
         if "layers" in parts and parts.index("layers") + 1 < len(parts) and parts[parts.index("layers") + 1].isdigit():
@@ -124,6 +143,7 @@ def predict_peak(path: str | Path, cfg: PruneConfig, streamed: bool, save_bytes:
             layer_elements[key] = layer_elements.get(key, 0) + math.prod(shape)
         else:
             outside += math.prod(shape)
+            head += math.prod(shape) if parts[0] == "lm_head" else 0
     dtype = resolve_dtype(cfg.runtime.compute_dtype, resolve_device(cfg.runtime.device))
     n, seq_len = cfg.calibration.n_samples, cfg.calibration.seq_len
     activations = activation_bytes(n, seq_len, d, dtype)
@@ -135,13 +155,17 @@ def predict_peak(path: str | Path, cfg: PruneConfig, streamed: bool, save_bytes:
     if solver.needs_sample:  # rows: inputs and targets (2d), gate, up and hidden activations (3m)
         solve += 4 * (2 * d + 3 * m) * (solver.refit_tokens + solver.holdout_tokens)
     shared = {"runtime": RUNTIME_GIB, "activations": activations / gib, "solve": solve / gib}
+    elements = outside + sum(layer_elements.values())
+    removed = cfg.sparsity * 3 * d * m * len(layer_elements) if cfg.prunes_mlp else 0  # GLU: up, gate, down
+    kept = (elements - removed) / gib
     if streamed:
         largest = max(layer_elements.values(), default=0)
-        resident = {"weights outside the layers": 4 * outside / gib, "two copies of a layer": 8 * largest / gib}
-        output = save_bytes * (outside + sum(layer_elements.values()))  # buffered up to one shard
-        prune = {**resident, "output shard": min(shard_bytes(budget), output) / gib, **shared}
+        # the embedding table stays in its stored dtype (taken as the save dtype); the head is not read
+        embeddings = save_bytes * (outside - head) / gib
+        resident = {"weights outside the layers": embeddings, "two copies of a layer": 8 * largest / gib}
+        output = min(shard_bytes(budget) / gib, save_bytes * kept)  # written shard by shard
+        prune = {**resident, "output shard": output, **shared}
         return MemoryPlan(True, save={"runtime": RUNTIME_GIB, **resident}, prune=prune)
-    elements = outside + sum(layer_elements.values())
     weights = 4 * elements / gib
-    save = {"runtime": RUNTIME_GIB, "float32 weights": weights, "two copies to save": 2 * save_bytes * elements / gib}
+    save = {"runtime": RUNTIME_GIB, "pruned float32 weights": 4 * kept, "two copies to save": 2 * save_bytes * kept}
     return MemoryPlan(False, save=save, prune={"float32 weights": weights, **shared})
