@@ -65,6 +65,8 @@ def choose_offload(mode: str, path: str | Path, budget_gib: float, cfg: PruneCon
 RUNTIME_GIB = 0.65
 """Host memory of the process before any weight: Python, torch, transformers, the tokenizer
 (measured 0.55-0.62 GiB on CPU)."""
+STATISTICS_CHUNK_TOKENS = 8192
+"""Tokens per statistics update (``MLPStatistics.chunk_tokens``)."""
 SOLVER_MATRICES = 3
 """m x m float64 matrices the least-squares solve holds at once: the Gram matrix and two working
 copies (restriction, Cholesky factor); measured 2.9 at m = 4096 (spap-ls, 30%)."""
@@ -126,7 +128,8 @@ def predict_peak_of_shapes(
     - streamed: the embeddings (stored dtype) + two float32 copies of the largest layer + the output
       buffer (one shard at most) + activations + one MLP's solve.
 
-    Activations: three n x seq_len x hidden buffers in the compute dtype (one batch when they spill).
+    Activations: three n x seq_len x hidden buffers in the compute dtype (one batch when they spill),
+    and one chunk of intermediate activations and outputs in float32 while statistics accumulate.
     The solve: ``SOLVER_MATRICES`` m x m float64 matrices and the d x m cross product when the method
     solves least squares, else O(m); the refit's token rows and their activations when the method refits.
     """
@@ -154,7 +157,9 @@ def predict_peak_of_shapes(
     solve = 8 * (SOLVER_MATRICES * m * m + d * m) if solver.needs_gram else 8 * 4 * m
     if solver.needs_sample:  # rows: inputs and targets (2d), gate, up and hidden activations (3m)
         solve += 4 * (2 * d + 3 * m) * (solver.refit_tokens + solver.holdout_tokens)
-    shared = {"runtime": RUNTIME_GIB, "activations": activations / gib, "solve": solve / gib}
+    chunk = 4 * STATISTICS_CHUNK_TOKENS * (d + m)  # one chunk's float32 z and y while statistics accumulate
+    shared = {"runtime": RUNTIME_GIB, "activations": activations / gib, "statistics chunk": chunk / gib}
+    shared["solve"] = solve / gib
     elements = outside + sum(layer_elements.values())
     removed = cfg.sparsity * 3 * d * m * len(layer_elements) if cfg.prunes_mlp else 0  # GLU: up, gate, down
     kept = (elements - removed) / gib
