@@ -32,3 +32,56 @@ def test_pruned_smollm2_exports_to_gguf_with_the_same_logits(tmp_path):
     ids = torch.randint(0, from_gguf.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(from_gguf(ids).logits, from_safetensors(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def _llama2_style_tokenizer():
+    """A byte-fallback BPE tokenizer of the LLaMA-2 kind, trained offline on the bundled text: the
+    vocabulary llama.cpp's DeciLM converter takes besides LLaMA-3's."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from spap.io.calibration import bundled_text
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+    tok.train_from_iterator([bundled_text()[:20000]], trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_per_layer_widths_reach_llama_cpp_through_a_decilm_export(tmp_path):
+    """Per-layer MLP widths (multiples of 256) -> DeciLM -> llama.cpp's converter (its deci
+    architecture): the GGUF holds every layer's own width and KV heads."""
+    from gguf import GGUFReader
+    from transformers import LlamaConfig
+
+    from spap.io.decilm import export_decilm
+
+    tokenizer = _llama2_style_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=1024,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    widths = [768, 512, 1024]
+    cfg = spap.PruneConfig(runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"))
+    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    spap.prune(model, config=cfg, calibration_ids=ids, n_prune=[1024 - w for w in widths])
+    pruned = spap.save_pruned(model, tmp_path / "pruned", tokenizer)
+    gguf = export_gguf(export_decilm(pruned, tmp_path / "decilm"), tmp_path / "gguf" / "model.gguf", "f32")
+    reader = GGUFReader(gguf)
+    assert str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8") == "deci"
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    assert [shapes[f"blk.{i}.ffn_up.weight"][1] for i in range(3)] == widths
+    assert [shapes[f"blk.{i}.attn_k.weight"][1] for i in range(3)] == [32, 32, 32]  # 2 KV heads x 16
+    up = model.model.layers[1].mlp.up_proj.weight.detach()
+    stored = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
+    torch.testing.assert_close(torch.from_numpy(stored.data.copy()).reshape(up.shape), up)

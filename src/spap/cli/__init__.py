@@ -154,6 +154,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..io.llamacpp import export_gguf
 
+    if args.format == "decilm":
+        from ..io.decilm import export_decilm
+
+        source = Path(args.checkpoint)
+        out_dir = Path(args.out) if args.out else source.with_name(f"{source.name}-decilm")
+        written_dir = export_decilm(source, out_dir, args.overwrite)
+        print(f"wrote {written_dir} (DeciLMForCausalLM); vLLM: vllm serve {written_dir} --trust-remote-code")
+        return 0
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"model-{args.outtype}.gguf"
     written = export_gguf(args.checkpoint, out, args.outtype, args.converter, args.overwrite)
     print(f"wrote {written} ({written.stat().st_size / 2**20:.0f} MiB); llama.cpp: llama-cli -m {written}")

@@ -209,10 +209,16 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--out", default=None, help="write the comparison as JSON here")
     x = sub.add_parser("export", help="write a pruned checkpoint in a serving engine's format")
-    x.add_argument("checkpoint", help="directory written by spap prune (stock shapes)")
-    x.add_argument("--format", default="gguf", choices=["gguf"], help="gguf: llama.cpp, through its own converter")
-    x.add_argument("--outtype", default="bf16", choices=["f32", "f16", "bf16", "q8_0", "auto"])
-    x.add_argument("--out", default=None, help="output file (default: CHECKPOINT/model-OUTTYPE.gguf)")
+    x.add_argument("checkpoint", help="directory written by spap prune")
+    x.add_argument(
+        "--format",
+        default="gguf",
+        choices=["gguf", "decilm"],
+        help="gguf: llama.cpp, through its own converter (stock shapes or a DeciLM export); decilm: DeciLM / "
+        "Nemotron-NAS, per-layer MLP widths (multiples of 256) and KV groups, as vLLM and llama.cpp run it",
+    )
+    x.add_argument("--outtype", default="bf16", choices=["f32", "f16", "bf16", "q8_0", "auto"], help="GGUF only")
+    x.add_argument("--out", default=None, help="output (default: CHECKPOINT/model-OUTTYPE.gguf, or CHECKPOINT-decilm/)")
     x.add_argument("--converter", default=None, help="llama.cpp's convert_hf_to_gguf.py (default: fetched once)")
     x.add_argument("--overwrite", action="store_true")
     pl = sub.add_parser("plot", help="PNG of per-layer kept widths and errors of a pruned checkpoint")

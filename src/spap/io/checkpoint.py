@@ -204,6 +204,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from .decilm import register
+
+    register()
     _verify_local_safetensors(path)
     config = AutoConfig.from_pretrained(path)
     model: Any

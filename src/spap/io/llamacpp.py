@@ -9,6 +9,7 @@ written under a temporary name and renamed into place.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,22 @@ def converter_path(version: str = LLAMA_CPP_PYTHON) -> Path:
     return script
 
 
+def _check_decilm_vocabulary(checkpoint: Path) -> None:
+    """llama.cpp's DeciLM converter (``conversion/deci.py``) takes LLaMA-3's 128,256-token vocabulary or
+    a byte-fallback (LLaMA-2 style) BPE tokenizer; refuse others before the converter fails on them."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("model_type") != "nemotron-nas" or config.get("vocab_size") == 128256:
+        return
+    tokenizer = checkpoint / "tokenizer.json"
+    model = json.loads(tokenizer.read_text()).get("model", {}) if tokenizer.is_file() else {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback", False):
+        raise UsageError(
+            f"llama.cpp's DeciLM converter takes LLaMA-3's vocabulary or a byte-fallback BPE tokenizer, and "
+            f"{checkpoint}'s is neither ({config.get('vocab_size')} tokens); serve this export with vLLM, or export "
+            "a stock-shaped checkpoint (--pad-to-uniform) to GGUF"
+        )
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -82,9 +99,10 @@ def export_gguf(
         raise UsageError(f"{checkpoint} is not a checkpoint directory (no config.json)")
     if (checkpoint / "modeling_spap.py").exists():
         raise UsageError(
-            f"{checkpoint} has per-layer shapes, which llama.cpp's architectures cannot hold; prune with "
-            "--pad-to-uniform (or the stock track) for a GGUF export"
+            f"{checkpoint} has per-layer shapes, which llama.cpp holds only as DeciLM: run `spap export "
+            f"{checkpoint} --format decilm` and export that, or prune with --pad-to-uniform"
         )
+    _check_decilm_vocabulary(checkpoint)
     if outtype not in OUTTYPES:
         raise UsageError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     if out_file.exists() and not overwrite:

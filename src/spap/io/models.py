@@ -63,6 +63,9 @@ def source_dtype(name_or_path: str | None, resolved: str) -> torch.dtype:
 
 def resolve_model(name_or_path: str | None) -> str:
     """A path or hub id ``from_pretrained`` can open; GGUF files and the default are converted once, cached."""
+    from .decilm import register
+
+    register()  # DeciLM exports open like any checkpoint
     from .gguf import convert_gguf  # float32 shards, one tensor at a time
 
     name = name_or_path or DEFAULT_MODEL

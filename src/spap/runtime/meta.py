@@ -34,7 +34,9 @@ def empty_model(path: str | Path) -> nn.Module:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from ..io import remote_code
+    from ..io.decilm import register
 
+    register()
     config = AutoConfig.from_pretrained(str(path))
     shaped = getattr(config, "spap_linear_shapes", None) or getattr(config, "spap_module_attributes", None)
     default = torch.get_default_dtype()
