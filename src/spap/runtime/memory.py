@@ -158,8 +158,8 @@ def predict_peak_of_shapes(
     if solver.needs_sample:  # rows: inputs and targets (2d), gate, up and hidden activations (3m)
         solve += 4 * (2 * d + 3 * m) * (solver.refit_tokens + solver.holdout_tokens)
     chunk = 4 * STATISTICS_CHUNK_TOKENS * (d + m)  # one chunk's float32 z and y while statistics accumulate
-    shared = {"runtime": RUNTIME_GIB, "activations": activations / gib, "statistics chunk": chunk / gib}
-    shared["solve"] = solve / gib
+    # the chunk is freed before the solve starts: the larger of the two counts
+    shared = {"runtime": RUNTIME_GIB, "activations": activations / gib, "solve or statistics": max(chunk, solve) / gib}
     elements = outside + sum(layer_elements.values())
     removed = cfg.sparsity * 3 * d * m * len(layer_elements) if cfg.prunes_mlp else 0  # GLU: up, gate, down
     kept = (elements - removed) / gib
