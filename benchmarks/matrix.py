@@ -243,8 +243,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "Ratios: ppl / the best baseline's ppl in the same column (track and calibration; the depth track, "
         "at the parameter count of 30% of MLP neurons, against the stock track's)."
     )
-    lines += ["", *geomean_table(rows)]
+    lines += ["", *geomean_table(rows), *social_iqa_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+def social_iqa_table(rows: list[dict[str, Any]]) -> list[str]:
+    scored = [r for r in rows if r.get("social_iqa_acc_norm") is not None]
+    if not scored:
+        return []
+    lines = ["", f"## SocialIQA, first {SOCIAL_IQA_ITEMS} items (stock track)", ""]
+    lines += ["| model | recipe | calibration | acc | acc_norm | ppl |", "|---|---|---|---|---|---|"]
+    for r in sorted(scored, key=lambda r: (r["model"], r["track"] != "dense", r["recipe"])):
+        lines.append(
+            f"| {r['model']} | {r['recipe']} | {r['calibration']} | {r['social_iqa_acc']:.3f} | "
+            f"{r['social_iqa_acc_norm']:.3f} | {r['ppl_2048']:.2f} |"
+        )
+    return lines
 
 
 def stock_cells(rows: list[dict[str, Any]]) -> list[tuple[str, str, float]]:

@@ -55,3 +55,11 @@ def test_the_geometric_mean_covers_the_recipes_present_in_every_stock_cell():
     assert means["fasp"] == (1.0, 2)
     assert abs(means["spap-ls"][0] - (0.9 * 1.1) ** 0.5) < 1e-12
     assert "| spap-ls | 0.995 |" in matrix.markdown(rows)
+
+
+def test_socialiqa_scores_get_a_table_of_their_own():
+    scored = {**_row("spap-ls", 45.0), "social_iqa_acc": 0.35, "social_iqa_acc_norm": 0.42, "social_iqa_n": 500}
+    table = matrix.markdown([_row("fasp", 50.0), scored])
+    assert (
+        "## SocialIQA, first 500 items" in table and "| smollm2 | spap-ls | bundled | 0.350 | 0.420 | 45.00 |" in table
+    )
