@@ -164,7 +164,7 @@ def main() -> None:
                 row["identical"] = identical
 
     def key(row: dict[str, Any]) -> tuple:
-        return row["model"], row["mode"], row["tokens"], row.get("recipe", "default")
+        return row["model"], row["mode"], row.get("tokens"), row.get("recipe", "default")
 
     rows = [r for r in rows if key(r) not in {key(r) for r in new}] + new
     save_rows(Path(args.results), rows, {"script": "benchmarks/out_of_core.py"})
