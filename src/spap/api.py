@@ -88,12 +88,11 @@ def prune_checkpoint(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UsageError(f"{out} exists and is not an empty directory; pass --overwrite to replace it")
-    cfg, source, streamed, plan = _prepare(model, config, offload, save_dtype, ppl, ppl_seq_len, pad_to_uniform)
+    cfg, source, streamed, dtype, plan = _prepare(model, config, offload, save_dtype, ppl, ppl_seq_len, pad_to_uniform)
     if plan is not None:
         say(plan.line())
     writes = distributed.rank() == 0
     torch.manual_seed(cfg.seed)
-    dtype = _save_dtype(save_dtype, model, source)
     extra = {"model": source, "metrics": {}, **(record or {}), "save_dtype": str(dtype).removeprefix("torch.")}
     if plan is not None:
         extra["predicted_peak_rss_gib"] = round(plan.peak_gib, 2)
@@ -117,7 +116,7 @@ def prune_checkpoint(
 def plan_checkpoint(model: str | None, config: PruneConfig | None = None, *, offload: str = "auto") -> Plan:
     """What ``prune_checkpoint`` would do, without loading the model: the checks it makes, whether it
     streams the layers, and its predicted peak host memory (``spap prune --dry-run``)."""
-    _, source, streamed, memory = _prepare(model, config, offload, "auto", None, 2048, False)
+    _, source, streamed, _, memory = _prepare(model, config, offload, "auto", None, 2048, False)
     return Plan(source, streamed, memory)
 
 
@@ -143,9 +142,9 @@ def _prepare(
     ppl: list[str] | None,
     ppl_seq_len: int,
     pad_to_uniform: bool,
-) -> tuple[PruneConfig, str, bool, MemoryPlan | None]:
+) -> tuple[PruneConfig, str, bool, torch.dtype, MemoryPlan | None]:
     """The checks before any work (``UsageError``), then (the run's own config, the checkpoint path
-    as resolved, whether the layers are streamed, the predicted peak memory)."""
+    as resolved, whether the layers are streamed, the save dtype, the predicted peak memory)."""
     from .io.calibration import check_calibration_source
     from .io.models import resolve_model
     from .pruning import distributed
@@ -163,12 +162,13 @@ def _prepare(
         source, {"--seq-len": cfg.calibration.seq_len, **({"--ppl-seq-len": ppl_seq_len} if ppl is not None else {})}
     )
     _check_depth(source, cfg.drop_layers)
-    streamed = _plan_offload(offload, source, cfg, ppl is not None, pad_to_uniform)
+    dtype = _save_dtype(save_dtype, model, source)
+    streamed = _plan_offload(offload, source, cfg, ppl is not None, pad_to_uniform, dtype.itemsize)
     try:
-        memory = predict_peak(source, cfg, streamed, _save_dtype(save_dtype, model, source).itemsize)
+        memory = predict_peak(source, cfg, streamed, dtype.itemsize)
     except (FileNotFoundError, NotADirectoryError):  # a hub id or another format: not sized
         memory = None
-    return cfg, source, streamed, memory
+    return cfg, source, streamed, dtype, memory
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -207,7 +207,9 @@ def _save_dtype(name: str, model: str | None, source: str) -> torch.dtype:
     return source_dtype(model, source) if name == "auto" else getattr(torch, name)
 
 
-def _plan_offload(mode: str, source: str, cfg: PruneConfig, evaluate: bool, pad_to_uniform: bool) -> bool:
+def _plan_offload(
+    mode: str, source: str, cfg: PruneConfig, evaluate: bool, pad_to_uniform: bool, save_bytes: int
+) -> bool:
     """Decide ``offload`` (and fill in the default host-memory budget); options the streamed path
     cannot honour are bad arguments."""
     from .runtime.memory import choose_offload, default_host_budget_gib
@@ -216,7 +218,7 @@ def _plan_offload(mode: str, source: str, cfg: PruneConfig, evaluate: bool, pad_
         cfg.runtime.max_host_memory_gib = round(default_host_budget_gib(), 1)
     if mode == "never":
         return False
-    streamed, why = choose_offload(mode, source, cfg.runtime.max_host_memory_gib, cfg)
+    streamed, why = choose_offload(mode, source, cfg.runtime.max_host_memory_gib, cfg, save_bytes)
     log.info("%s: %s", "offloading" if streamed else "in memory", why)
     if not streamed:
         return False

@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from spap.cli import main
 from spap.config import CalibrationConfig, PruneConfig, RuntimeConfig
 from spap.core import SolverConfig
-from spap.runtime.memory import RUNTIME_GIB, SOLVER_MATRICES, STATISTICS_CHUNK_TOKENS, predict_peak, shard_bytes
+from spap.core.stats import CHUNK_TOKENS
+from spap.runtime.memory import RUNTIME_GIB, SOLVER_MATRICES, predict_peak, shard_bytes
 
 from ..conftest import tiny_tokenizer
 
@@ -58,7 +59,7 @@ def test_the_solve_term_is_the_methods(tmp_path):
     least_squares = predict_peak(path, _cfg(method="spap-ls"), streamed=True).prune["solve or statistics"]
     scores_only = predict_peak(path, _cfg(method="wanda-sp"), streamed=True).prune["solve or statistics"]
     assert least_squares > SOLVER_MATRICES * 8 * 4096**2 / 2**30
-    assert scores_only == 4 * STATISTICS_CHUNK_TOKENS * (32 + 4096) / 2**30  # no m x m matrix: the chunk
+    assert scores_only == 4 * CHUNK_TOKENS * (32 + 4096) / 2**30  # no m x m matrix: the chunk
 
 
 def test_the_prediction_bounds_a_real_run_from_above(tmp_path, tiny_checkpoint):

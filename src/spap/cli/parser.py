@@ -71,9 +71,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> set[str]:
         section = path.rpartition(".")[0] + "." if "." in path else ""
         experimental = meta.get("experimental") or section == "experimental."
         group = groups[_GROUPS["experimental." if experimental else section]]
-        default = defaults
-        for key in path.split("."):
-            default = default[key]
+        default = _get(defaults, path)
         if isinstance(default, bool):
             action = "store_false" if default else "store_true"
             group.add_argument(flag, dest=_dest(flag), action=action, default=default, help=meta["help"])

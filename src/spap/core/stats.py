@@ -25,6 +25,9 @@ from torch import Tensor
 
 from .mlp import MLPWeights
 
+CHUNK_TOKENS = 8192
+"""Tokens multiplied at once when statistics accumulate (the default ``MLPStatistics.chunk_tokens``)."""
+
 
 class NonFiniteStatisticsError(FloatingPointError):
     """Raised when calibration activations contain NaN or inf."""
@@ -39,7 +42,7 @@ class MLPStatistics:
         hidden_size: int,
         device: torch.device | str = "cpu",
         sample_positions: Tensor | None = None,
-        chunk_tokens: int = 8192,
+        chunk_tokens: int = CHUNK_TOKENS,
         activation_dtype: torch.dtype = torch.float32,
         full: bool = True,
     ) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import OFFLOAD_MODES, PruneConfig
+from ..core.stats import CHUNK_TOKENS
 from ..io.shards import SafetensorsCheckpoint
 
 
@@ -26,7 +27,7 @@ def shard_bytes(budget_gib: float | None) -> int:
     return int(min(max(budget_gib * 2**30 / 8, 2**26), 2**30))
 
 
-def in_memory_bytes(path: str | Path, cfg: PruneConfig | None = None) -> int | None:
+def in_memory_bytes(path: str | Path, cfg: PruneConfig | None = None, save_bytes: int = 2) -> int | None:
     """Host bytes the in-memory path needs: for pruning with ``cfg`` the predicted peak
     (``predict_peak``), else (evaluation) the float32 weights; None when ``path`` is no local
     safetensors checkpoint (it cannot be streamed)."""
@@ -36,10 +37,12 @@ def in_memory_bytes(path: str | Path, cfg: PruneConfig | None = None) -> int | N
         return None
     if cfg is None:
         return 4 * source.float_elements()
-    return int(predict_peak(path, cfg, streamed=False).peak_gib * 2**30)
+    return int(predict_peak(path, cfg, streamed=False, save_bytes=save_bytes).peak_gib * 2**30)
 
 
-def choose_offload(mode: str, path: str | Path, budget_gib: float, cfg: PruneConfig | None = None) -> tuple[bool, str]:
+def choose_offload(
+    mode: str, path: str | Path, budget_gib: float, cfg: PruneConfig | None = None, save_bytes: int = 2
+) -> tuple[bool, str]:
     """(offload?, why) for ``--offload mode``: auto streams the layers when the in-memory path (see
     ``in_memory_bytes``) would exceed ``budget_gib``; always fails clearly for a checkpoint that cannot
     be streamed."""
@@ -47,7 +50,7 @@ def choose_offload(mode: str, path: str | Path, budget_gib: float, cfg: PruneCon
         raise ValueError(f"unknown offload mode {mode!r}; choose one of {', '.join(OFFLOAD_MODES)}")
     if mode == "never":
         return False, "--offload never"
-    needed = in_memory_bytes(path, cfg)
+    needed = in_memory_bytes(path, cfg, save_bytes)
     if needed is None:
         if mode == "always":
             if not Path(path).is_dir():
@@ -65,8 +68,6 @@ def choose_offload(mode: str, path: str | Path, budget_gib: float, cfg: PruneCon
 RUNTIME_GIB = 0.65
 """Host memory of the process before any weight: Python, torch, transformers, the tokenizer
 (measured 0.55-0.62 GiB on CPU)."""
-STATISTICS_CHUNK_TOKENS = 8192
-"""Tokens per statistics update (``MLPStatistics.chunk_tokens``)."""
 SOLVER_MATRICES = 3
 """m x m float64 matrices the least-squares solve holds at once: the Gram matrix and two working
 copies (restriction, Cholesky factor); measured 2.9 at m = 4096 (spap-ls, 30%)."""
@@ -157,7 +158,7 @@ def predict_peak_of_shapes(
     solve = 8 * (SOLVER_MATRICES * m * m + d * m) if solver.needs_gram else 8 * 4 * m
     if solver.needs_sample:  # rows: inputs and targets (2d), gate, up and hidden activations (3m)
         solve += 4 * (2 * d + 3 * m) * (solver.refit_tokens + solver.holdout_tokens)
-    chunk = 4 * STATISTICS_CHUNK_TOKENS * (d + m)  # one chunk's float32 z and y while statistics accumulate
+    chunk = 4 * CHUNK_TOKENS * (d + m)  # one chunk's float32 z and y while statistics accumulate
     # the chunk is freed before the solve starts: the larger of the two counts
     shared = {"runtime": RUNTIME_GIB, "activations": activations / gib, "solve or statistics": max(chunk, solve) / gib}
     elements = outside + sum(layer_elements.values())
