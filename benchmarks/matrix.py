@@ -53,7 +53,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "n_samples": 8,
         "windows": 16,
         "guess_minutes": 16,
-        "equal_ratio": 0.19,
+        "equal_ratio": 0.1494,  # of 630M: the cache holds the output embedding apart from the input one
         "equal_layers": 6,
     },
 }
@@ -71,7 +71,9 @@ RECIPES: dict[str, dict[str, list[str]]] = {
     },
     "depth": {  # at the parameter count of 30% of MLP neurons ({ratio}, {layers}: per model)
         "depth-only": ["--sparsity", "0", "--drop-layers", "{layers}"],
+        "depth-only-norepair": ["--sparsity", "0", "--drop-layers", "{layers}", "--no-depth-repair"],
         "budget-ls": ["--target-ratio", "{ratio}", "--refit", "ls"],
+        "budget-ls-norepair": ["--target-ratio", "{ratio}", "--refit", "ls", "--no-depth-repair"],
     },
     "any-width": {
         "flap": ["--method", "flap"],

@@ -25,9 +25,9 @@ TARGETS = ("mlp", "attn", "both")
 HEAD_UNITS = ("kv-group", "query")
 TOKEN_WEIGHTINGS = ("none", "residual")
 OFFLOAD_MODES = ("auto", "never", "always")
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 """Version of PruneConfig's JSON form: 1 (no "version" key) lacks drop_layers and target_ratio; 1 and
-2 hold the runtime and experimental fields at the top level."""
+2 hold the runtime and experimental fields at the top level; 1-3 lack depth_repair (they ran without)."""
 
 _MOVED_IN_V3 = {
     "device": "runtime",
@@ -132,6 +132,8 @@ class PruneConfig:
     sparsity:       fraction of MLP neurons removed, in [0, 1).
     drop_layers:    number of whole decoder layers removed first (those whose output differs least
                     from their input on the calibration data, see ``spap.pruning.depth``).
+    depth_repair:   refit the MLP of the layer before each removed run of layers so that its output
+                    also carries what the removed layers added (closed-form least squares).
     target_ratio:   fraction of all parameters to remove, split between whole layers, KV groups and
                     MLP width by measurement (``spap.pruning.budget``); when set, it chooses
                     ``sparsity``, ``drop_layers`` and the head sparsity.
@@ -165,6 +167,12 @@ class PruneConfig:
         0,
         "also remove N whole decoder layers (those that change the hidden state least); stock checkpoint",
         metavar="N",
+    )
+    depth_repair: bool = option(
+        True,
+        "do not refit the layer before each removed run of layers to what the removed layers added",
+        flag="--no-depth-repair",
+        expert=True,
     )
     target_ratio: float | None = option(
         None,
@@ -243,6 +251,8 @@ class PruneConfig:
                 raise ValueError(f"config version {version!r} is not one this spap reads (1..{CONFIG_VERSION})")
         if isinstance(data, dict) and version < 3:
             data = _sections_of_v2(data)
+        if isinstance(data, dict) and version < 4:
+            data = {"depth_repair": False, **data}
         return _from_dict(cls, data)
 
     @classmethod

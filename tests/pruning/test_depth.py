@@ -5,6 +5,7 @@ and removes the layers that change the hidden state least."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -111,3 +112,70 @@ def test_removing_no_layers_changes_nothing():
         get_adapter(model).remove_layers(model, [])
         assert torch.equal(model(ids).logits, before)
     assert model.config.num_hidden_layers == 3
+
+
+def _dense_pieces(model, ids):
+    """Layer 0's MLP activations z (n, m) and output y (n, d), layer 0's output h and layer 1's output
+    R(h) (n, d) on ``ids``, from the dense model."""
+    captured = []
+    down = model.model.layers[0].mlp.down_proj
+    hook = down.register_forward_hook(lambda _m, args, out: captured.extend((args[0], out)))
+    try:
+        with torch.no_grad():
+            states = model(ids, output_hidden_states=True).hidden_states
+    finally:
+        hook.remove()
+    z, y = (t.reshape(-1, t.shape[-1]).double() for t in captured)
+    return z, y, states[1].reshape(z.shape[0], -1).double(), states[2].reshape(z.shape[0], -1).double()
+
+
+def test_the_layer_before_a_removed_one_is_refit_to_what_it_added():
+    """Repair against brute force: with layer 1 removed and no width pruned, layer 0's W_down is the least
+    squares fit of z -> y + (R(h) - h) over the calibration tokens, and layer 0's output moves closer to
+    the dense model's after layer 1 than without the repair."""
+    ids = tiny_ids(4, 24)
+    z, y, h, after = _dense_pieces(tiny_model("llama"), ids)
+    solution = torch.linalg.lstsq(z, y + after - h).solution.T
+    cfg = spap.PruneConfig(
+        sparsity=0.0,
+        drop_layers=1,
+        solver=spap.SolverConfig(damping=1e-9),
+        runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"),
+    )
+    outputs = {}
+    for repair in (True, False):
+        model = tiny_model("llama")
+        report = spap.prune(model, config=replace(cfg, depth_repair=repair), calibration_ids=ids, dropped_layers=[1])
+        assert model.config.num_hidden_layers == 2 and report.extra["depth"]["dropped"] == [1]
+        with torch.no_grad():
+            outputs[repair] = model(ids, output_hidden_states=True).hidden_states[1].reshape(h.shape).double()
+        if repair:
+            assert report.extra["depth"]["repaired_after"] == {"0": [1]}
+            torch.testing.assert_close(
+                model.model.layers[0].mlp.down_proj.weight.double(), solution, rtol=1e-3, atol=1e-3
+            )
+    assert (outputs[True] - after).norm() < 0.9 * (outputs[False] - after).norm()
+    torch.testing.assert_close(outputs[False], h, rtol=1e-5, atol=1e-5)  # without repair layer 0 is unchanged
+
+
+def test_repair_is_skipped_where_the_mlp_output_is_normalised_and_before_the_first_kept_layer():
+    ids = tiny_ids(2, 16)
+    cfg = spap.PruneConfig(
+        sparsity=0.0, drop_layers=1, runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu")
+    )
+    gemma = tiny_model("gemma2")  # out = h + post_feedforward_layernorm(mlp(h)): no linear target
+    report = spap.prune(gemma, config=cfg, calibration_ids=ids, dropped_layers=[1])
+    assert report.extra["depth"]["repair"] == "the MLP output is not added last in this family"
+    llama, reference = tiny_model("llama"), _skipping(tiny_model("llama"), {0})
+    report = spap.prune(llama, config=cfg, calibration_ids=ids, dropped_layers=[0])
+    assert report.extra["depth"]["unrepaired"] == [0] and report.extra["depth"]["repaired_after"] == {}
+    with torch.no_grad():  # nothing before layer 0 to refit: the model is the dense one without it
+        torch.testing.assert_close(llama(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_configs_written_before_the_repair_existed_load_without_it():
+    old = spap.PruneConfig(drop_layers=2).to_dict()
+    old["version"] = 3
+    del old["depth_repair"]
+    assert spap.PruneConfig.from_dict(old).depth_repair is False
+    assert spap.PruneConfig.from_json(spap.PruneConfig(drop_layers=2).to_json()).depth_repair is True

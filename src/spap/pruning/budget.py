@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..adapters import ArchitectureAdapter, get_adapter
+from ..adapters import ArchitectureAdapter
 from ..config import PruneConfig
 from .depth import angular_distances, least_changing_layers
 
@@ -155,9 +155,8 @@ def search(
     )
     for candidate in measured:
         trial = copy.deepcopy(model)
-        if candidate.drop_layers:
-            get_adapter(trial).remove_layers(trial, least_changing_layers(angular, candidate.drop_layers))
-        prune(trial, config=replace(candidate.config(fast), drop_layers=0), calibration_ids=ids)
+        dropped = least_changing_layers(angular, candidate.drop_layers) if candidate.drop_layers else None
+        prune(trial, config=candidate.config(fast), calibration_ids=ids, dropped_layers=dropped)
         candidate.held_out_loss = held_out_loss(trial, held_out, cfg.runtime.batch_size, device, dtype)
         log.info("budget candidate %s", asdict(candidate))
         del trial

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from ..adapters import ArchitectureAdapter
 from ..config import PruneConfig
-from ..core import MLPPruneResult, MLPStatistics, MLPWeights, prune_mlp
-from ..core.solver import finalize_down, resolve_fit_bias
+from ..core import MLPPruneResult, MLPStatistics, MLPWeights, SolverConfig, prune_mlp
+from ..core.solver import finalize_down, least_squares_down, resolve_fit_bias
 from ..runtime.layerwise import AttentionCache, LayerInputs, compute_copy, run_layer
 from . import distributed
 from .context import LayerContext
@@ -78,25 +78,34 @@ def prune_layer_mlp(
     inputs: LayerInputs,
     k: int,
     dense_outputs: LayerInputs | None = None,
+    removed_after: PerBatch | None = None,
 ) -> tuple[LayerReport, LayerInputs]:
-    """Prune one layer's MLP.  With ``dense_outputs`` (the dense model's outputs of this layer) the
-    targets are corrected by beta * (dense output - output of the layer with its dense MLP on the
-    pruned model's inputs), so the refit also absorbs error accumulated upstream.
+    """Prune ``k`` of one layer's MLP neurons.  The targets are the dense MLP's outputs plus offsets:
+    with ``removed_after(batch, h)`` (what removed layers that followed this one made of its output h,
+    ``pruning.depth``) R(h) - h, so the MLP also carries what they added (every neuron kept and W_down
+    refit when ``k`` is 0); with ``dense_outputs`` (the dense model's trajectory after this layer)
+    beta * (dense output - R(h)), so the refit also absorbs error accumulated upstream.
     Records the layer's attention outputs in the first pass and replays them after (``AttentionCache``)."""
     adapter, cfg, device, dtype = ctx.adapter, ctx.cfg, ctx.device, ctx.dtype
     positions, holdout_mask = ctx.positions, ctx.holdout_mask
     width = adapter.mlp_width(layer)
-    if k == 0:
+    if k == 0 and removed_after is None:
         outputs = run_layer(compute_copy(layer, device, dtype), inputs, device, dtype)
         return LayerReport(index, width, width, list(range(width)), 0.0, 0.0), outputs
 
     dense = adapter.read_mlp(layer).to(device, torch.float32)
     offsets_first = offsets_again = weights_first = weights_again = None
-    if dense_outputs is not None:
+    if dense_outputs is not None or removed_after is not None:
         beta = cfg.experimental.error_correction
-        offsets_first, offsets_again = _record_then_replay(
-            lambda batch, out: beta * (dense_outputs.hidden[batch].to(out.device, torch.float32) - out.float())
-        )
+
+        def offset(batch: int, out: Tensor) -> Tensor:
+            after = out if removed_after is None else removed_after(batch, out)
+            total = after.float() - out.float()
+            if dense_outputs is not None:
+                total += beta * (dense_outputs.hidden[batch].to(out.device, torch.float32) - after.float())
+            return total
+
+        offsets_first, offsets_again = _record_then_replay(offset)
     if cfg.experimental.token_weighting == "residual":
         weights_first, weights_again = _record_then_replay(lambda _batch, out: residual_token_weights(out))
 
@@ -115,16 +124,21 @@ def prune_layer_mlp(
         offsets_first,
         weights_first,
         attention,
-        full=cfg.solver.needs_gram,
+        full=cfg.solver.needs_gram or k == 0,
     )
     seconds["attention"] = attention.seconds
     seconds["statistics"] = time.perf_counter() - t0 - attention.seconds
     sample_x, sample_offsets, sample_weights = stats.sample_inputs(), stats.sample_offsets(), stats.sample_weights()
-    result = on_rank0(
-        lambda: prune_mlp(dense, stats, k, cfg.solver, sample_x, dtype, sample_offsets, sample_weights, holdout_mask),
-        dense,
-        cfg,
-    )
+    if k == 0:  # a repair only: every neuron kept, W_down to the offset targets
+        result = on_rank0(lambda: refit_down(dense, stats, cfg.solver), dense, cfg)
+    else:
+        result = on_rank0(
+            lambda: prune_mlp(
+                dense, stats, k, cfg.solver, sample_x, dtype, sample_offsets, sample_weights, holdout_mask
+            ),
+            dense,
+            cfg,
+        )
     del stats
     adapter.write_mlp(layer, result.weights)
     if result.needs_final_ls:  # W_up/W_gate changed on a sample: refit W_down on all tokens
@@ -187,6 +201,12 @@ def prune_layer_mlp(
         seconds={**result.seconds, **seconds},
     )
     return report, outputs
+
+
+def refit_down(dense: MLPWeights, stats: MLPStatistics, cfg: SolverConfig) -> MLPPruneResult:
+    """Every neuron kept, W_down (and its bias where fitted) the closed form for ``stats``' targets."""
+    weights, error = least_squares_down(dense, stats, cfg, resolve_fit_bias(cfg, dense))
+    return MLPPruneResult(weights, torch.arange(dense.width), error)
 
 
 def collect_statistics(

@@ -28,7 +28,7 @@ from ..runtime.layerwise import Residency, ResidentLayers, capture_layer_inputs,
 from ..runtime.spill import activation_bytes, spilling
 from . import budget, distributed
 from .context import LayerContext
-from .depth import drop_layers
+from .depth import RemovedRun, drop_layers
 from .heads import prune_layer_heads, query_heads_to_prune
 from .mlp import LayerReport, prune_layer_mlp
 from .probe import LayerProbe, allocate, probe_layers
@@ -102,12 +102,14 @@ def prune(
     calibration_ids: Tensor | None = None,
     n_prune: list[int] | None = None,
     residency: Residency | None = None,
+    dropped_layers: list[int] | None = None,
 ) -> PruneReport:
     """Prune ``model``'s MLP neurons in place, layer by layer, and return a report.
 
     ``calibration_ids`` (n, seq_len) overrides ``config.calibration``; ``n_prune`` (one count per layer)
-    overrides ``config.allocation``. ``residency`` (default ``ResidentLayers``: all weights in memory)
-    materialises and releases layers around their use: ``offload.StreamedLayers`` for a skeleton model.
+    overrides ``config.allocation``; ``dropped_layers`` (indices) which ``config.drop_layers`` layers go.
+    ``residency`` (default ``ResidentLayers``: all weights in memory) materialises and releases layers
+    around their use: ``offload.StreamedLayers`` for a skeleton model.
     """
     cfg = config or PruneConfig()
     get_adapter(model)  # an unsupported architecture fails here, before any sizing
@@ -125,7 +127,7 @@ def prune(
             raise ValueError("target_ratio needs the whole model in memory; out-of-core pruning does not search")
         cfg, calibration_ids, frontier = _search_budget(model, tokenizer, cfg, calibration_ids)
     with spilling() if spill else nullcontext():
-        report = _prune(model, tokenizer, cfg, calibration_ids, n_prune, residency or ResidentLayers())
+        report = _prune(model, tokenizer, cfg, calibration_ids, n_prune, residency or ResidentLayers(), dropped_layers)
     report.extra["activations_spilled"] = spill
     if frontier is not None:
         report.extra["budget"] = frontier
@@ -172,6 +174,7 @@ def _prune(
     calibration_ids: Tensor | None,
     n_prune: list[int] | None,
     residency: Residency,
+    dropped_layers: list[int] | None = None,
 ) -> PruneReport:
     t_start = time.perf_counter()
     adapter = get_adapter(model)
@@ -192,12 +195,13 @@ def _prune(
             raise ValueError("pass a tokenizer or calibration_ids")
         calibration_ids = calibration_tokens(tokenizer, cfg.calibration, model, dtype, device)
     seconds = {"calibration_data": time.perf_counter() - t0}
-    depth = None
+    depth: dict[str, Any] | None = None
+    removed_runs: dict[int, RemovedRun] = {}
     if cfg.drop_layers:
         if not isinstance(residency, ResidentLayers):
             raise ValueError("drop_layers needs the whole model in memory; out-of-core pruning does not remove layers")
         t0 = time.perf_counter()
-        depth = drop_layers(model, adapter, calibration_ids, cfg, device, dtype)
+        depth, removed_runs = drop_layers(model, adapter, calibration_ids, cfg, device, dtype, dropped_layers)
         layers = adapter.decoder_layers(model)
         widths = [adapter.mlp_width(layer) for layer in layers]
         seconds["depth"] = time.perf_counter() - t0
@@ -248,12 +252,16 @@ def _prune(
         load_seconds = time.perf_counter() - t_layer
         try:
             dense_outputs = None
+            removed = removed_runs.get(index)
             if dense_inputs is not None:  # the dense model's trajectory, for error correction
                 dense_outputs = run_layer(compute_copy(layer, device, dtype), dense_inputs, device, dtype)
+                if removed is not None:
+                    hidden = [removed(b, h.to(device)).to("cpu", dtype) for b, h in enumerate(dense_outputs.hidden)]
+                    dense_outputs = replace(dense_outputs, hidden=hidden)
             head_report = None
             if cfg.prunes_heads:
                 head_report = prune_layer_heads(ctx, layer, inputs)
-            report, inputs = prune_layer_mlp(ctx, layer, index, inputs, counts[index], dense_outputs)
+            report, inputs = prune_layer_mlp(ctx, layer, index, inputs, counts[index], dense_outputs, removed)
             dense_inputs = dense_outputs
             if head_report is not None:
                 kept_heads, report.heads_error = head_report

@@ -286,6 +286,15 @@ def compute_copy(layer: nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 
 @torch.no_grad()
+def forward_batch(
+    layer: nn.Module, hidden: Tensor, kwargs: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """``layer``'s output hidden state (B, S, d) for one batch of inputs and the kwargs it received."""
+    out = layer(hidden.to(device, dtype), **_map_tensors(kwargs, _to(device, dtype)))
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
 def run_layer(
     layer: nn.Module,
     inputs: LayerInputs,
@@ -300,8 +309,7 @@ def run_layer(
     """
     outputs: list[Tensor] = batch_buffer()
     for index, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
-        out = layer(hidden.to(device, dtype), **_map_tensors(kwargs, _to(device, dtype)))
-        out = out[0] if isinstance(out, (tuple, list)) else out
+        out = forward_batch(layer, hidden, kwargs, device, dtype)
         if on_output is not None:
             on_output(index, out)
         if keep_outputs:
