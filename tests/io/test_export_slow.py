@@ -85,3 +85,61 @@ def test_per_layer_widths_reach_llama_cpp_through_a_decilm_export(tmp_path):
     up = model.model.layers[1].mlp.up_proj.weight.detach()
     stored = next(t for t in reader.tensors if t.name == "blk.1.ffn_up.weight")
     torch.testing.assert_close(torch.from_numpy(stored.data.copy()).reshape(up.shape), up)
+
+
+def _built_llama_cpp():
+    """bin/ of the llama.cpp that benchmarks/llamacpp.py builds (minutes), or skip when it is not built."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import llamacpp
+
+    from spap.io.models import cache_root
+
+    bin_dir = cache_root() / f"llama.cpp-build-{llamacpp.LLAMA_CPP_PYTHON}" / "build" / "bin"
+    if not all((bin_dir / tool).is_file() for tool in llamacpp.TOOLS):
+        pytest.skip("llama.cpp is not built: run python benchmarks/llamacpp.py once (it builds it)")
+    return bin_dir
+
+
+def test_llama_cpp_runs_a_decilm_export_with_spaps_perplexity(tmp_path):
+    """The real client: llama.cpp (built from the llama-cpp-python sdist) evaluates a per-layer-width
+    DeciLM export of a tiny random model, and its perplexity (second half of each window, llama.cpp's
+    convention) equals spap's on the same windows."""
+    import re
+    import subprocess
+
+    from transformers import LlamaConfig
+
+    from spap.evaluation.perplexity import perplexity
+    from spap.io.calibration import bundled_text
+    from spap.io.decilm import export_decilm
+
+    bin_dir = _built_llama_cpp()
+    tokenizer = _llama2_style_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=1024,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cfg = spap.PruneConfig(runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"))
+    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    spap.prune(model, config=cfg, calibration_ids=ids, n_prune=[256, 512, 0])
+    pruned = spap.save_pruned(model, tmp_path / "pruned", tokenizer)
+    gguf = export_gguf(export_decilm(pruned, tmp_path / "decilm"), tmp_path / "gguf" / "model.gguf", "f32")
+    text = tmp_path / "text.txt"
+    text.write_text(bundled_text()[20000:40000])
+    command = [str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", "128", "--chunks", "8"]
+    done = subprocess.run([*command, "-t", "2"], capture_output=True, text=True)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
+    assert done.returncode == 0 and found, done.stderr[-2000:]
+    ours = perplexity(model, tokenizer, text.read_text(), seq_len=128, max_windows=8, score_from=64, progress=False)
+    assert ours.perplexity > 50  # a random model: far from a trivial value
+    assert float(found.group(1)) == pytest.approx(ours.perplexity, rel=1e-3)
