@@ -38,8 +38,9 @@ DATA = ROOT.parent / "shared" / "data"
 
 MODELS: dict[str, dict[str, Any]] = {
     # name: what `spap prune` is given, calibration sequences, evaluation windows, guessed minutes a row
-    # equal_ratio / equal_layers: the parameter fraction that 30% of MLP neurons removes, and the whole
-    # layers closest to it (the depth track compares at the same parameter count)
+    # equal_ratio / equal_layers / equal_heads: the parameter fraction that 30% of MLP neurons removes, the
+    # whole layers closest to it, and one KV group per layer with the MLP sparsity that completes it (the
+    # depth track compares at the same parameter count)
     "smollm2": {
         "path": "smollm2",
         "n_samples": 16,
@@ -47,6 +48,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "guess_minutes": 8,
         "equal_ratio": 0.178,
         "equal_layers": 7,
+        "equal_heads": [0.34, 0.189],  # 1 of 3 KV groups per layer + this MLP sparsity
     },
     "qwen2.5-coder-0.5b": {
         "path": str(gguf_path("qwen2.5-coder-0.5b")),  # assembled by fetch_models.py
@@ -55,6 +57,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "guess_minutes": 16,
         "equal_ratio": 0.1494,  # of 630M: the cache holds the output embedding apart from the input one
         "equal_layers": 6,
+        "equal_heads": [0.5, 0.23],  # 1 of 2 KV groups per layer + this MLP sparsity
     },
 }
 CALIBRATIONS = {"bundled": "bundled", "wikitext2-valid": "wikitext-2/wiki.valid.tokens"}
@@ -72,6 +75,7 @@ RECIPES: dict[str, dict[str, list[str]]] = {
     "depth": {  # at the parameter count of 30% of MLP neurons ({ratio}, {layers}: per model)
         "depth-only": ["--sparsity", "0", "--drop-layers", "{layers}"],
         "depth-only-norepair": ["--sparsity", "0", "--drop-layers", "{layers}", "--no-depth-repair"],
+        "heads-mlp": ["--target", "both", "--head-sparsity", "{head_fraction}", "--sparsity", "{head_mlp}"],
         "budget-ls": ["--target-ratio", "{ratio}", "--refit", "ls"],
         "budget-ls-norepair": ["--target-ratio", "{ratio}", "--refit", "ls", "--no-depth-repair"],
     },
@@ -144,7 +148,13 @@ def run_row(spec: dict[str, Any], work: Path, log: Path, zeroshot: bool = False)
     calib = calib if calib == "bundled" else str(DATA / calib)
     out = work / "pruned"
     shutil.rmtree(out, ignore_errors=True)
-    fill = {"ratio": model.get("equal_ratio", ""), "layers": model.get("equal_layers", "")}
+    heads = model.get("equal_heads", ["", ""])
+    fill = {
+        "ratio": model.get("equal_ratio", ""),
+        "layers": model.get("equal_layers", ""),
+        "head_fraction": heads[0],
+        "head_mlp": heads[1],
+    }
     flags = [flag.format(**fill) for flag in RECIPES[spec["track"]][spec["recipe"]]]
     command = [*_spap(), "prune", model["path"], "--sparsity", str(spec["sparsity"]), "--out", str(out)]
     # a recipe's own --sparsity (depth track) comes later on the command line and wins
@@ -343,6 +353,9 @@ def main() -> int:
         help="also score SocialIQA (first 500 items) for these recipes ('dense' for the dense model); a row "
         "already there without the score is run again",
     )
+    p.add_argument(
+        "--keep", type=Path, default=None, help="keep each row's checkpoint in DIR/<row key> (e.g. for llamacpp.py)"
+    )
     args = p.parse_args()
     global RESULTS, TABLE
     if args.results:
@@ -388,6 +401,10 @@ def main() -> int:
                 print(f"  FAILED: {label}: {exc}", flush=True)
                 continue
             append_row(row)
+            if args.keep is not None and spec["track"] != "dense":
+                kept = args.keep / "-".join(str(v) for v in spec.values())
+                shutil.rmtree(kept, ignore_errors=True)
+                shutil.move(str(Path(work) / "pruned"), kept)
             print(
                 f"  done: {label}: ppl {row['ppl_2048']:.2f} ({(time.monotonic() - started) / 60:.0f} min)", flush=True
             )
