@@ -4,6 +4,7 @@ sdist, run on stock checkpoints only; the GGUF appears whole or not at all."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 import tarfile
 import textwrap
@@ -17,14 +18,20 @@ from ..cli.test_cli_failures import _one_error_line
 
 FAKE_CONVERTER = textwrap.dedent(
     """
-    import sys
+    import json, os, sys
     args = sys.argv[1:]
     out = args[args.index("--outfile") + 1]
     if "fail" in args[0]:
         print("ValueError: cannot convert this model", file=sys.stderr)
         open(out, "wb").write(b"partial")
         sys.exit(1)
-    open(out, "wb").write(("GGUF " + args[0] + " " + args[args.index("--outtype") + 1]).encode())
+    seen = {
+        "source": args[0],
+        "outtype": args[args.index("--outtype") + 1],
+        "architectures": json.load(open(os.path.join(args[0], "config.json")))["architectures"],
+        "files": sorted(os.listdir(args[0])),
+    }
+    open(out, "w").write(json.dumps(seen))
     """
 )
 
@@ -36,9 +43,9 @@ def converter(tmp_path):
     return script
 
 
-def _checkpoint(path):
+def _checkpoint(path, config='{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}'):
     path.mkdir()
-    (path / "config.json").write_text('{"model_type": "llama"}')
+    (path / "config.json").write_text(config)
     return path
 
 
@@ -46,7 +53,13 @@ def test_export_runs_the_converter_and_writes_the_file_whole(tmp_path, converter
     checkpoint = _checkpoint(tmp_path / "model")
     args = ["export", str(checkpoint), "--outtype", "q8_0", "--converter", str(converter)]
     assert main(args) == 0
-    assert (checkpoint / "model-q8_0.gguf").read_text() == f"GGUF {checkpoint} q8_0"
+    seen = json.loads((checkpoint / "model-q8_0.gguf").read_text())
+    assert seen == {
+        "source": str(checkpoint),
+        "outtype": "q8_0",
+        "architectures": ["LlamaForCausalLM"],
+        "files": ["config.json"],
+    }
     assert main(args) == 2  # exists
     assert "--overwrite" in _one_error_line(capsys.readouterr().err)
     failing = _checkpoint(tmp_path / "fail-model")
@@ -54,6 +67,19 @@ def test_export_runs_the_converter_and_writes_the_file_whole(tmp_path, converter
     line = _one_error_line(capsys.readouterr().err)
     assert "converter failed" in line and "cannot convert this model" in line, line
     assert list(failing.iterdir()) == [failing / "config.json"]  # no partial GGUF
+
+
+def test_a_config_without_architectures_reaches_the_converter_with_them(tmp_path, converter):
+    """llama.cpp's converter reads ``architectures``; a config without it (spap's GGUF conversions before
+    2026-12-06 wrote none) is given the model_type's causal-LM class in a view, the checkpoint untouched."""
+    checkpoint = _checkpoint(tmp_path / "model", '{"model_type": "qwen2"}')
+    (checkpoint / "model.safetensors").write_text("weights")
+    out = tmp_path / "out" / "model.gguf"
+    llamacpp.export_gguf(checkpoint, out, converter=converter)
+    seen = json.loads(out.read_text())
+    assert seen["architectures"] == ["Qwen2ForCausalLM"] and seen["files"] == ["config.json", "model.safetensors"]
+    assert (checkpoint / "config.json").read_text() == '{"model_type": "qwen2"}'
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_per_layer_shapes_are_refused_with_the_way_out(tmp_path, converter, capsys):

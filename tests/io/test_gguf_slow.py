@@ -39,7 +39,9 @@ def test_streamed_conversion_equals_transformers_reader_tensor_by_tensor(tmp_pat
     assert set(streamed) == set(expected) - {"lm_head.weight"}  # tied to the embeddings, stored once
     for name, tensor in streamed.items():
         assert torch.equal(tensor, expected[name]), name
-    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == reference.config.num_hidden_layers
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == reference.config.num_hidden_layers
+    assert config["architectures"] == ["LlamaForCausalLM"]  # llama.cpp's converter and vLLM read it
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.arange(1, 33)[None]
     with torch.no_grad():

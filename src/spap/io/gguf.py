@@ -90,6 +90,7 @@ def convert_gguf(
             raise CheckpointError(f"{gguf_file} lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
         writer.close()
         config.dtype = str(dtype).removeprefix("torch.")
+        config.architectures = [type(skeleton).__name__]  # read by llama.cpp's converter and vLLM
         config.save_pretrained(tmp)
         if skeleton.can_generate():
             GenerationConfig.from_model_config(config).save_pretrained(tmp)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,30 @@ def _check_decilm_vocabulary(checkpoint: Path) -> None:
         )
 
 
+@contextmanager
+def _with_architectures(checkpoint: Path) -> Iterator[Path]:
+    """``checkpoint``, or where its config lacks ``architectures`` (which llama.cpp's converter reads;
+    e.g. a checkpoint converted from GGUF by spap before 2026-12-06) a temporary view of it: links to
+    its files and a config naming the causal-LM class of its ``model_type``. The checkpoint is not
+    modified."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    if config.get("architectures"):
+        yield checkpoint
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+    if name is None:
+        raise UsageError(f"{checkpoint}/config.json names no architectures and no known causal-LM model_type")
+    with tempfile.TemporaryDirectory(prefix="spap-export-") as tmp:
+        view = Path(tmp)
+        for item in checkpoint.iterdir():
+            if item.name != "config.json":
+                (view / item.name).symlink_to(item.resolve())
+        (view / "config.json").write_text(json.dumps({**config, "architectures": [name]}, indent=2))
+        yield view
+
+
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -114,9 +140,10 @@ def export_gguf(
         raise UsageError(f"converter not found: {script}")
     _mkdir(out_file.parent)
     partial = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
-    command = [sys.executable, str(script), str(checkpoint), "--outfile", str(partial), "--outtype", outtype]
     try:
-        done = subprocess.run(command, capture_output=True, text=True)
+        with _with_architectures(checkpoint) as source:
+            command = [sys.executable, str(script), str(source), "--outfile", str(partial), "--outtype", outtype]
+            done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0 or not partial.is_file():
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()] or ["no output file"]
             raise RuntimeError(f"llama.cpp's converter failed on {checkpoint}: {lines[-1]}")
