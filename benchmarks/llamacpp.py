@@ -8,7 +8,8 @@ converter `spap export` uses; it vendors llama.cpp) into spap's cache: `llama-pe
 `llama-bench`, CPU, native instructions (minutes on 2 cores). Per checkpoint:
 - perplexity on the first ``--chunks`` windows of 2048 tokens of WikiText-2 test in llama.cpp (it
   scores the second half of every window) beside `spap eval --score-from 1024` on the same windows in
-  float32: the GGUF (bf16 by default) must agree within 1%;
+  float32 (the text as spap reads it, see ``as_spap_reads``): the GGUF (bf16 by default) must agree
+  within 1%;
 - prefill (512 tokens) and decode (128 tokens) tokens/s from one `llama-bench` process over every GGUF,
   and the decode byte-ratio limit: the bytes a decode step reads (every tensor but an untied input
   embedding, of which it reads one row) of the dense GGUF over the pruned one's.
@@ -81,8 +82,16 @@ def decode_bytes(gguf_file: Path) -> int:
     return sum(n for name, n in tensors.items() if not (untied and name == "token_embd.weight"))
 
 
-def llama_perplexity(bin_dir: Path, gguf_file: Path, chunks: int, threads: int) -> float:
-    command = [str(bin_dir / "llama-perplexity"), "-m", str(gguf_file), "-f", str(TEST), "-c", str(CTX)]
+def as_spap_reads(text: Path, work: Path) -> Path:
+    """A copy of ``text`` with the newlines Python's text mode gives spap (CRLF -> LF; WikiText-2 raw
+    test holds 2,891 CRLF), for llama.cpp, which reads bytes: both then tokenise the same text."""
+    copy = work / f"{text.stem}.lf{text.suffix}"
+    copy.write_text(text.read_text(), newline="\n")
+    return copy
+
+
+def llama_perplexity(bin_dir: Path, gguf_file: Path, text: Path, chunks: int, threads: int) -> float:
+    command = [str(bin_dir / "llama-perplexity"), "-m", str(gguf_file), "-f", str(text), "-c", str(CTX)]
     done = subprocess.run([*command, "--chunks", str(chunks), "-t", str(threads)], capture_output=True, text=True)
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
     if done.returncode != 0 or not found:
@@ -130,12 +139,13 @@ def main() -> None:
         label: export(path, args.work / f"{args.name}-{label}-{args.outtype}.gguf", args.outtype)
         for label, path in checkpoints.items()
     }
+    text = as_spap_reads(TEST, args.work)
     speeds = llama_bench(bin_dir, list(files.values()), args.threads, 512, 128)
     dense_speed, dense_bytes = speeds[str(files["dense"])], decode_bytes(files["dense"])
     rows = []
     for label, path in checkpoints.items():
         gguf_file = files[label]
-        ppl_cpp = llama_perplexity(bin_dir, gguf_file, args.chunks, args.threads)
+        ppl_cpp = llama_perplexity(bin_dir, gguf_file, text, args.chunks, args.threads)
         ppl_spap = spap_perplexity(path, args.chunks)
         speed, read = speeds[str(gguf_file)], decode_bytes(gguf_file)
         decode_ratio, limit = speed["decode"] / dense_speed["decode"], dense_bytes / read
