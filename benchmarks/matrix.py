@@ -158,7 +158,8 @@ def run_row(spec: dict[str, Any], work: Path, log: Path, zeroshot: bool = False)
     flags = [flag.format(**fill) for flag in RECIPES[spec["track"]][spec["recipe"]]]
     command = [*_spap(), "prune", model["path"], "--sparsity", str(spec["sparsity"]), "--out", str(out)]
     # a recipe's own --sparsity (depth track) comes later on the command line and wins
-    command += ["--calib", calib, "--n-samples", str(model["n_samples"]), "--seq-len", str(SEQ_LEN), *flags]
+    command += ["--calib", calib, "--n-samples", str(model["n_samples"]), "--seq-len", str(SEQ_LEN)]
+    command += ["--width-multiple", "1", *flags]  # methods compared at the exact sparsity
     started = time.perf_counter()
     _run(command, log)
     report = json.loads((out / "pruning.json").read_text())

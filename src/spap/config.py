@@ -25,6 +25,12 @@ TARGETS = ("mlp", "attn", "both")
 HEAD_UNITS = ("kv-group", "query")
 TOKEN_WEIGHTINGS = ("none", "residual")
 OFFLOAD_MODES = ("auto", "never", "always")
+AUTO_WIDTH_MULTIPLE = 64
+"""Kept MLP widths are rounded to this by default: at 30% of SmolLM2's neurons llama.cpp prefilled a
+width of 1075 at 0.70x the dense model's speed and 1088 at 1.18x (results/llamacpp.json); GPUs lose
+their tensor-core paths on odd widths the same way."""
+AUTO_MIN_WIDTH = 1024
+"""MLPs narrower than this keep exact sparsities by default (a multiple of 64 would move them > 3%)."""
 CONFIG_VERSION = 4
 """Version of PruneConfig's JSON form: 1 (no "version" key) lacks drop_layers and target_ratio; 1 and
 2 hold the runtime and experimental fields at the top level; 1-3 lack depth_repair (they ran without)."""
@@ -154,7 +160,8 @@ class PruneConfig:
                     (default: CFSP's a = 1 at its 128 x 2048 calibration tokens, see spap.core.allocation).
     min_sparsity, max_sparsity: per-layer bounds for non-uniform allocations.
     width_multiple: round every kept MLP width to a multiple of this (e.g. 64 or 256, for
-                    efficient GEMM tiles).  Uniform allocation: each layer's kept width is rounded
+                    efficient GEMM tiles). None: ``AUTO_WIDTH_MULTIPLE`` where every MLP is at least
+                    ``AUTO_MIN_WIDTH`` wide and no ``target_ratio`` asks for an exact size, else 1.  Uniform allocation: each layer's kept width is rounded
                     to the nearest multiple, so all layers keep one width (stock-loadable); the
                     sparsity moves by up to half a multiple per layer.  Non-uniform allocations:
                     the model's total stays within half a multiple of the budget.
@@ -193,7 +200,11 @@ class PruneConfig:
     angular_slope: float = option(CFSP_SLOPE, "angular (CFSP) sigmoid slope", expert=True)
     min_sparsity: float = option(0.0, "per-layer lower bound (non-uniform allocations)", expert=True)
     max_sparsity: float = option(0.9, "per-layer upper bound (non-uniform allocations)", expert=True)
-    width_multiple: int = option(1, "round kept MLP widths to multiples of this")
+    width_multiple: int | None = option(
+        None,
+        f"round kept MLP widths to multiples of this (default: {AUTO_WIDTH_MULTIPLE} for MLPs at least "
+        f"{AUTO_MIN_WIDTH} wide, exact sparsity with --target-ratio or smaller MLPs)",
+    )
     seed: int = option(0, "random seed (calibration sampling and every random draw)", flag="--seed")
     solver: SolverConfig = field(default_factory=SolverConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -205,6 +216,8 @@ class PruneConfig:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         if not isinstance(self.drop_layers, int) or self.drop_layers < 0:
             raise ValueError(f"drop_layers must be an integer >= 0, got {self.drop_layers!r}")
+        if self.width_multiple is not None and (not isinstance(self.width_multiple, int) or self.width_multiple < 1):
+            raise ValueError(f"width_multiple must be an integer >= 1, got {self.width_multiple!r}")
         if self.target_ratio is not None and not 0.0 < self.target_ratio < 1.0:
             raise ValueError(f"target_ratio must be in (0, 1), got {self.target_ratio!r}")
         if not 0.0 <= self.head_sparsity < 1.0:
@@ -233,6 +246,13 @@ class PruneConfig:
         if self.allocation == "auto":
             return get_method(self.solver.method).allocation
         return self.allocation
+
+    def width_multiple_for(self, widths: list[int]) -> int:
+        """The multiple kept MLP widths are rounded to, for a model with MLP ``widths``."""
+        if self.width_multiple is not None:
+            return self.width_multiple
+        exact = self.target_ratio is not None or not widths or min(widths) < AUTO_MIN_WIDTH
+        return 1 if exact else AUTO_WIDTH_MULTIPLE
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": CONFIG_VERSION, **asdict(self)}

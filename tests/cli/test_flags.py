@@ -30,7 +30,7 @@ def _other_value(path: str, default: Any, choices: tuple[str, ...] | None) -> An
     if isinstance(default, float):
         return default + 1 if default >= 1 else default / 2 if default > 0 else 0.5
     if default is None:
-        return 0.5  # target_ratio, max_host_memory_gib
+        return 64 if path == "width_multiple" else 0.5  # target_ratio, max_host_memory_gib
     return {"runtime.device": "cpu", "runtime.compute_dtype": "float32"}.get(path, "text.txt")
 
 

@@ -93,6 +93,30 @@ def test_width_multiple_under_uniform_allocation_keeps_one_stock_width(tmp_path)
     assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 32
 
 
+def test_wide_mlps_are_rounded_to_multiples_of_64_by_default():
+    """The default multiple: 64 where every MLP is >= 1024 wide (llama.cpp and GPUs run odd widths
+    slower than dense), exact below that and for --target-ratio; an explicit multiple wins."""
+    from transformers import LlamaConfig
+
+    from spap.config import AUTO_WIDTH_MULTIPLE
+
+    assert PruneConfig().width_multiple_for([1536] * 30) == AUTO_WIDTH_MULTIPLE == 64
+    assert PruneConfig().width_multiple_for([1536, 512]) == 1
+    assert PruneConfig(target_ratio=0.2).width_multiple_for([1536]) == 1
+    assert PruneConfig(width_multiple=1).width_multiple_for([1536]) == 1
+    assert PruneConfig(width_multiple=256, target_ratio=0.2).width_multiple_for([1536]) == 256
+    with pytest.raises(ValueError, match="width_multiple must be an integer >= 1"):
+        PruneConfig(width_multiple=0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cfg = PruneConfig(sparsity=0.3, runtime=RuntimeConfig(compute_dtype="float32"), solver=SolverConfig(refit="ls"))
+    report = spap.prune(model, config=cfg, calibration_ids=torch.randint(0, 64, (2, 16)))
+    assert report.widths == [1088]  # 1536 - round(0.3 * 1536) = 1075 -> nearest multiple of 64
+
+
 def test_width_multiple_under_global_allocation_keeps_the_budget():
     model, ids = tiny_model("llama"), tiny_ids(n=8, seq_len=32)
     cfg = PruneConfig(

@@ -148,7 +148,10 @@ def search(
     device = resolve_device(cfg.runtime.device)
     dtype = resolve_dtype(cfg.runtime.compute_dtype, device)
     measured = candidates(model, adapter, cfg.target_ratio)
-    fast = replace(cfg, target_ratio=None, solver=replace(cfg.solver, refit="ls"), allocation="uniform")
+    exact = cfg.width_multiple if cfg.width_multiple is not None else 1  # what the final run will use
+    fast = replace(
+        cfg, target_ratio=None, width_multiple=exact, solver=replace(cfg.solver, refit="ls"), allocation="uniform"
+    )
     # the dense model's layer ranking is the same for every candidate: one probe pass, not one each
     angular = (
         angular_distances(model, adapter, ids, fast, device, dtype) if any(c.drop_layers for c in measured) else []
