@@ -72,3 +72,17 @@ def test_perplexity_before_and_after_is_in_the_result_and_the_record(tiny_checkp
     dense, pruned = result.metrics["dense"][str(calib)], result.metrics["pruned"][str(calib)]
     assert dense["perplexity"] != pruned["perplexity"] and dense["n_windows"] == pruned["n_windows"] > 0
     assert json.loads((out / "pruning.json").read_text())["metrics"] == result.metrics
+
+
+def test_the_report_line_states_the_sparsity_the_widths_have(tiny_checkpoint, tmp_path, calib):
+    """With widths rounded to a multiple the line says what was removed, not what was asked."""
+    lines: list[str] = []
+    config = spap.PruneConfig(
+        sparsity=0.3,
+        width_multiple=8,
+        calibration=spap.CalibrationConfig(str(calib), 4, 32),
+        solver=spap.SolverConfig(refit="ls"),
+    )
+    result = spap.prune_checkpoint(str(tiny_checkpoint), tmp_path / "out", config, echo=lines.append)
+    assert result.report.widths == [32] * 3  # 48 - round(0.3 * 48) = 34 -> 32
+    assert any(line.startswith("pruned 33.3% of MLP neurons") for line in lines), lines

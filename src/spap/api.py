@@ -104,7 +104,8 @@ def prune_checkpoint(
     done = result.report
     depth = done.extra.get("depth")
     layers = f" and {len(depth['dropped'])} of {depth['layers_before']} layers" if depth else ""
-    sparsity = done.config["sparsity"]
+    before = sum(layer.width_before for layer in done.layers)
+    sparsity = 1 - sum(done.widths) / before if before else 0.0  # as pruned: widths rounded to the multiple
     say(
         f"pruned {sparsity:.1%} of MLP neurons{layers} with {cfg.solver.method} in {done.seconds['total']:.0f}s: "
         f"{done.parameters_before / 1e6:.1f}M -> {done.parameters_after / 1e6:.1f}M parameters; "
