@@ -1,0 +1,45 @@
+"""benchmarks/budget_table.py: each way of spending the budget is set against width only and the
+best stock baseline of its cell, and takes the llama.cpp speed of its own checkpoint."""
+
+from __future__ import annotations
+
+import budget_table
+
+
+def _row(recipe: str, ppl: float, layers: int, track: str = "depth") -> dict:
+    return dict(
+        model="m",
+        calibration="wikitext2-valid",
+        track=track,
+        recipe=recipe,
+        ppl_2048=ppl,
+        params=80,
+        params_before=100,
+        widths=[1] * layers,
+        command=f"spap prune {recipe}",
+    )
+
+
+def test_ratios_and_speeds_land_on_their_rows():
+    matrix = [
+        _row("spap-ls", 40.0, 10, "stock"),
+        _row("fasp", 50.0, 10, "stock"),
+        _row("flap-uniform-ls", 44.0, 10, "stock"),
+        _row("depth-only", 60.0, 8),
+        _row("spap", 39.0, 10, "stock"),  # not a way of spending the budget here, not a baseline
+    ]
+    speeds = [
+        {"model": "m", "checkpoint": "depth-2", "decode_speedup": 1.3, "prefill_speedup": 1.4},
+        {"model": "m", "checkpoint": "mlp-30", "decode_speedup": 1.1, "prefill_speedup": 1.2},
+        {"model": "other", "checkpoint": "depth-2", "decode_speedup": 9.0, "prefill_speedup": 9.0},
+    ]
+    rows = {r["recipe"]: r for r in budget_table.build(matrix, speeds)}
+    assert set(rows) == {"spap-ls", "depth-only"}
+    depth = rows["depth-only"]
+    assert depth["ppl_vs_width"] == 1.5 and depth["best_baseline"] == "flap-uniform-ls"
+    assert depth["ppl_vs_best_baseline"] == round(60 / 44, 3) and depth["parameters_removed"] == 0.2
+    assert (depth["llamacpp_decode_speedup"], depth["llamacpp_prefill_speedup"]) == (1.3, 1.4)
+    assert rows["spap-ls"]["llamacpp_decode_speedup"] == 1.1
+    assert "| m | wikitext2-valid | whole layers, repaired | 20.0% | 8 | 60.0 | 1.5 |" in budget_table.markdown(
+        list(rows.values())
+    )
