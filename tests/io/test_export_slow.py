@@ -52,10 +52,9 @@ def _llama2_style_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def test_per_layer_widths_reach_llama_cpp_through_a_decilm_export(tmp_path):
-    """Per-layer MLP widths (multiples of 256) -> DeciLM -> llama.cpp's converter (its deci
-    architecture): the GGUF holds every layer's own width and KV heads."""
-    from gguf import GGUFReader
+def _decilm_gguf(tmp_path, widths: list[int]):
+    """A random 3-layer LLaMA with a LLaMA-2-style tokenizer, pruned to MLP ``widths`` (of 1024), exported
+    as DeciLM and converted by llama.cpp's converter: (the pruned model, the f32 GGUF)."""
     from transformers import LlamaConfig
 
     from spap.io.decilm import export_decilm
@@ -68,15 +67,24 @@ def test_per_layer_widths_reach_llama_cpp_through_a_decilm_export(tmp_path):
         num_hidden_layers=3,
         num_attention_heads=4,
         num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    widths = [768, 512, 1024]
     cfg = spap.PruneConfig(runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"))
     ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
     spap.prune(model, config=cfg, calibration_ids=ids, n_prune=[1024 - w for w in widths])
     pruned = spap.save_pruned(model, tmp_path / "pruned", tokenizer)
-    gguf = export_gguf(export_decilm(pruned, tmp_path / "decilm"), tmp_path / "gguf" / "model.gguf", "f32")
+    return model, export_gguf(export_decilm(pruned, tmp_path / "decilm"), tmp_path / "gguf" / "model.gguf", "f32")
+
+
+def test_per_layer_widths_reach_llama_cpp_through_a_decilm_export(tmp_path):
+    """Per-layer MLP widths (multiples of 256) -> DeciLM -> llama.cpp's converter (its deci
+    architecture): the GGUF holds every layer's own width and KV heads."""
+    from gguf import GGUFReader
+
+    widths = [768, 512, 1024]
+    model, gguf = _decilm_gguf(tmp_path, widths)
     reader = GGUFReader(gguf)
     assert str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8") == "deci"
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
@@ -110,30 +118,12 @@ def test_llama_cpp_runs_a_decilm_export_with_spaps_perplexity(tmp_path):
     import re
     import subprocess
 
-    from transformers import LlamaConfig
-
     from spap.evaluation.perplexity import perplexity
     from spap.io.calibration import bundled_text
-    from spap.io.decilm import export_decilm
 
     bin_dir = _built_llama_cpp()
+    model, gguf = _decilm_gguf(tmp_path, [768, 512, 1024])
     tokenizer = _llama2_style_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=1024,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    cfg = spap.PruneConfig(runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"))
-    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
-    spap.prune(model, config=cfg, calibration_ids=ids, n_prune=[256, 512, 0])
-    pruned = spap.save_pruned(model, tmp_path / "pruned", tokenizer)
-    gguf = export_gguf(export_decilm(pruned, tmp_path / "decilm"), tmp_path / "gguf" / "model.gguf", "f32")
     text = tmp_path / "text.txt"
     text.write_text(bundled_text()[20000:40000])
     command = [str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", "128", "--chunks", "8"]
