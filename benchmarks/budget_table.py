@@ -72,6 +72,7 @@ def build(matrix: list[dict[str, Any]], speeds: list[dict[str, Any]]) -> list[di
                     "ppl_vs_best_baseline": round(row["ppl_2048"] / best["ppl_2048"], 3) if best else None,
                     "best_baseline": best["recipe"] if best else None,
                     "best_baseline_ppl": round(best["ppl_2048"], 2) if best else None,
+                    "llamacpp_checkpoint": label if speed else None,  # its row in llamacpp.json (same recipe)
                     "llamacpp_decode_speedup": speed["decode_speedup"] if speed else None,
                     "llamacpp_prefill_speedup": speed["prefill_speedup"] if speed else None,
                     "command": row["command"],
