@@ -28,7 +28,7 @@ def test_pruned_smollm2_exports_to_gguf_with_the_same_logits(tmp_path):
     gguf = export_gguf(pruned, tmp_path / "gguf" / "model.gguf", "bf16")
     from_safetensors = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32).eval()
     from_gguf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    assert from_gguf.config.intermediate_size == from_safetensors.config.intermediate_size == 1075
+    assert from_gguf.config.intermediate_size == from_safetensors.config.intermediate_size == 1088  # a multiple of 64
     ids = torch.randint(0, from_gguf.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(from_gguf(ids).logits, from_safetensors(ids).logits, rtol=1e-4, atol=1e-4)

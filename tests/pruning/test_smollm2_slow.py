@@ -41,7 +41,7 @@ def test_spap_on_smollm2_beats_magnitude_and_reloads(tmp_path):
     spap_ppl = heldout_ppl(model, tokenizer)
     magnitude, _, _ = prune_smollm2("magnitude")
     magnitude_ppl = heldout_ppl(magnitude, tokenizer)
-    assert report.widths == [1075] * 30
+    assert report.widths == [1088] * 30  # 1536 - 461 = 1075, rounded to a multiple of 64 (the default)
     assert dense_ppl < spap_ppl < magnitude_ppl
     assert spap_ppl < 4 * dense_ppl, (dense_ppl, spap_ppl)
 
