@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..adapters import ArchitectureAdapter
 from ..config import PruneConfig
 from ..runtime.layerwise import capture_layer_inputs, compute_copy, forward_batch
+from . import distributed
 from .probe import probe_layers
 
 
@@ -111,7 +112,9 @@ def drop_layers(
     runs: dict[int, RemovedRun] = {}
     if cfg.depth_repair and dropped and adapter.mlp_output_is_residual(model):
         layers = adapter.decoder_layers(model)
-        table = capture_layer_inputs(model, layers, ids, cfg.runtime.batch_size, device, dtype).kwargs_by_layer
+        first, last = distributed.shard_bounds(ids.shape[0])  # the batches this rank's width pass sees
+        batch = cfg.runtime.batch_size
+        table = capture_layer_inputs(model, layers, ids[first:last], batch, device, dtype).kwargs_by_layer
         by_kept, leading = following_runs(n_layers, dropped)
         runs = {
             p: RemovedRun([layers[i] for i in run], [table[i] for i in run], device, dtype)
