@@ -161,10 +161,11 @@ class PruneConfig:
     min_sparsity, max_sparsity: per-layer bounds for non-uniform allocations.
     width_multiple: round every kept MLP width to a multiple of this (e.g. 64 or 256, for
                     efficient GEMM tiles). None: ``AUTO_WIDTH_MULTIPLE`` where every MLP is at least
-                    ``AUTO_MIN_WIDTH`` wide and no ``target_ratio`` asks for an exact size, else 1.  Uniform allocation: each layer's kept width is rounded
-                    to the nearest multiple, so all layers keep one width (stock-loadable); the
-                    sparsity moves by up to half a multiple per layer.  Non-uniform allocations:
-                    the model's total stays within half a multiple of the budget.
+                    ``AUTO_MIN_WIDTH`` wide and no ``target_ratio`` asks for an exact size, else 1.
+                    Uniform allocation: each layer's kept width is rounded to the nearest
+                    multiple, so all layers keep one width (stock-loadable); the sparsity moves by
+                    up to half a multiple per layer.  Non-uniform allocations: the model's total
+                    stays within half a multiple of the budget.
     seed:           random seed of the pruning itself (refit samples); ``--seed`` also sets the
                     calibration's.
     """

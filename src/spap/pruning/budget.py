@@ -148,9 +148,10 @@ def search(
     device = resolve_device(cfg.runtime.device)
     dtype = resolve_dtype(cfg.runtime.compute_dtype, device)
     measured = candidates(model, adapter, cfg.target_ratio)
-    exact = cfg.width_multiple if cfg.width_multiple is not None else 1  # what the final run will use
+    widths = [adapter.mlp_width(block) for block in adapter.decoder_layers(model)]
+    multiple = cfg.width_multiple_for(widths)  # the final run's (exact under target_ratio unless asked)
     fast = replace(
-        cfg, target_ratio=None, width_multiple=exact, solver=replace(cfg.solver, refit="ls"), allocation="uniform"
+        cfg, target_ratio=None, width_multiple=multiple, solver=replace(cfg.solver, refit="ls"), allocation="uniform"
     )
     # the dense model's layer ranking is the same for every candidate: one probe pass, not one each
     angular = (
