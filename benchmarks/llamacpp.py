@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import machine  # noqa: E402
 
-from spap.io.llamacpp import LLAMA_CPP_PYTHON  # noqa: E402
+from spap.io.llamacpp import LLAMA_CPP_PYTHON, download_sdist  # noqa: E402
 from spap.io.models import cache_root, resolve_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,10 +49,7 @@ def build(version: str = LLAMA_CPP_PYTHON) -> Path:
     if all((bin_dir / tool).is_file() for tool in TOOLS):
         return bin_dir
     with tempfile.TemporaryDirectory(prefix="spap-llama-cpp-src-") as tmp:
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp]
-        subprocess.run([*pip, f"llama-cpp-python=={version}"], check=True)
-        (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
-        with tarfile.open(archive) as sdist:
+        with tarfile.open(download_sdist(version, Path(tmp))) as sdist:
             sdist.extractall(tmp, filter="data")
         source = next(Path(tmp).glob("llama_cpp_python-*/vendor/llama.cpp"))
         shutil.rmtree(home, ignore_errors=True)

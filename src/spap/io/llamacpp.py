@@ -32,6 +32,17 @@ _PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 _SAFE_EXTRACT: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
 
 
+def download_sdist(version: str, into: Path) -> Path:
+    """The llama-cpp-python ``version`` source archive, downloaded by pip into ``into``."""
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", str(into)]
+    done = subprocess.run([*pip, f"llama-cpp-python=={version}"], capture_output=True, text=True)
+    archives = sorted(into.glob("llama_cpp_python-*.tar.gz"))
+    if done.returncode != 0 or not archives:
+        last = (done.stderr.strip().splitlines() or ["no archive"])[-1]
+        raise RuntimeError(f"pip download llama-cpp-python=={version}: {last}")
+    return archives[0]
+
+
 def converter_path(version: str = LLAMA_CPP_PYTHON) -> Path:
     """``convert_hf_to_gguf.py`` of llama-cpp-python ``version``, fetched into the cache if absent."""
     home = cache_root() / f"llama.cpp-{version}"
@@ -39,17 +50,15 @@ def converter_path(version: str = LLAMA_CPP_PYTHON) -> Path:
     if script.is_file():
         return script
     with tempfile.TemporaryDirectory(prefix="spap-llama-cpp-") as tmp:
-        pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp]
-        done = subprocess.run([*pip, f"llama-cpp-python=={version}"], capture_output=True, text=True)
-        archives = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if done.returncode != 0 or not archives:
-            last = (done.stderr.strip().splitlines() or ["no archive"])[-1]
+        try:
+            sdist = download_sdist(version, Path(tmp))
+        except RuntimeError as exc:
             raise RuntimeError(
-                f"could not fetch llama.cpp's converter (pip download llama-cpp-python=={version}: {last}); "
+                f"could not fetch llama.cpp's converter ({exc}); "
                 "pass converter=/path/to/llama.cpp/convert_hf_to_gguf.py (--converter)"
-            )
+            ) from None
         staging = Path(tempfile.mkdtemp(prefix=f".llama.cpp-{version}.tmp-", dir=_mkdir(cache_root())))
-        with tarfile.open(archives[0]) as archive:
+        with tarfile.open(sdist) as archive:
             for member in archive.getmembers():
                 inner = member.name.split(_VENDORED, 1)[1] if _VENDORED in member.name else None
                 if inner and inner.startswith(_PARTS) and (member.isfile() or member.isdir()):
