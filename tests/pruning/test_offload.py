@@ -159,6 +159,9 @@ def test_output_shards_take_an_eighth_of_the_host_budget_within_bounds():
     assert shard_bytes(None) == 2**30
     assert shard_bytes(2.0) == 2**28
     assert shard_bytes(0.1) == 2**26 and shard_bytes(64.0) == 2**30
+    # streamed runs: two of the largest layers, at least 64 MiB, never above the budget's share
+    assert shard_bytes(None, 2**20) == 2**26 and shard_bytes(None, 2**27) == 2**28
+    assert shard_bytes(None, 2**30) == 2**30 and shard_bytes(1.0, 2**27) == 2**27
 
 
 def test_missing_safetensors_is_one_clear_error(tmp_path):

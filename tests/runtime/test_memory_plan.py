@@ -87,3 +87,23 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_checkpoint, tmp_path, c
     assert not out.exists()
     assert main(["prune", str(tiny_checkpoint), "--dry-run", "--offload", "always", "--seq-len", "32"]) == 0
     assert "streamed one decoder layer at a time; predicted peak host memory" in capsys.readouterr().out
+
+
+def test_streamed_peak_is_the_same_for_8_and_32_layers_of_one_width():
+    """The output buffer is two layers at most, so past a few layers depth adds nothing."""
+    from spap.runtime.memory import predict_peak_of_shapes
+
+    def shapes(layers: int) -> dict[str, tuple[int, ...]]:
+        d, m = 1024, 4096
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (49152, d), "model.norm.weight": (d,)}
+        for i in range(layers):
+            for name, shape in {"q_proj": (d, d), "k_proj": (256, d), "v_proj": (256, d), "o_proj": (d, d)}.items():
+                out[f"model.layers.{i}.self_attn.{name}.weight"] = shape
+            for name, shape in {"gate_proj": (m, d), "up_proj": (m, d), "down_proj": (d, m)}.items():
+                out[f"model.layers.{i}.mlp.{name}.weight"] = shape
+        return out
+
+    cfg = _cfg()
+    eight, thirty_two = (predict_peak_of_shapes(shapes(n), 1024, 4096, cfg, streamed=True) for n in (8, 32))
+    assert eight.peak_gib == thirty_two.peak_gib
+    assert eight.prune["output shard"] == 2**26 / 2**30  # 2 x a 30 MB bf16 layer is under the 64 MiB floor

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..config import PruneConfig
 from ..io.atomic import atomic_directory
 from ..io.shards import ShardWriter
-from ..runtime.memory import shard_bytes
+from ..runtime.memory import elements_per_layer, shard_bytes
 from ..runtime.meta import StreamedLayers, open_streamed
 from . import distributed
 from .pipeline import PruneReport, prune
@@ -38,7 +38,8 @@ def prune_offloaded(
     memory: the same checkpoint ``prune`` + ``save_pruned`` write (tensors equal; shards may differ).
 
     ``save_dtype`` None keeps the input's stored dtype. ``report_extra`` is merged into pruning.json.
-    ``max_shard_bytes`` None: ``shard_bytes(cfg.runtime.max_host_memory_gib)`` (a shard is buffered in memory).
+    ``max_shard_bytes`` None: ``shard_bytes`` of the host budget and the largest layer (a shard is
+    buffered in memory; its size does not grow with depth).
     Written atomically: an error or interrupt leaves no ``out_dir``. Data-parallel ranks each stream
     every layer; rank 0 writes.
     """
@@ -55,7 +56,8 @@ def prune_offloaded(
     writes = distributed.rank() == 0
     target = atomic_directory(out_dir, overwrite=overwrite) if writes else nullcontext(None)
     with target as tmp:
-        shard = max_shard_bytes or shard_bytes(cfg.runtime.max_host_memory_gib)
+        largest = max(elements_per_layer(source.shapes()).values(), default=0) * dtype.itemsize
+        shard = max_shard_bytes or shard_bytes(cfg.runtime.max_host_memory_gib, largest)
         writer = ShardWriter(tmp, shard, dtype) if tmp is not None else None
         streamed = StreamedLayers(model, source, writer)
         report = prune(model, tokenizer, cfg, calibration_ids=calibration_ids, residency=streamed)

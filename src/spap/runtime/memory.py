@@ -19,12 +19,15 @@ def default_host_budget_gib() -> float:
     return 0.8 * psutil.virtual_memory().available / 2**30
 
 
-def shard_bytes(budget_gib: float | None) -> int:
+def shard_bytes(budget_gib: float | None, largest_layer_bytes: int | None = None) -> int:
     """Output shard size for a host budget: a shard is assembled in memory before it is written, so
-    it gets an eighth of the budget, between 64 MiB and 1 GiB (1 GiB without a budget)."""
-    if budget_gib is None:
-        return 2**30
-    return int(min(max(budget_gib * 2**30 / 8, 2**26), 2**30))
+    it gets an eighth of the budget, between 64 MiB and 1 GiB (1 GiB without a budget). Streamed runs
+    pass their largest decoder layer's size at the save dtype: the shard is then at most two such
+    layers (at least 64 MiB), so the writer's buffer does not grow with the model's depth."""
+    cap = 2**30 if budget_gib is None else int(min(max(budget_gib * 2**30 / 8, 2**26), 2**30))
+    if largest_layer_bytes is not None:
+        cap = min(cap, max(2 * largest_layer_bytes, 2**26))
+    return cap
 
 
 def in_memory_bytes(path: str | Path, cfg: PruneConfig | None = None, save_bytes: int = 2) -> int | None:
@@ -63,6 +66,26 @@ def choose_offload(
     verdict = "fits in" if fits else "exceeds"
     what = "predicted peak in memory" if cfg is not None else "float32 weights"
     return not fits, f"{what} {needed / 2**30:.1f} GiB {verdict} --max-host-memory {budget_gib:.1f} GiB"
+
+
+def _layer_key(name: str) -> str | None:
+    """``model.layers.3`` for ``model.layers.3.mlp.up_proj.weight``; None outside the decoder layers."""
+    parts = name.split(".")
+    if "layers" in parts:
+        at = parts.index("layers") + 1
+        if at < len(parts) and parts[at].isdigit():
+            return ".".join(parts[: at + 1])
+    return None
+
+
+def elements_per_layer(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """Stored elements of each decoder layer (keyed by its name prefix) in a checkpoint of ``shapes``."""
+    out: dict[str, int] = {}
+    for name, shape in shapes.items():
+        key = _layer_key(name)
+        if key is not None:
+            out[key] = out.get(key, 0) + math.prod(shape)
+    return out
 
 
 RUNTIME_GIB = 0.75
@@ -138,16 +161,10 @@ def predict_peak_of_shapes(
     from .spill import activation_bytes
 
     gib = 2**30
-    layer_elements: dict[str, int] = {}
-    outside = head = 0
-    for name, shape in shapes.items():
-        parts = name.split(".")
-        if "layers" in parts and parts.index("layers") + 1 < len(parts) and parts[parts.index("layers") + 1].isdigit():
-            key = ".".join(parts[: parts.index("layers") + 2])
-            layer_elements[key] = layer_elements.get(key, 0) + math.prod(shape)
-        else:
-            outside += math.prod(shape)
-            head += math.prod(shape) if parts[0] == "lm_head" else 0
+    layer_elements = elements_per_layer(shapes)
+    in_layers = {name for name in shapes if _layer_key(name) is not None}
+    outside = sum(math.prod(shape) for name, shape in shapes.items() if name not in in_layers)
+    head = sum(math.prod(shape) for name, shape in shapes.items() if name.split(".")[0] == "lm_head")
     dtype = resolve_dtype(cfg.runtime.compute_dtype, resolve_device(cfg.runtime.device))
     n, seq_len = cfg.calibration.n_samples, cfg.calibration.seq_len
     activations = activation_bytes(n, seq_len, d, dtype)
@@ -169,7 +186,8 @@ def predict_peak_of_shapes(
         # the embedding table stays in its stored dtype (taken as the save dtype); the head is not read
         embeddings = save_bytes * (outside - head) / gib
         resident = {"weights outside the layers": embeddings, "two copies of a layer": 8 * largest / gib}
-        output = min(shard_bytes(budget) / gib, save_bytes * kept)  # written shard by shard
+        shard = shard_bytes(budget, save_bytes * largest)
+        output = min(shard / gib, save_bytes * kept)  # written shard by shard
         prune = {**resident, "output shard": output, **shared}
         return MemoryPlan(True, save={"runtime": RUNTIME_GIB, **resident}, prune=prune)
     weights = 4 * elements / gib
