@@ -85,6 +85,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def pin_gguf_float32() -> None:
+    """Convert GGUF models to float32 caches in this process and its children (unless the environment
+    says otherwise): the result tables' rows were measured on float32 dequantisations, spap's default
+    cache is bfloat16 since 2026-12-06."""
+    os.environ.setdefault("SPAP_GGUF_DTYPE", "float32")
+
+
 def machine() -> str:
     """CPU model, threads and GPU: results from different machines must not be compared unawares."""
     import torch

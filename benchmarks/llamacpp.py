@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine  # noqa: E402
+from common import machine, pin_gguf_float32  # noqa: E402
 
 from spap.io.llamacpp import LLAMA_CPP_PYTHON, download_sdist  # noqa: E402
 from spap.io.models import cache_root, resolve_model  # noqa: E402
@@ -120,6 +120,7 @@ def llama_bench(bin_dir: Path, files: list[Path], threads: int, prompt: int, gen
 
 
 def main() -> None:
+    pin_gguf_float32()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="model name in the rows")
     parser.add_argument("--dense", required=True, help="dense checkpoint (directory or spap model name)")

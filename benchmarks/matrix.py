@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import machine  # noqa: E402
+from common import machine, pin_gguf_float32  # noqa: E402
 from fetch_models import fetch, gguf_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +49,12 @@ MODELS: dict[str, dict[str, Any]] = {
         "equal_ratio": 0.178,
         "equal_layers": 7,
         "equal_heads": [0.34, 0.189],  # 1 of 3 KV groups per layer + this MLP sparsity
+        # the "params" track, keyed by the fraction of all parameters removed: MLP sparsity alone, whole
+        # layers nearest to it, 1 of 3 KV groups per layer + MLP sparsity (134.5M parameters, 28.3M embeddings)
+        "params": {
+            0.2: {"mlp": 0.3379, "layers": 8, "heads": [0.34, 0.2268]},
+            0.3: {"mlp": 0.5068, "layers": 11, "heads": [0.34, 0.3957]},
+        },
     },
     "qwen2.5-coder-0.5b": {
         "path": str(gguf_path("qwen2.5-coder-0.5b")),  # assembled by fetch_models.py
@@ -78,6 +84,14 @@ RECIPES: dict[str, dict[str, list[str]]] = {
         "heads-mlp": ["--target", "both", "--head-sparsity", "{head_fraction}", "--sparsity", "{head_mlp}"],
         "budget-ls": ["--target-ratio", "{ratio}", "--refit", "ls"],
         "budget-ls-norepair": ["--target-ratio", "{ratio}", "--refit", "ls", "--no-depth-repair"],
+    },
+    "params": {  # a fraction of all parameters ({p_*}: per model and fraction; the row's sparsity is the fraction)
+        "width-ls": ["--sparsity", "{p_mlp}", "--refit", "ls"],
+        "depth-only": ["--sparsity", "0", "--drop-layers", "{p_layers}"],
+        "heads-mlp": ["--target", "both", "--head-sparsity", "{p_head_fraction}", "--sparsity", "{p_head_mlp}"],
+        "budget-ls": ["--target-ratio", "{p_ratio}", "--refit", "ls"],
+        "flap-uniform-ls": ["--method", "flap", "--allocation", "uniform", "--refit", "ls", "--sparsity", "{p_mlp}"],
+        "fasp": ["--method", "fasp", "--sparsity", "{p_mlp}"],
     },
     "any-width": {
         "flap": ["--method", "flap"],
@@ -149,11 +163,17 @@ def run_row(spec: dict[str, Any], work: Path, log: Path, zeroshot: bool = False)
     out = work / "pruned"
     shutil.rmtree(out, ignore_errors=True)
     heads = model.get("equal_heads", ["", ""])
+    budget = model.get("params", {}).get(spec["sparsity"], {"mlp": "", "layers": "", "heads": ["", ""]})
     fill = {
         "ratio": model.get("equal_ratio", ""),
         "layers": model.get("equal_layers", ""),
         "head_fraction": heads[0],
         "head_mlp": heads[1],
+        "p_ratio": spec["sparsity"],
+        "p_mlp": budget["mlp"],
+        "p_layers": budget["layers"],
+        "p_head_fraction": budget["heads"][0],
+        "p_head_mlp": budget["heads"][1],
     }
     flags = [flag.format(**fill) for flag in RECIPES[spec["track"]][spec["recipe"]]]
     command = [*_spap(), "prune", model["path"], "--sparsity", str(spec["sparsity"]), "--out", str(out)]
@@ -230,15 +250,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines += [f"Machine(s): {'; '.join(machines)}. ppl: WikiText-2 test at 2048, first N windows (N per model).", ""]
     for model in MODELS:
         dense = [r for r in rows if r["model"] == model and r["track"] == "dense"]
-        for sparsity in sorted({r["sparsity"] for r in rows if r["model"] == model and r["track"] != "dense"}):
-            cells = [(t, c) for t in RECIPES for c in CALIBRATIONS]
-            subset = [r for r in rows if r["model"] == model and r["sparsity"] == sparsity]
+        mlp_rows = [r for r in rows if r["model"] == model and r["track"] not in ("dense", "params")]
+        for sparsity in sorted({r["sparsity"] for r in mlp_rows}):
+            cells = [(t, c) for t in RECIPES if t != "params" for c in CALIBRATIONS]
+            subset = [r for r in mlp_rows if r["sparsity"] == sparsity]
             head = f"## {model}, {sparsity:.0%} of MLP neurons"
             if dense:
                 head += f" (dense ppl {dense[0]['ppl_2048']:.2f}, {dense[0]['eval_windows']} windows)"
             lines += [head, "", "| recipe | " + " | ".join(f"{t}, {c}" for t, c in cells) + " |"]
             lines.append("|---" * (len(cells) + 1) + "|")
-            for recipe in [name for track in RECIPES.values() for name in track]:
+            for recipe in dict.fromkeys(
+                name for track, names in RECIPES.items() if track != "params" for name in names
+            ):
                 values = []
                 for track, calib in cells:
                     match = [r for r in subset if (r["track"], r["calibration"], r["recipe"]) == (track, calib, recipe)]
@@ -256,8 +279,38 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "Ratios: ppl / the best baseline's ppl in the same column (track and calibration; the depth track, "
         "at the parameter count of 30% of MLP neurons, against the stock track's)."
     )
+    lines += params_tables(rows)
     lines += ["", *geomean_table(rows), *social_iqa_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+def params_tables(rows: list[dict[str, Any]]) -> list[str]:
+    """The "params" track: per model, a fraction of all parameters removed, recipes down, calibrations
+    across, each ratioed to the best baseline of its own cell (the same track and fraction)."""
+    lines: list[str] = []
+    for model in MODELS:
+        subset = [r for r in rows if r["model"] == model and r["track"] == "params"]
+        for fraction in sorted({r["sparsity"] for r in subset}):
+            cell_rows = [r for r in subset if r["sparsity"] == fraction]
+            calibs = [c for c in CALIBRATIONS if any(r["calibration"] == c for r in cell_rows)]
+            lines += ["", f"## {model}, {fraction:.0%} of all parameters removed (stock checkpoints)", ""]
+            lines += ["| recipe | " + " | ".join(calibs) + " |", "|---" * (len(calibs) + 1) + "|"]
+            for recipe in RECIPES["params"]:
+                values = []
+                for calib in calibs:
+                    match = [r for r in cell_rows if (r["calibration"], r["recipe"]) == (calib, recipe)]
+                    best = best_baseline(cell_rows, "params", calib)
+                    if not match:
+                        values.append("")
+                        continue
+                    row = match[0]
+                    ratio = f" ({row['ppl_2048'] / best:.2f}x)" if best and recipe not in BASELINES else ""
+                    removed = 1 - row["params"] / row["params_before"] if row.get("params_before") else None
+                    size = f", {removed:.1%} removed" if removed is not None else ""
+                    values.append(f"{row['ppl_2048']:.2f}{ratio}{size}, {row['prune_seconds']:.0f} s")
+                if any(values):
+                    lines.append(f"| {recipe} | " + " | ".join(values) + " |")
+    return lines
 
 
 def social_iqa_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -336,6 +389,7 @@ def best_baseline(rows: list[dict[str, Any]], track: str, calibration: str) -> f
 
 
 def main() -> int:
+    pin_gguf_float32()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=list(CALIBRATIONS))
@@ -378,6 +432,8 @@ def main() -> int:
         for sparsity in args.sparsities:
             for calibration in args.calibrations:
                 for track in args.tracks:
+                    if track == "params" and sparsity not in MODELS[model].get("params", {}):
+                        continue  # no equal-parameter mixes worked out for this model and fraction
                     for recipe in RECIPES[track]:
                         spec = dict(model=model, calibration=calibration, track=track, recipe=recipe, sparsity=sparsity)
                         if (args.recipes is None or recipe in args.recipes) and tuple(spec.values()) not in done:

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
+from common import load_rows, machine, markdown_table, pin_gguf_float32, run_isolated, save_rows  # noqa: E402
 
 RECIPES: dict[str, dict[str, Any]] = {
     # name: PruneConfig overrides ("solver": SolverConfig overrides)
@@ -142,6 +142,7 @@ def _time_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    pin_gguf_float32()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--recipes", nargs="+", default=["spap", "default"], choices=list(RECIPES))

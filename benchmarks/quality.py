@@ -17,7 +17,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import VARIANTS, headless_pyplot, load_rows, machine, markdown_table, run_isolated, save_rows  # noqa: E402
+from common import (  # noqa: E402
+    VARIANTS,
+    headless_pyplot,
+    load_rows,
+    machine,
+    markdown_table,
+    pin_gguf_float32,
+    run_isolated,
+    save_rows,
+)
 
 
 def parse() -> argparse.Namespace:
@@ -128,6 +137,7 @@ def plan_jobs(methods: list[str], sparsities: list[float]) -> list[tuple[str, fl
 
 
 def main() -> None:
+    pin_gguf_float32()
     args = parse()
     tag = args.name or Path(args.model).name
     out = Path(args.out_dir) / f"quality-{tag}.json"

@@ -63,3 +63,19 @@ def test_socialiqa_scores_get_a_table_of_their_own():
     assert (
         "## SocialIQA, first 500 items" in table and "| smollm2 | spap-ls | bundled | 0.350 | 0.420 | 45.00 |" in table
     )
+
+
+def test_params_rows_get_their_own_table_against_the_baselines_at_the_same_fraction():
+    width = {**_row("width-ls", 40.0, track="params"), "sparsity": 0.2, "params": 80, "params_before": 100}
+    flap = {**_row("flap-uniform-ls", 50.0, track="params"), "sparsity": 0.2}
+    stock = _row("fasp", 30.0)  # 30% of MLP neurons: another cell, not the params track's baseline
+    table = matrix.markdown([width, flap, stock])
+    assert "## smollm2, 20% of all parameters removed" in table
+    assert "| width-ls | 40.00 (0.80x), 20.0% removed, 10 s |" in table
+    assert "| width-ls | " not in table.split("## smollm2, 20% of all")[0]  # not in the MLP-sparsity tables
+
+
+def test_every_params_fraction_has_its_equal_parameter_mixes():
+    for spec in matrix.MODELS.values():
+        for fraction, mix in spec.get("params", {}).items():
+            assert 0 < mix["mlp"] < 1 and mix["layers"] > 0 and 0 < mix["heads"][1] < mix["mlp"], fraction

@@ -28,7 +28,7 @@ def test_streamed_conversion_equals_transformers_reader_tensor_by_tensor(tmp_pat
     monkeypatch.setattr(
         ShardWriter, "add_rows", lambda self, name, *a: by_rows.append(name) or add_rows(self, name, *a)
     )
-    out = convert_gguf(gguf, tmp_path / "converted", max_shard_bytes=2**26)
+    out = convert_gguf(gguf, tmp_path / "converted", torch.float32, max_shard_bytes=2**26)
     assert by_rows == ["model.embed_tokens.weight"]  # 113 MB as float32: converted in row blocks
     streamed = {}
     for shard in out.glob("*.safetensors"):
@@ -46,3 +46,15 @@ def test_streamed_conversion_equals_transformers_reader_tensor_by_tensor(tmp_pat
     ids = torch.arange(1, 33)[None]
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, reference.eval()(ids).logits)
+
+
+def test_default_conversion_is_the_float32_one_rounded_to_bfloat16(tmp_path):
+    gguf = smollm2_gguf_path()
+    exact = convert_gguf(gguf, tmp_path / "float32", torch.float32)
+    rounded = convert_gguf(gguf, tmp_path / "bfloat16")  # the default
+    for shard in rounded.glob("*.safetensors"):
+        for name, tensor in load_file(shard).items():
+            assert tensor.dtype == torch.bfloat16, name
+            reference = load_file(next(s for s in exact.glob("*.safetensors") if name in load_file(s)))[name]
+            assert torch.equal(tensor, reference.to(torch.bfloat16)), name
+    assert json.loads((rounded / "config.json").read_text())["dtype"] == "bfloat16"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import huggingface_hub
 import pytest
+import torch
 
 from spap.cli import main
 from spap.io.models import resolve_model
@@ -53,3 +54,21 @@ def test_names_that_cannot_be_hub_ids_are_missing_paths():
     for name in ["a b", "./missing-dir", "x/y/z"]:
         with pytest.raises(FileNotFoundError, match="model path not found"):
             resolve_model(name)
+
+
+def test_gguf_cache_is_bfloat16_unless_float32_is_asked_for(monkeypatch, tmp_path):
+    from spap.io import models
+
+    monkeypatch.setenv("SPAP_CACHE", str(tmp_path))
+    converted = []
+    monkeypatch.setattr("spap.io.gguf.convert_gguf", lambda src, dst, dtype: converted.append((dst, dtype)))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"0" * 10)
+    monkeypatch.delenv("SPAP_GGUF_DTYPE", raising=False)
+    models.resolve_model(str(gguf))
+    monkeypatch.setenv("SPAP_GGUF_DTYPE", "float32")
+    models.resolve_model(str(gguf))
+    assert converted == [(tmp_path / "gguf-m-10-bfloat16", torch.bfloat16), (tmp_path / "gguf-m-10", torch.float32)]
+    monkeypatch.setenv("SPAP_GGUF_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="SPAP_GGUF_DTYPE"):
+        models.resolve_model(str(gguf))

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def convert_gguf(
-    gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2**28
+    gguf_file: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = 2**28
 ) -> Path:
     """Dequantise the GGUF checkpoint ``gguf_file`` into a safetensors checkpoint (weights in ``dtype``)
     with config, generation config and tokenizer in ``out_dir``, written atomically; a tensor the

@@ -37,7 +37,22 @@ def smollm2_gguf_path() -> Path:
 
 GGUF_SOURCE_DTYPE = torch.bfloat16
 """dtype a pruned GGUF-sourced model is written in by default: GGUF weights are quantised, their
-float originals (LLaMA, Qwen, SmolLM2 releases) bf16; the conversion cache itself is float32."""
+float originals (LLaMA, Qwen, SmolLM2 releases) bf16."""
+
+
+def gguf_cache_dtype() -> torch.dtype:
+    """dtype of the safetensors cache a GGUF file is converted into: bfloat16 (half the disk and reads
+    of float32; the dequantised weights rounded once, as the pruned output is anyway), float32 when the
+    environment variable ``SPAP_GGUF_DTYPE=float32`` asks for it."""
+    name = os.environ.get("SPAP_GGUF_DTYPE", "bfloat16")
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"SPAP_GGUF_DTYPE={name!r}: choose bfloat16 or float32")
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
+def _gguf_cache(name: str, dtype: torch.dtype) -> Path:
+    """The cache directory of a GGUF conversion; float32 caches keep the name they always had."""
+    return cache_root() / (name if dtype == torch.float32 else f"{name}-{str(dtype).removeprefix('torch.')}")
 
 
 def source_dtype(name_or_path: str | None, resolved: str) -> torch.dtype:
@@ -66,21 +81,21 @@ def resolve_model(name_or_path: str | None) -> str:
     from .decilm import register
 
     register()  # DeciLM exports open like any checkpoint
-    from .gguf import convert_gguf  # float32 shards, one tensor at a time
+    from .gguf import convert_gguf  # one tensor at a time
 
     name = name_or_path or DEFAULT_MODEL
     if name.lower() in _ALIASES:
-        target = cache_root() / "smollm2-135m-instruct"
+        target = _gguf_cache("smollm2-135m-instruct", gguf_cache_dtype())
         if not (target / "config.json").is_file():
-            convert_gguf(smollm2_gguf_path(), target)
+            convert_gguf(smollm2_gguf_path(), target, gguf_cache_dtype())
         return str(target)
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        target = cache_root() / f"gguf-{path.stem}-{path.stat().st_size}"
+        target = _gguf_cache(f"gguf-{path.stem}-{path.stat().st_size}", gguf_cache_dtype())
         if not (target / "config.json").is_file():
-            convert_gguf(path, target)
+            convert_gguf(path, target, gguf_cache_dtype())
         return str(target)
     if path.exists():
         if not (path / "config.json").is_file():
