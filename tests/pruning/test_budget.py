@@ -94,3 +94,27 @@ def test_the_cli_takes_a_parameter_budget(tiny_checkpoint, tmp_path, capsys):
     assert record["config"]["target_ratio"] == 0.35 and record["config"]["sparsity"] == chosen["sparsity"]
     assert record["parameters_after"] == pytest.approx(0.65 * record["parameters_before"], rel=0.03)
     assert "pruned" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("allocation", ["angular", "global"])
+def test_the_budget_holds_on_the_any_width_track(allocation, tmp_path):
+    """--target-ratio with a per-layer allocation: the mix is searched uniform, the final run spreads
+    the same neuron count over the layers; the checkpoint reloads with spap.load_pretrained."""
+    model = tiny_model("llama")
+    before = sum(p.numel() for p in model.parameters())
+    cfg = spap.PruneConfig(
+        target_ratio=0.35,
+        allocation=allocation,
+        runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"),
+        solver=spap.SolverConfig(refit="ls"),
+    )
+    report = spap.prune(model, config=cfg, calibration_ids=tiny_ids(10, 24))
+    widths = report.widths
+    assert len(set(widths)) > 1  # per-layer widths
+    _, per_layer, per_neuron = budget.layer_costs(tiny_model("llama"), get_adapter(tiny_model("llama")))
+    assert abs(report.parameters_after - 0.65 * before) <= len(per_layer) * max(per_neuron)
+    spap.save_pruned(model, tmp_path / "out", report=report.to_dict())
+    reloaded = spap.load_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids = tiny_ids(1, 12)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
