@@ -40,6 +40,22 @@ def test_ratios_and_speeds_land_on_their_rows():
     assert depth["ppl_vs_best_baseline"] == round(60 / 44, 3) and depth["parameters_removed"] == 0.2
     assert (depth["llamacpp_decode_speedup"], depth["llamacpp_prefill_speedup"]) == (1.3, 1.4)
     assert rows["spap-ls"]["llamacpp_decode_speedup"] == 1.1
-    assert "| m | wikitext2-valid | whole layers, repaired | 20.0% | 8 | 60.0 | 1.5 |" in budget_table.markdown(
-        list(rows.values())
+    assert (
+        "| m | wikitext2-valid | 30% of MLP neurons | whole layers, repaired | 20.0% | 8 | 60.0 | 1.5 |"
+        in budget_table.markdown(list(rows.values()))
     )
+
+
+def test_params_cells_set_each_recipe_against_width_and_their_own_baselines():
+    at = dict(sparsity=0.2)
+    matrix = [
+        {**_row("width-ls", 40.0, 10, "params"), **at},
+        {**_row("budget-ls", 38.0, 10, "params"), **at},
+        {**_row("fasp", 50.0, 10, "params"), **at},
+        {**_row("fasp", 20.0, 10, "params"), "sparsity": 0.3, "calibration": "bundled"},  # another cell
+        _row("fasp", 10.0, 10, "stock"),  # the MLP-sparsity cell's baseline, not this one's
+    ]
+    rows = {r["recipe"]: r for r in budget_table.build(matrix, [])}
+    assert set(rows) == {"width-ls", "budget-ls"}
+    assert rows["budget-ls"]["budget"] == "20% of all parameters"
+    assert rows["budget-ls"]["ppl_vs_width"] == 0.95 and rows["budget-ls"]["ppl_vs_best_baseline"] == 0.76
