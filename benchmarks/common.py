@@ -188,6 +188,15 @@ def run_isolated(job: dict[str, Any], fn: Callable[[dict[str, Any]], dict[str, A
         return pool.apply(fn, (job,))
 
 
+def held_out_layer(model: Any, adapter: Any, x: Any, layer: int, sparsity: float) -> tuple[int, Any, int]:
+    """For a per-layer study on captured MLP inputs x (N, d): (fit rows: the first 75%, the dense MLP of
+    ``layer`` in float32, neurons to prune at ``sparsity``); the last 25% of x are held out."""
+    import torch
+
+    dense = adapter.read_mlp(adapter.decoder_layers(model)[layer]).to(dtype=torch.float32)
+    return int(0.75 * x.shape[0]), dense, int(round(sparsity * dense.width))
+
+
 def capture_dense(
     model: Any,
     adapter: Any,

@@ -19,7 +19,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # studies/, benchmarks/
 
-from common import capture_dense  # noqa: E402
+from common import capture_dense, held_out_layer  # noqa: E402
 
 from spap.adapters import get_adapter  # noqa: E402
 from spap.config import CalibrationConfig  # noqa: E402
@@ -65,9 +65,7 @@ def main() -> None:
     rows = []
     for li in args.layers:
         x = xs[li]
-        n_train = int(0.75 * x.shape[0])
-        dense = adapter.read_mlp(adapter.decoder_layers(model)[li]).to(dtype=torch.float32)
-        k = int(round(args.sparsity * dense.width))
+        n_train, dense, k = held_out_layer(model, adapter, x, li, args.sparsity)
         for name in names:
             cfg = SolverConfig(**VARIANTS[name])
             pos = sample_token_positions(n_train, cfg.refit_tokens, 0) if cfg.needs_sample else None
