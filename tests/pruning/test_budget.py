@@ -69,6 +69,8 @@ def test_the_search_prunes_at_the_mix_of_least_held_out_loss():
     rounding = len(per_layer) * max(per_neuron)  # one MLP neuron per layer
     assert abs(report.parameters_after - 0.65 * before) <= rounding
     assert report.calibration_shape[0] == 8  # the held-out windows never calibrate
+    search = report.seconds["budget_search"]
+    assert search > 0 and report.seconds["total"] > search  # the search counts in the run's time
 
 
 def test_an_impossible_budget_is_refused():

@@ -126,12 +126,16 @@ def prune(
     if cfg.target_ratio is not None:
         if residency is not None and not isinstance(residency, ResidentLayers):
             raise ValueError("target_ratio needs the whole model in memory; out-of-core pruning does not search")
+        started = time.perf_counter()
         cfg, calibration_ids, frontier = _search_budget(model, tokenizer, cfg, calibration_ids)
+        search_seconds = time.perf_counter() - started
     with spilling() if spill else nullcontext():
         report = _prune(model, tokenizer, cfg, calibration_ids, n_prune, residency or ResidentLayers(), dropped_layers)
     report.extra["activations_spilled"] = spill
     if frontier is not None:
         report.extra["budget"] = frontier
+        report.seconds["budget_search"] = search_seconds  # the candidates' pruning and scoring
+        report.seconds["total"] += search_seconds
     return report
 
 
