@@ -271,9 +271,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                     if not match:
                         values.append("")
                         continue
-                    row = match[0]
-                    ratio = f" ({row['ppl_2048'] / best:.2f}x)" if best and recipe not in BASELINES else ""
-                    values.append(f"{row['ppl_2048']:.2f}{ratio}, {row['prune_seconds']:.0f} s")
+                    values.append(_cell_text(match[0], best))
                 if any(values):
                     lines.append(f"| {recipe} | " + " | ".join(values) + " |")
             lines.append("")
@@ -284,6 +282,14 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines += params_tables(rows)
     lines += ["", *geomean_table(rows), *social_iqa_table(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _cell_text(row: dict[str, Any], best: float | None, removed: bool = False) -> str:
+    """A table cell: ppl, its ratio to the cell's best baseline (not for baselines), with ``removed``
+    the fraction of parameters removed where the row records it, and the prune seconds."""
+    ratio = f" ({row['ppl_2048'] / best:.2f}x)" if best and row["recipe"] not in BASELINES else ""
+    size = f", {1 - row['params'] / row['params_before']:.1%} removed" if removed and row.get("params_before") else ""
+    return f"{row['ppl_2048']:.2f}{ratio}{size}, {row['prune_seconds']:.0f} s"
 
 
 def params_tables(rows: list[dict[str, Any]]) -> list[str]:
@@ -305,11 +311,7 @@ def params_tables(rows: list[dict[str, Any]]) -> list[str]:
                     if not match:
                         values.append("")
                         continue
-                    row = match[0]
-                    ratio = f" ({row['ppl_2048'] / best:.2f}x)" if best and recipe not in BASELINES else ""
-                    removed = 1 - row["params"] / row["params_before"] if row.get("params_before") else None
-                    size = f", {removed:.1%} removed" if removed is not None else ""
-                    values.append(f"{row['ppl_2048']:.2f}{ratio}{size}, {row['prune_seconds']:.0f} s")
+                    values.append(_cell_text(match[0], best, removed=True))
                 if any(values):
                     lines.append(f"| {recipe} | " + " | ".join(values) + " |")
     return lines

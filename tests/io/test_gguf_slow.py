@@ -52,9 +52,9 @@ def test_default_conversion_is_the_float32_one_rounded_to_bfloat16(tmp_path):
     gguf = smollm2_gguf_path()
     exact = convert_gguf(gguf, tmp_path / "float32", torch.float32)
     rounded = convert_gguf(gguf, tmp_path / "bfloat16")  # the default
+    reference = {name: t for shard in exact.glob("*.safetensors") for name, t in load_file(shard).items()}
     for shard in rounded.glob("*.safetensors"):
         for name, tensor in load_file(shard).items():
             assert tensor.dtype == torch.bfloat16, name
-            reference = load_file(next(s for s in exact.glob("*.safetensors") if name in load_file(s)))[name]
-            assert torch.equal(tensor, reference.to(torch.bfloat16)), name
+            assert torch.equal(tensor, reference[name].to(torch.bfloat16)), name
     assert json.loads((rounded / "config.json").read_text())["dtype"] == "bfloat16"

@@ -85,17 +85,19 @@ def resolve_model(name_or_path: str | None) -> str:
 
     name = name_or_path or DEFAULT_MODEL
     if name.lower() in _ALIASES:
-        target = _gguf_cache("smollm2-135m-instruct", gguf_cache_dtype())
+        dtype = gguf_cache_dtype()
+        target = _gguf_cache("smollm2-135m-instruct", dtype)
         if not (target / "config.json").is_file():
-            convert_gguf(smollm2_gguf_path(), target, gguf_cache_dtype())
+            convert_gguf(smollm2_gguf_path(), target, dtype)
         return str(target)
     path = Path(name)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        target = _gguf_cache(f"gguf-{path.stem}-{path.stat().st_size}", gguf_cache_dtype())
+        dtype = gguf_cache_dtype()
+        target = _gguf_cache(f"gguf-{path.stem}-{path.stat().st_size}", dtype)
         if not (target / "config.json").is_file():
-            convert_gguf(path, target, gguf_cache_dtype())
+            convert_gguf(path, target, dtype)
         return str(target)
     if path.exists():
         if not (path / "config.json").is_file():

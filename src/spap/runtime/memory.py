@@ -162,8 +162,8 @@ def predict_peak_of_shapes(
 
     gib = 2**30
     layer_elements = elements_per_layer(shapes)
-    in_layers = {name for name in shapes if _layer_key(name) is not None}
-    outside = sum(math.prod(shape) for name, shape in shapes.items() if name not in in_layers)
+    elements = sum(math.prod(shape) for shape in shapes.values())
+    outside = elements - sum(layer_elements.values())
     head = sum(math.prod(shape) for name, shape in shapes.items() if name.split(".")[0] == "lm_head")
     dtype = resolve_dtype(cfg.runtime.compute_dtype, resolve_device(cfg.runtime.device))
     n, seq_len = cfg.calibration.n_samples, cfg.calibration.seq_len
@@ -178,7 +178,6 @@ def predict_peak_of_shapes(
     chunk = 4 * CHUNK_TOKENS * (d + m)  # one chunk's float32 z and y while statistics accumulate
     # the chunk is freed before the solve starts: the larger of the two counts
     shared = {"runtime": RUNTIME_GIB, "activations": activations / gib, "solve or statistics": max(chunk, solve) / gib}
-    elements = outside + sum(layer_elements.values())
     removed = cfg.sparsity * 3 * d * m * len(layer_elements) if cfg.prunes_mlp else 0  # GLU: up, gate, down
     kept = (elements - removed) / gib
     if streamed:
