@@ -87,13 +87,30 @@ def as_spap_reads(text: Path, work: Path) -> Path:
     return copy
 
 
-def llama_perplexity(bin_dir: Path, gguf_file: Path, text: Path, chunks: int, threads: int) -> float:
-    command = [str(bin_dir / "llama-perplexity"), "-m", str(gguf_file), "-f", str(text), "-c", str(CTX)]
-    done = subprocess.run([*command, "--chunks", str(chunks), "-t", str(threads)], capture_output=True, text=True)
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
-    if done.returncode != 0 or not found:
-        raise RuntimeError(f"llama-perplexity failed on {gguf_file}: {(done.stderr.strip().splitlines() or [''])[-1]}")
-    return float(found.group(1))
+def parse_perplexity(output: str, chunks: int) -> float | None:
+    """llama-perplexity's estimate over ``chunks`` windows from its output: the "Final estimate" line, or
+    else the running estimate printed after the last chunk (the same number), or None when neither
+    arrived. llama.cpp logs from a thread it never joins, so its last lines can be lost at exit
+    (llama.cpp#22142; seen in CI)."""
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", output)
+    if found:
+        return float(found.group(1))
+    running = re.search(rf"\[{chunks}\]([0-9.]+),", output)
+    return float(running.group(1)) if running else None
+
+
+def llama_perplexity(bin_dir: Path, gguf_file: Path, text: Path, chunks: int, threads: int, ctx: int = CTX) -> float:
+    """llama.cpp's perplexity of ``gguf_file`` on the first ``chunks`` windows of ``ctx`` tokens of ``text``
+    (it scores the second half of each); run again, up to three times, when its log lost the estimate."""
+    command = [str(bin_dir / "llama-perplexity"), "-m", str(gguf_file), "-f", str(text), "-c", str(ctx)]
+    for _ in range(3):
+        done = subprocess.run([*command, "--chunks", str(chunks), "-t", str(threads)], capture_output=True, text=True)
+        if done.returncode != 0:
+            break
+        estimate = parse_perplexity(done.stdout + done.stderr, chunks)
+        if estimate is not None:
+            return estimate
+    raise RuntimeError(f"llama-perplexity failed on {gguf_file}: {(done.stderr.strip().splitlines() or [''])[-1]}")
 
 
 def spap_perplexity(checkpoint: str, chunks: int) -> float:

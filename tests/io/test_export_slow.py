@@ -4,6 +4,8 @@ transformers' GGUF reader gives the logits of the safetensors checkpoint. Slow."
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ from transformers import AutoModelForCausalLM
 
 import spap
 from spap.io.llamacpp import export_gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import llamacpp  # noqa: E402  (benchmarks/llamacpp.py: builds llama.cpp and runs its tools)
 
 pytestmark = [
     pytest.mark.slow,
@@ -97,12 +102,6 @@ def test_per_layer_widths_reach_llama_cpp_through_a_decilm_export(tmp_path):
 
 def _built_llama_cpp():
     """bin/ of the llama.cpp that benchmarks/llamacpp.py builds (minutes), or skip when it is not built."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    import llamacpp
-
     from spap.io.models import cache_root
 
     bin_dir = cache_root() / f"llama.cpp-build-{llamacpp.LLAMA_CPP_PYTHON}" / "build" / "bin"
@@ -115,9 +114,6 @@ def test_llama_cpp_runs_a_decilm_export_with_spaps_perplexity(tmp_path):
     """The real client: llama.cpp (built from the llama-cpp-python sdist) evaluates a per-layer-width
     DeciLM export of a tiny random model, and its perplexity (second half of each window, llama.cpp's
     convention) equals spap's on the same windows."""
-    import re
-    import subprocess
-
     from spap.evaluation.perplexity import perplexity
     from spap.io.calibration import bundled_text
 
@@ -126,10 +122,7 @@ def test_llama_cpp_runs_a_decilm_export_with_spaps_perplexity(tmp_path):
     tokenizer = _llama2_style_tokenizer()
     text = tmp_path / "text.txt"
     text.write_text(bundled_text()[20000:40000])
-    command = [str(bin_dir / "llama-perplexity"), "-m", str(gguf), "-f", str(text), "-c", "128", "--chunks", "8"]
-    done = subprocess.run([*command, "-t", "2"], capture_output=True, text=True)
-    found = re.search(r"Final estimate: PPL = ([0-9.]+)", done.stdout + done.stderr)
-    assert done.returncode == 0 and found, done.stderr[-2000:]
+    llama_ppl = llamacpp.llama_perplexity(bin_dir, gguf, text, chunks=8, threads=2, ctx=128)
     ours = perplexity(model, tokenizer, text.read_text(), seq_len=128, max_windows=8, score_from=64, progress=False)
     assert ours.perplexity > 50  # a random model: far from a trivial value
-    assert float(found.group(1)) == pytest.approx(ours.perplexity, rel=1e-3)
+    assert llama_ppl == pytest.approx(ours.perplexity, rel=1e-3)
