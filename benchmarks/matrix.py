@@ -101,6 +101,10 @@ RECIPES: dict[str, dict[str, list[str]]] = {
         "spap-ls-angular": ["--method", "spap", "--refit", "ls", "--allocation", "angular"],
         "spap-angular": ["--method", "spap", "--allocation", "angular"],
         "spap-ls-structprune": ["--method", "spap", "--refit", "ls", "--allocation", "structprune"],
+        # FLAP's allocation (standardised fluctuation, ranked globally) with spap's selection and least
+        # squares; with a refit down bias, as FLAP compensates with one (spap.load_pretrained loads it)
+        "spap-ls-global": ["--method", "spap", "--refit", "ls", "--allocation", "global"],
+        "spap-ls-global-bias": ["--method", "spap", "--refit", "ls", "--allocation", "global", "--fit-bias", "yes"],
     },
 }
 BASELINES = {"wanda-sp", "fasp", "flap-uniform-ls", "cfsp-uniform", "flap", "cfsp"}
