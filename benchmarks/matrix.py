@@ -64,6 +64,10 @@ MODELS: dict[str, dict[str, Any]] = {
         "equal_ratio": 0.1494,  # of 630M: the cache holds the output embedding apart from the input one
         "equal_layers": 6,
         "equal_heads": [0.5, 0.23],  # 1 of 2 KV groups per layer + this MLP sparsity
+        "params": {  # of 630.2M (313.8M in MLPs, 14.91M a layer, 0.92M a KV group with its 7 query heads)
+            0.2: {"mlp": 0.4017, "layers": 8, "heads": [0.5, 0.3314]},
+            0.3: {"mlp": 0.6025, "layers": 13, "heads": [0.5, 0.5323]},
+        },
     },
 }
 CALIBRATIONS = {"bundled": "bundled", "wikitext2-valid": "wikitext-2/wiki.valid.tokens"}
