@@ -80,10 +80,14 @@ def decode_bytes(gguf_file: Path) -> int:
 
 
 def as_spap_reads(text: Path, work: Path) -> Path:
-    """A copy of ``text`` with the newlines Python's text mode gives spap (CRLF -> LF; WikiText-2 raw
-    test holds 2,891 CRLF), for llama.cpp, which reads bytes: both then tokenise the same text."""
-    copy = work / f"{text.stem}.lf{text.suffix}"
-    copy.write_text(text.read_text(), newline="\n")
+    """A copy of ``text`` holding exactly the string spap scores (``read_text_file``: LF newlines, and
+    for WikiText raw files the usual "\\n\\n".join of the non-blank lines), for llama.cpp, which reads
+    bytes: both then tokenise the same text. The copy's name must not look like wiki.*.raw, or spap
+    would apply the layout twice."""
+    from spap.io.calibration import read_text_file
+
+    copy = work / f"{text.stem}.as-spap-reads.txt"
+    copy.write_text(read_text_file(text), encoding="utf-8", newline="\n")
     return copy
 
 
@@ -136,17 +140,43 @@ def llama_bench(bin_dir: Path, files: list[Path], threads: int, prompt: int, gen
     return speeds
 
 
+def remeasure_perplexity(name: str, work: Path, threads: int, note: str) -> None:
+    """llama.cpp's perplexity of the rows of ``name`` in results/llamacpp.json again, from their GGUFs
+    in ``work`` (as ``main`` named them) on the text as spap reads it; spap's side and speeds are kept."""
+    bin_dir = build()
+    text = as_spap_reads(TEST, work)
+    data = json.loads(RESULTS.read_text())
+    for row in (r for r in data["rows"] if r["model"] == name):
+        gguf_file = work / f"{name}-{row['checkpoint']}-{row['outtype']}.gguf"
+        if not gguf_file.is_file():
+            raise SystemExit(f"{gguf_file} is missing: run the full benchmark for {name} instead")
+        row["llamacpp_ppl"] = round(llama_perplexity(bin_dir, gguf_file, text, row["windows"], threads), 4)
+        row["ppl_ratio"] = round(row["llamacpp_ppl"] / row["spap_ppl_float32"], 5)
+        row["ppl_note"] = f"{time.strftime('%Y-%m-%d')}: {note}"
+        print(row["checkpoint"], row["llamacpp_ppl"], row["spap_ppl_float32"], row["ppl_ratio"], flush=True)
+        RESULTS.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def main() -> None:
     pin_gguf_float32()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="model name in the rows")
-    parser.add_argument("--dense", required=True, help="dense checkpoint (directory or spap model name)")
+    parser.add_argument("--dense", help="dense checkpoint (directory or spap model name)")
     parser.add_argument("--pruned", nargs="+", default=[], help="DIR=LABEL pruned stock checkpoints")
     parser.add_argument("--chunks", type=int, default=16)
     parser.add_argument("--outtype", default="bf16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "spap-llamacpp")
+    parser.add_argument(
+        "--remeasure-ppl",
+        metavar="NOTE",
+        help="only llama.cpp's perplexity of NAME's rows again, from the GGUFs in --work",
+    )
     args = parser.parse_args()
+    if args.remeasure_ppl:
+        return remeasure_perplexity(args.name, args.work, args.threads, args.remeasure_ppl)
+    if not args.dense:
+        parser.error("--dense is required")
     bin_dir = build()
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoints = {"dense": args.dense, **{p.split("=")[1]: p.split("=")[0] for p in args.pruned}}
