@@ -109,6 +109,8 @@ RECIPES: dict[str, dict[str, list[str]]] = {
         # squares; with a refit down bias, as FLAP compensates with one (spap.load_pretrained loads it)
         "spap-ls-global": ["--method", "spap", "--refit", "ls", "--allocation", "global"],
         "spap-ls-global-bias": ["--method", "spap", "--refit", "ls", "--allocation", "global", "--fit-bias", "yes"],
+        # FLAP's selection and allocation, W_down refit by least squares instead of its bias compensation
+        "flap-ls": ["--method", "flap", "--refit", "ls"],
     },
 }
 BASELINES = {"wanda-sp", "fasp", "flap-uniform-ls", "cfsp-uniform", "flap", "cfsp"}
