@@ -341,53 +341,58 @@ def social_iqa_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def stock_cells(rows: list[dict[str, Any]]) -> list[tuple[str, str, float]]:
-    """(model, calibration, sparsity) of the stock track that hold at least one baseline row."""
-    keys = {(r["model"], r["calibration"], r["sparsity"]) for r in rows if r["track"] == "stock"}
-    return sorted(k for k in keys if _cell_best(rows, *k) is not None)
+def track_cells(rows: list[dict[str, Any]], track: str = "stock") -> list[tuple[str, str, float]]:
+    """(model, calibration, sparsity) of ``track`` that hold at least one baseline row."""
+    keys = {(r["model"], r["calibration"], r["sparsity"]) for r in rows if r["track"] == track}
+    return sorted(k for k in keys if _cell_best(rows, *k, track) is not None)
 
 
-def _cell_best(rows: list[dict[str, Any]], model: str, calibration: str, sparsity: float) -> float | None:
+def _cell_best(rows: list[dict[str, Any]], model: str, calibration: str, sparsity: float, track: str) -> float | None:
     subset = [r for r in rows if r["model"] == model and r["sparsity"] == sparsity]
-    return best_baseline(subset, "stock", calibration)
+    return best_baseline(subset, track, calibration)
 
 
-def geomeans(rows: list[dict[str, Any]]) -> dict[str, tuple[float, int]]:
-    """recipe -> (geometric mean over the stock cells of ppl / the cell's best baseline, cells), for
-    the recipes present in every stock cell (the rule that picks ``spap prune``'s default)."""
-    cells = stock_cells(rows)
+def geomeans(rows: list[dict[str, Any]], track: str = "stock") -> dict[str, tuple[float, int]]:
+    """recipe -> (geometric mean over ``track``'s cells of ppl / the cell's best baseline, cells), for
+    the recipes present in every cell (the rule that picks ``spap prune``'s default on the stock
+    track, and the documented any-width flag on the any-width track)."""
+    cells = track_cells(rows, track)
     out: dict[str, tuple[float, int]] = {}
-    for recipe in RECIPES["stock"]:
+    for recipe in RECIPES[track]:
         ratios = []
         for model, calibration, sparsity in cells:
             match = [
                 r["ppl_2048"]
                 for r in rows
                 if (r["model"], r["calibration"], r["sparsity"], r["track"], r["recipe"])
-                == (model, calibration, sparsity, "stock", recipe)
+                == (model, calibration, sparsity, track, recipe)
             ]
             if match:
-                ratios.append(match[0] / _cell_best(rows, model, calibration, sparsity))  # type: ignore[operator]
+                ratios.append(match[0] / _cell_best(rows, model, calibration, sparsity, track))  # type: ignore[operator]
         if cells and len(ratios) == len(cells):
             out[recipe] = (math.exp(sum(math.log(x) for x in ratios) / len(ratios)), len(ratios))
     return out
 
 
 def geomean_table(rows: list[dict[str, Any]]) -> list[str]:
-    means = geomeans(rows)
-    if not means:
-        return []
-    cells = stock_cells(rows)
-    lines = [
-        f"## Stock track over its {len(cells)} cells: geometric mean of ppl / best baseline (lower is better)",
-        "",
-        "| recipe | geometric mean | mean prune time |",
-        "|---|---|---|",
-    ]
-    for recipe, (mean, _) in sorted(means.items(), key=lambda item: item[1][0]):
-        seconds = [r["prune_seconds"] for r in rows if r["track"] == "stock" and r["recipe"] == recipe]
-        lines.append(f"| {recipe} | {mean:.3f} | {sum(seconds) / len(seconds):.0f} s |")
-    return lines
+    lines: list[str] = []
+    for track in ("stock", "any-width"):
+        means = geomeans(rows, track)
+        if not means:
+            continue
+        cells = track_cells(rows, track)
+        lines += [
+            f"## {track.capitalize()} track over its {len(cells)} cells: geometric mean of ppl / best baseline "
+            "(lower is better)",
+            "",
+            "| recipe | geometric mean | mean prune time |",
+            "|---|---|---|",
+        ]
+        for recipe, (mean, _) in sorted(means.items(), key=lambda item: item[1][0]):
+            seconds = [r["prune_seconds"] for r in rows if r["track"] == track and r["recipe"] == recipe]
+            lines.append(f"| {recipe} | {mean:.3f} | {sum(seconds) / len(seconds):.0f} s |")
+        lines.append("")
+    return lines[:-1]
 
 
 def best_baseline(rows: list[dict[str, Any]], track: str, calibration: str) -> float | None:

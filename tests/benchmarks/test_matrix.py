@@ -57,6 +57,16 @@ def test_the_geometric_mean_covers_the_recipes_present_in_every_stock_cell():
     assert "| spap-ls | 0.995 |" in matrix.markdown(rows)
 
 
+def test_the_any_width_track_gets_its_own_geometric_mean_against_its_own_baselines():
+    any_width = dict(track="any-width")
+    rows = [{**_row("cfsp", 40.0), **any_width}, {**_row("spap-ls-global", 36.0), **any_width}]
+    rows += [_row("fasp", 30.0), _row("spap-ls", 33.0)]  # stock: its own best baseline
+    assert matrix.geomeans(rows, "any-width") == {"cfsp": (1.0, 1), "spap-ls-global": (0.9, 1)}
+    assert matrix.geomeans(rows)["spap-ls"] == (1.1, 1)
+    table = matrix.markdown(rows)
+    assert "## Any-width track over its 1 cells" in table and "| spap-ls-global | 0.900 |" in table
+
+
 def test_socialiqa_scores_get_a_table_of_their_own():
     scored = {**_row("spap-ls", 45.0), "social_iqa_acc": 0.35, "social_iqa_acc_norm": 0.42, "social_iqa_n": 500}
     table = matrix.markdown([_row("fasp", 50.0), scored])
