@@ -80,11 +80,17 @@ def test_offloaded_pruning_writes_the_in_memory_checkpoint(family, cfg, dtype, t
     assert json.loads((tmp_path / "offload" / "pruning.json").read_text())["offload"] is True
 
 
-def test_stock_checkpoint_from_offload_loads_with_from_pretrained(tmp_path):
+def test_stock_checkpoint_from_offload_loads_with_from_pretrained(tmp_path, monkeypatch):
+    """... and the streamed run keeps layer-sized tensors out of glibc's heap (runtime.host_malloc)."""
+    from spap.pruning import offload
+
+    fixed: list[bool] = []
+    monkeypatch.setattr(offload, "fix_mmap_threshold", lambda: fixed.append(True) or True)
     source = tmp_path / "dense"
     tiny_model("llama").save_pretrained(source)
     ids = tiny_ids()
     prune_offloaded(source, tmp_path / "out", fast_config(0.3), calibration_ids=ids)
+    assert fixed == [True]
     model = spap.load_pretrained(source)
     spap.prune(model, config=fast_config(0.3), calibration_ids=ids)
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

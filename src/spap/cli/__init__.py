@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..runtime.host_malloc import fix_mmap_threshold
 from .parser import build_parser, config_from_args, explicit_dests
 
 log = logging.getLogger("spap")
@@ -236,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("transformers", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    fix_mmap_threshold()  # the process is ours: keep layer-sized tensors out of glibc's heap
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:

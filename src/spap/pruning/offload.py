@@ -16,6 +16,7 @@ from torch import Tensor
 from ..config import PruneConfig
 from ..io.atomic import atomic_directory
 from ..io.shards import ShardWriter
+from ..runtime.host_malloc import fix_mmap_threshold
 from ..runtime.memory import elements_per_layer, shard_bytes
 from ..runtime.meta import StreamedLayers, open_streamed
 from . import distributed
@@ -41,7 +42,7 @@ def prune_offloaded(
     ``max_shard_bytes`` None: ``shard_bytes`` of the host budget and the largest layer (a shard is
     buffered in memory; its size does not grow with depth).
     Written atomically: an error or interrupt leaves no ``out_dir``. Data-parallel ranks each stream
-    every layer; rank 0 writes.
+    every layer; rank 0 writes. Fixes this process's glibc mmap threshold (``runtime.host_malloc``).
     """
     from ..io.checkpoint import export_config, write_companions
 
@@ -51,6 +52,9 @@ def prune_offloaded(
             "calibration 'self' samples text from the whole model, which out-of-core pruning never holds: "
             "use --offload never, or pass a text file or the calibration_ids.pt of an earlier run"
         )
+    # layer-sized tensors in mappings of their own, so that the peak does not grow with depth (measured
+    # 1.29 / 1.73 GiB at 8 / 32 layers without, 1.03 / 1.03 with; about 10% slower in one 8-layer run)
+    fix_mmap_threshold()
     model, source = open_streamed(path)
     dtype = save_dtype or source.stored_dtype()
     writes = distributed.rank() == 0
