@@ -38,7 +38,7 @@ PARAMS_RECIPES = {  # the matrix's "params" track: a fraction of all parameters
     "depth-only": ("whole layers, repaired", None),
     "heads-mlp": ("1 KV group per layer + MLP width", None),
     "budget-ls": ("--target-ratio search", None),
-    "budget-ls-angular": ("--target-ratio search, per-layer widths", None),
+    "budget-ls-global": ("--target-ratio search, per-layer widths", None),
 }
 PARAMS_BASELINES = ("fasp", "flap-uniform-ls")
 

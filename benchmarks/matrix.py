@@ -95,7 +95,7 @@ RECIPES: dict[str, dict[str, list[str]]] = {
         "heads-mlp": ["--target", "both", "--head-sparsity", "{p_head_fraction}", "--sparsity", "{p_head_mlp}"],
         "budget-ls": ["--target-ratio", "{p_ratio}", "--refit", "ls"],
         # the same search, the final run's widths allocated per layer (any-width: spap.load_pretrained)
-        "budget-ls-angular": ["--target-ratio", "{p_ratio}", "--refit", "ls", "--allocation", "angular"],
+        "budget-ls-global": ["--target-ratio", "{p_ratio}", "--refit", "ls", "--allocation", "global"],
         "flap-uniform-ls": ["--method", "flap", "--allocation", "uniform", "--refit", "ls", "--sparsity", "{p_mlp}"],
         "fasp": ["--method", "fasp", "--sparsity", "{p_mlp}"],
     },
@@ -311,7 +311,7 @@ def params_tables(rows: list[dict[str, Any]]) -> list[str]:
         for fraction in sorted({r["sparsity"] for r in subset}):
             cell_rows = [r for r in subset if r["sparsity"] == fraction]
             calibs = [c for c in CALIBRATIONS if any(r["calibration"] == c for r in cell_rows)]
-            lines += ["", f"## {model}, {fraction:.0%} of all parameters removed (stock but budget-ls-angular)", ""]
+            lines += ["", f"## {model}, {fraction:.0%} of all parameters removed (stock but budget-ls-global)", ""]
             lines += ["| recipe | " + " | ".join(calibs) + " |", "|---" * (len(calibs) + 1) + "|"]
             for recipe in RECIPES["params"]:
                 values = []
