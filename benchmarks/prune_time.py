@@ -4,8 +4,9 @@ and statistics would take at this machine's matmul rate.
     python benchmarks/prune_time.py --model smollm2 --recipes spap default --n-samples 16 --seq-len 2048
 
 floor = forward FLOPs of one pass of every decoder layer over the calibration tokens / the compute
-dtype's matmul rate  +  Gram and cross products (2 N (m^2 + d m) per layer, float32) / the float32
-rate, both rates measured in this run on this machine.  Each recipe runs in a fresh process (its own
+dtype's matmul rate  +  Gram and cross products (2 N (m^2 + d m) per layer) / the rate spap multiplies
+them at: the bfloat16 rate for bfloat16 activations on a CPU with bfloat16 instructions (exact there,
+see spap.core.bf16_products), else float32; both rates measured in this run on this machine.  Each recipe runs in a fresh process (its own
 peak memory).  Appends one row per run to results/prune-time.json (a rerun of the same model, recipe
 and tokens replaces its row) and prints a table.
 """
@@ -77,6 +78,7 @@ def _time_one(job: dict[str, Any]) -> dict[str, Any]:
     import spap
     from spap.config import CalibrationConfig, PruneConfig
     from spap.core import SolverConfig
+    from spap.core.bf16_products import cpu_multiplies_bf16
     from spap.io.models import load_model
     from spap.runtime.device import resolve_device, resolve_dtype
 
@@ -98,7 +100,8 @@ def _time_one(job: dict[str, Any]) -> dict[str, Any]:
     forward, stats, (d, m) = floor_flops(model, job["n_samples"] * job["seq_len"], job["seq_len"])
     rate_compute = matmul_rate(dtype, 8192, d, m)
     rate_f32 = matmul_rate(torch.float32, m, 8192, m)
-    floor = forward / rate_compute + stats / rate_f32
+    bf16_statistics = dtype == torch.bfloat16 and device.type == "cpu" and cpu_multiplies_bf16()
+    floor = forward / rate_compute + stats / (rate_compute if bf16_statistics else rate_f32)
 
     report = spap.prune(model, tokenizer, cfg)
     t0 = time.perf_counter()
@@ -131,6 +134,7 @@ def _time_one(job: dict[str, Any]) -> dict[str, Any]:
             "compute_dtype": str(dtype).replace("torch.", ""),
             "compute_flops_per_s": rate_compute,
             "float32_flops_per_s": rate_f32,
+            "statistics_rate": "bfloat16" if bf16_statistics else "float32",
         },
         "peak_rss_gib": report.memory["peak_rss_gib"],
         "peak_gpu_gib": report.memory.get("peak_gpu_gib"),

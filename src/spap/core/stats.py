@@ -13,7 +13,7 @@ Token weights w_n default to 1 (then mass = N); see ``PruneConfig.token_weightin
 z and y are computed in the activation dtype (the layer's compute dtype in the pipeline, as the model
 computes them); chunks are multiplied in float32 (or the input dtype if wider) and added to float64
 accumulators, so the result does not depend on how tokens are batched (up to float32 rounding inside
-a chunk).
+a chunk).  Products of bfloat16 activations run at the CPU's bfloat16 rate with the same result.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .bf16_products import bf16_rate_products, cpu_multiplies_bf16
 from .mlp import MLPWeights
 
 CHUNK_TOKENS = 8192
@@ -105,10 +106,16 @@ class MLPStatistics:
             if offset is not None:
                 y = y + offset[chunk].to(y)
             w = None if weight is None else weight[chunk].to(z)
-            self.add(z, y, w)
+            z_bf16 = zc.dtype == torch.bfloat16
+            self.add(z, y, w, z_bf16=z_bf16, y_bf16=z_bf16 and yc.dtype == torch.bfloat16 and offset is None)
 
-    def add(self, z: Tensor, y: Tensor, weight: Tensor | None = None) -> None:
-        """Add precomputed intermediate activations z (n, m), targets y (n, d), token weights (n,)."""
+    def add(
+        self, z: Tensor, y: Tensor, weight: Tensor | None = None, z_bf16: bool = False, y_bf16: bool = False
+    ) -> None:
+        """Add precomputed intermediate activations z (n, m), targets y (n, d), token weights (n,).
+
+        ``z_bf16`` / ``y_bf16``: z / y hold bfloat16 values (computed in bfloat16); unweighted
+        products of such operands then run at the CPU's bfloat16 rate, exactly (``bf16_products``)."""
         if weight is None:
             wz, wy, mass = z, y, float(z.shape[0])
         else:
@@ -124,8 +131,11 @@ class MLPStatistics:
                 "and the calibration data"
             )
         if self.full:
-            add_product(self.gram, wz, z)
-            add_product(self.cross, wy, z)
+            fast = weight is None and z_bf16 and z.device.type == "cpu" and cpu_multiplies_bf16()
+            with bf16_rate_products(fast):
+                add_product(self.gram, wz, z)
+            with bf16_rate_products(fast and y_bf16):
+                add_product(self.cross, wy, z)
         else:
             self.gram += gram.double()
         self.z_sum += wz.sum(0).double()

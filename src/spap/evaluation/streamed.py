@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..io.shards import SafetensorsCheckpoint
+from ..runtime.host_malloc import fix_mmap_threshold
 from ..runtime.layerwise import LayerInputs, capture_layer_inputs, compute_copy, run_layer
 from ..runtime.meta import WORK_DTYPE, StreamedLayers, module_name, open_streamed, set_tensor, to_meta
 from .perplexity import PerplexityResult, check_score_from, sliced_nll, text_windows
@@ -69,8 +70,10 @@ def streamed_perplexity(
     max_logits_bytes: int = 2**28,
     progress: bool = True,
 ) -> PerplexityResult:
-    """``perplexity`` of the safetensors checkpoint ``path``, reading one decoder layer at a time."""
+    """``perplexity`` of the safetensors checkpoint ``path``, reading one decoder layer at a time.
+    Fixes this process's glibc mmap threshold, as out-of-core pruning does (``runtime.host_malloc``)."""
     check_score_from(score_from, seq_len)
+    fix_mmap_threshold()  # layer-sized tensors in mappings of their own: the peak does not grow with depth
     device = torch.device(device)
     model, source = open_streamed(path)
     streamed = StreamedLayers(model, source)

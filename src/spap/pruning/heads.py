@@ -30,8 +30,9 @@ def prune_layer_heads(ctx: LayerContext, layer: nn.Module, inputs: LayerInputs) 
     work = compute_copy(layer, device, dtype)
 
     def hook(_module: nn.Module, args: tuple) -> None:
-        a = args[0].reshape(-1, args[0].shape[-1]).to(device, torch.float32)
-        stats.add(a, torch.nn.functional.linear(a, w_o, b_o))
+        a = args[0].reshape(-1, args[0].shape[-1])
+        a32 = a.to(device, torch.float32)
+        stats.add(a32, torch.nn.functional.linear(a32, w_o, b_o), z_bf16=a.dtype == torch.bfloat16)
 
     handle = adapter.attention_output_linear(work).register_forward_pre_hook(hook)
     try:
