@@ -161,7 +161,8 @@ class PruneConfig:
     min_sparsity, max_sparsity: per-layer bounds for non-uniform allocations.
     width_multiple: round every kept MLP width to a multiple of this (e.g. 64 or 256, for
                     efficient GEMM tiles). None: ``AUTO_WIDTH_MULTIPLE`` where every MLP is at least
-                    ``AUTO_MIN_WIDTH`` wide and no ``target_ratio`` asks for an exact size, else 1.
+                    ``AUTO_MIN_WIDTH`` wide, else 1 (``target_ratio`` too: a size met to the neuron
+                    at width 758 prefilled at 0.83x the dense speed in llama.cpp, see budget.py).
                     Uniform allocation: each layer's kept width is rounded to the nearest
                     multiple, so all layers keep one width (stock-loadable); the sparsity moves by
                     up to half a multiple per layer.  Non-uniform allocations: the model's total
@@ -204,7 +205,7 @@ class PruneConfig:
     width_multiple: int | None = option(
         None,
         f"round kept MLP widths to multiples of this (default: {AUTO_WIDTH_MULTIPLE} for MLPs at least "
-        f"{AUTO_MIN_WIDTH} wide, exact sparsity with --target-ratio or smaller MLPs)",
+        f"{AUTO_MIN_WIDTH} wide, exact sparsity for smaller MLPs)",
     )
     seed: int = option(0, "random seed (calibration sampling and every random draw)", flag="--seed")
     solver: SolverConfig = field(default_factory=SolverConfig)
@@ -252,7 +253,7 @@ class PruneConfig:
         """The multiple kept MLP widths are rounded to, for a model with MLP ``widths``."""
         if self.width_multiple is not None:
             return self.width_multiple
-        exact = self.target_ratio is not None or not widths or min(widths) < AUTO_MIN_WIDTH
+        exact = not widths or min(widths) < AUTO_MIN_WIDTH
         return 1 if exact else AUTO_WIDTH_MULTIPLE
 
     def to_dict(self) -> dict[str, Any]:

@@ -120,3 +120,33 @@ def test_the_budget_holds_on_the_any_width_track(allocation, tmp_path):
     ids = tiny_ids(1, 12)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_wide_mlps_meet_the_budget_in_multiples_of_64():
+    """MLPs >= 1024 wide: the candidates are compared at exact widths, the chosen mix's width is then
+    rounded to a multiple of 64 (odd widths prefill slower than dense in llama.cpp), which moves the
+    count by at most half a multiple of neurons per layer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from spap.config import AUTO_WIDTH_MULTIPLE
+
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=32, num_hidden_layers=3, intermediate_size=1024, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    before = sum(p.numel() for p in model.parameters())
+    _, per_layer, per_neuron = budget.layer_costs(model, get_adapter(model))
+    cfg = spap.PruneConfig(
+        target_ratio=0.3,
+        runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"),
+        solver=spap.SolverConfig(refit="ls"),
+    )
+    report = spap.prune(model, config=cfg, calibration_ids=tiny_ids(10, 24))
+    assert all(width % AUTO_WIDTH_MULTIPLE == 0 for width in report.widths) and report.widths[0] < 1024
+    half_a_multiple = len(per_layer) * max(per_neuron) * AUTO_WIDTH_MULTIPLE // 2
+    assert abs(report.parameters_after - 0.7 * before) <= half_a_multiple
+    candidates = report.extra["budget"]["candidates"]
+    assert all(
+        c["parameters_removed"] == pytest.approx(0.3 * before, abs=len(per_layer) * max(per_neuron)) for c in candidates
+    )

@@ -95,14 +95,15 @@ def test_width_multiple_under_uniform_allocation_keeps_one_stock_width(tmp_path)
 
 def test_wide_mlps_are_rounded_to_multiples_of_64_by_default():
     """The default multiple: 64 where every MLP is >= 1024 wide (llama.cpp and GPUs run odd widths
-    slower than dense), exact below that and for --target-ratio; an explicit multiple wins."""
+    slower than dense), --target-ratio included; exact below that; an explicit multiple wins."""
     from transformers import LlamaConfig
 
     from spap.config import AUTO_WIDTH_MULTIPLE
 
     assert PruneConfig().width_multiple_for([1536] * 30) == AUTO_WIDTH_MULTIPLE == 64
     assert PruneConfig().width_multiple_for([1536, 512]) == 1
-    assert PruneConfig(target_ratio=0.2).width_multiple_for([1536]) == 1
+    assert PruneConfig(target_ratio=0.2).width_multiple_for([1536]) == 64
+    assert PruneConfig(target_ratio=0.2).width_multiple_for([512]) == 1
     assert PruneConfig(width_multiple=1).width_multiple_for([1536]) == 1
     assert PruneConfig(width_multiple=256, target_ratio=0.2).width_multiple_for([1536]) == 256
     with pytest.raises(ValueError, match="width_multiple must be an integer >= 1"):
