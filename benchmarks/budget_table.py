@@ -34,8 +34,8 @@ SPEED_CALIBRATION = "wikitext2-valid"  # the llama.cpp checkpoints were calibrat
 
 
 PARAMS_RECIPES = {  # the matrix's "params" track: a fraction of all parameters
-    "width-ls": ("MLP width (spap-ls)", None),
-    "depth-only": ("whole layers, repaired", None),
+    "width-ls": ("MLP width (spap-ls)", "width-{percent}p"),
+    "depth-only": ("whole layers, repaired", "depth-{percent}p"),
     "heads-mlp": ("1 KV group per layer + MLP width", None),
     "budget-ls": ("--target-ratio search", None),
     "budget-ls-global": ("--target-ratio search, per-layer widths", None),
@@ -49,7 +49,9 @@ def build(matrix: list[dict[str, Any]], speeds: list[dict[str, Any]]) -> list[di
         found = {
             r["recipe"]: r
             for r in matrix
-            if r["model"] == model and r["calibration"] == calibration and r["track"] in ("stock", "depth")
+            if r["model"] == model
+            and r["calibration"] == calibration
+            and (r["track"] == "depth" or (r["track"] == "stock" and r["sparsity"] == 0.3))
         }
         cell_speeds = [s for s in speeds if s["model"] == model] if calibration == SPEED_CALIBRATION else []
         rows += _cell(found, RECIPES, BASELINES, "spap-ls", "30% of MLP neurons", cell_speeds)
@@ -60,7 +62,10 @@ def build(matrix: list[dict[str, Any]], speeds: list[dict[str, Any]]) -> list[di
             for r in matrix
             if (r["model"], r["calibration"], r.get("sparsity"), r["track"]) == (model, calibration, fraction, "params")
         }
-        rows += _cell(found, PARAMS_RECIPES, PARAMS_BASELINES, "width-ls", f"{fraction:.0%} of all parameters", [])
+        # llama.cpp rows of the params checkpoints: model "<model>-params", labels "width-30p", "depth-30p"
+        cell_speeds = [s for s in speeds if s["model"] == f"{model}-params"] if calibration == SPEED_CALIBRATION else []
+        budget = f"{fraction:.0%} of all parameters"
+        rows += _cell(found, PARAMS_RECIPES, PARAMS_BASELINES, "width-ls", budget, cell_speeds, round(100 * fraction))
     return rows
 
 
@@ -71,6 +76,7 @@ def _cell(
     width_recipe: str,
     budget: str,
     speeds: list[dict[str, Any]],
+    percent: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per way of spending the budget in the cell ``found`` (recipe -> matrix row), set against
     width only and the cell's best baseline, with the llama.cpp speed of its checkpoint in ``speeds``."""
@@ -85,6 +91,8 @@ def _cell(
             continue
         if label and "{layers}" in label and dense_layers:
             label = label.format(layers=dense_layers - len(row["widths"]))
+        if label and "{percent}" in label:
+            label = label.format(percent=percent)
         speed = next((s for s in speeds if s["checkpoint"] == label), None) if label else None
         rows.append(
             {

@@ -17,6 +17,7 @@ def _row(recipe: str, ppl: float, layers: int, track: str = "depth") -> dict:
         params_before=100,
         widths=[1] * layers,
         command=f"spap prune {recipe}",
+        sparsity=0.3,
     )
 
 
@@ -27,6 +28,8 @@ def test_ratios_and_speeds_land_on_their_rows():
         _row("flap-uniform-ls", 44.0, 10, "stock"),
         _row("depth-only", 60.0, 8),
         _row("spap", 39.0, 10, "stock"),  # not a way of spending the budget here, not a baseline
+        {**_row("spap-ls", 30.0, 10, "stock"), "sparsity": 0.2},  # another MLP sparsity: not this cell
+        {**_row("fasp", 31.0, 10, "stock"), "sparsity": 0.5},
     ]
     speeds = [
         {"model": "m", "checkpoint": "depth-2", "decode_speedup": 1.3, "prefill_speedup": 1.4},
@@ -55,7 +58,13 @@ def test_params_cells_set_each_recipe_against_width_and_their_own_baselines():
         {**_row("fasp", 20.0, 10, "params"), "sparsity": 0.3, "calibration": "bundled"},  # another cell
         _row("fasp", 10.0, 10, "stock"),  # the MLP-sparsity cell's baseline, not this one's
     ]
-    rows = {r["recipe"]: r for r in budget_table.build(matrix, [])}
+    speeds = [
+        {"model": "m-params", "checkpoint": "width-20p", "decode_speedup": 1.2, "prefill_speedup": 1.3},
+        {"model": "m-params", "checkpoint": "width-30p", "decode_speedup": 9.0, "prefill_speedup": 9.0},
+    ]
+    rows = {r["recipe"]: r for r in budget_table.build(matrix, speeds)}
     assert set(rows) == {"width-ls", "budget-ls"}
+    assert (rows["width-ls"]["llamacpp_decode_speedup"], rows["width-ls"]["llamacpp_prefill_speedup"]) == (1.2, 1.3)
+    assert rows["budget-ls"]["llamacpp_decode_speedup"] is None
     assert rows["budget-ls"]["budget"] == "20% of all parameters"
     assert rows["budget-ls"]["ppl_vs_width"] == 0.95 and rows["budget-ls"]["ppl_vs_best_baseline"] == 0.76
