@@ -151,7 +151,9 @@ def search(
     # candidates are compared at exact widths (equal parameter counts); the final run rounds the chosen
     # mix's width to cfg's multiple (64 for MLPs >= 1024 wide), which moves the count by < half a multiple
     # per layer: SmolLM2 at 30% of parameters, width 758 prefilled at 0.83x dense in llama.cpp
-    fast = replace(cfg, target_ratio=None, width_multiple=1, solver=replace(cfg.solver, refit="ls"), allocation="uniform")
+    fast = replace(
+        cfg, target_ratio=None, width_multiple=1, solver=replace(cfg.solver, refit="ls"), allocation="uniform"
+    )
     # the dense model's layer ranking is the same for every candidate: one probe pass, not one each
     angular = (
         angular_distances(model, adapter, ids, fast, device, dtype) if any(c.drop_layers for c in measured) else []
