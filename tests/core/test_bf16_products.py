@@ -4,7 +4,7 @@ on only where the operands are bfloat16 values."""
 import pytest
 import torch
 
-from spap.core import MLPStatistics, MLPWeights
+from spap.core import MLPStatistics, MLPWeights, bf16_products
 from spap.core import stats as stats_module
 from spap.core.bf16_products import bf16_rate_products
 
@@ -47,7 +47,7 @@ def recorded(monkeypatch):
         calls.append(active)
         return real(active)
 
-    monkeypatch.setattr(stats_module, "cpu_multiplies_bf16", lambda: True)
+    monkeypatch.setattr(bf16_products, "cpu_multiplies_bf16", lambda: True)
     monkeypatch.setattr(stats_module, "bf16_rate_products", record)
     return calls
 

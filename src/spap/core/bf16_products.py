@@ -35,11 +35,12 @@ def cpu_multiplies_bf16() -> bool:
 
 @contextmanager
 def bf16_rate_products(active: bool) -> Iterator[None]:
-    """Within the block, CPU float32 matmuls multiply in bfloat16 and accumulate in float32.
+    """Within the block, CPU float32 matmuls multiply in bfloat16 and accumulate in float32, where
+    this CPU has bfloat16 instructions (``cpu_multiplies_bf16``).
 
     Only exact for operands that are bfloat16 values: pass ``active`` False otherwise (the block
     then changes nothing).  The previous setting is restored on exit."""
-    if not active:
+    if not (active and cpu_multiplies_bf16()):
         yield
         return
     matmul = torch.backends.mkldnn.matmul  # type: ignore[attr-defined]  # a PropModule attribute set at import

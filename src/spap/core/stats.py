@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .bf16_products import bf16_rate_products, cpu_multiplies_bf16
+from .bf16_products import bf16_rate_products
 from .mlp import MLPWeights
 
 CHUNK_TOKENS = 8192
@@ -106,8 +106,7 @@ class MLPStatistics:
             if offset is not None:
                 y = y + offset[chunk].to(y)
             w = None if weight is None else weight[chunk].to(z)
-            z_bf16 = zc.dtype == torch.bfloat16
-            self.add(z, y, w, z_bf16=z_bf16, y_bf16=z_bf16 and yc.dtype == torch.bfloat16 and offset is None)
+            self.add(z, y, w, z_bf16=zc.dtype == torch.bfloat16, y_bf16=yc.dtype == torch.bfloat16 and offset is None)
 
     def add(
         self, z: Tensor, y: Tensor, weight: Tensor | None = None, z_bf16: bool = False, y_bf16: bool = False
@@ -131,7 +130,7 @@ class MLPStatistics:
                 "and the calibration data"
             )
         if self.full:
-            fast = weight is None and z_bf16 and z.device.type == "cpu" and cpu_multiplies_bf16()
+            fast = weight is None and z_bf16 and z.device.type == "cpu"
             with bf16_rate_products(fast):
                 add_product(self.gram, wz, z)
             with bf16_rate_products(fast and y_bf16):
