@@ -284,8 +284,12 @@ def _prune_in_memory(
     from .io.checkpoint import save_pruned
     from .io.models import load_model
     from .pruning.pipeline import prune
+    from .runtime.host_malloc import fix_mmap_threshold
 
     texts = _Texts(check_texts(texts.files), texts.seq_len, texts.dtype) if texts is not None else None
+    # freed solver buffers and replaced weights go back to the system, not into a heap that grows
+    # layer after layer (as out-of-core pruning does)
+    fix_mmap_threshold()
     started = time.perf_counter()
     loaded, tokenizer, source = load_model(model)
     load_seconds = time.perf_counter() - started

@@ -88,9 +88,11 @@ def elements_per_layer(shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     return out
 
 
-RUNTIME_GIB = 0.75
-"""Host memory of the process before any weight: Python, torch, transformers, the tokenizer
-(measured 0.36-0.67 GiB on CPU: a tiny model's whole run peaked at 0.67 in one CI run, 0.36-0.45 in others)."""
+RUNTIME_GIB = 0.48
+"""Host memory of the process beside the weights, activations and solve: Python, torch, transformers,
+the tokenizer, calibration tokens and the layer forward's transients. Measured on CPU (Xeon, glibc's
+mmap threshold fixed): 0.33 GiB before the first weight, 0.37-0.39 while pruning, and 0.1 more at the
+peak of a layer's solve than the named terms account for."""
 SOLVER_MATRICES = 3
 """m x m float64 matrices the least-squares solve holds at once: the Gram matrix and two working
 copies (restriction, Cholesky factor); measured 2.9 at m = 4096 (spap-ls, 30%)."""
@@ -146,7 +148,7 @@ def predict_peak_of_shapes(
     MLP width m) with ``cfg`` (CPU solves; on a GPU the solve's share moves to the device):
 
     - in memory, pruning: the float32 model (4 bytes per stored element) + calibration activations +
-      one MLP's solve;
+      one MLP's solve + one float32 copy of the largest layer (its pruned weights while the old ones live);
     - in memory, saving: the pruned float32 model + two copies of its weights at ``save_bytes`` per
       element (the cast state dict and the serialised buffer);
     - streamed: the embeddings (stored dtype) + two float32 copies of the largest layer + the output
@@ -190,5 +192,8 @@ def predict_peak_of_shapes(
         prune = {**resident, "output shard": output, **shared}
         return MemoryPlan(True, save={"runtime": RUNTIME_GIB, **resident}, prune=prune)
     weights = 4 * elements / gib
+    layer_copy = 4 * max(layer_elements.values(), default=0) / gib
     save = {"runtime": RUNTIME_GIB, "pruned float32 weights": 4 * kept, "two copies to save": 2 * save_bytes * kept}
-    return MemoryPlan(False, save=save, prune={"float32 weights": weights, **shared})
+    return MemoryPlan(
+        False, save=save, prune={"float32 weights": weights, "a layer's new weights": layer_copy, **shared}
+    )
