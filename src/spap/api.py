@@ -169,7 +169,38 @@ def _prepare(
         memory = predict_peak(source, cfg, streamed, dtype.itemsize)
     except (FileNotFoundError, NotADirectoryError):  # a hub id or another format: not sized
         memory = None
+    if memory is not None:
+        memory = _fit_solve_dtype(source, cfg, streamed, dtype.itemsize, memory)
     return cfg, source, streamed, dtype, memory
+
+
+def _fit_solve_dtype(source: str, cfg: PruneConfig, streamed: bool, save_bytes: int, plan: MemoryPlan) -> MemoryPlan:
+    """Resolve ``solve_dtype`` "auto" in ``cfg``: float64, unless its plan exceeds the host budget and
+    float32 statistics and solves (half the m x m state) lower it; the plan of the resolved dtype.
+    A plan over the budget either way is run with a warning (the prediction is an upper bound)."""
+    from .runtime.memory import predict_peak
+
+    budget = cfg.runtime.max_host_memory_gib
+    if cfg.solver.solve_dtype == "auto" and budget is not None and plan.peak_gib > budget:
+        cfg.solver.solve_dtype = "float32"
+        smaller = predict_peak(source, cfg, streamed, save_bytes)
+        if smaller.peak_gib < plan.peak_gib:
+            log.info(
+                "solving in float32: the float64 plan (%.1f GiB) exceeds --max-host-memory %.1f GiB",
+                plan.peak_gib,
+                budget,
+            )
+            plan = smaller
+        else:
+            cfg.solver.solve_dtype = "auto"
+    if budget is not None and plan.peak_gib > budget:
+        log.warning(
+            "predicted peak host memory %.1f GiB exceeds --max-host-memory %.1f GiB; the run may be killed "
+            "for memory (fewer --n-samples, --offload always or --solve-dtype float32 lower it)",
+            plan.peak_gib,
+            budget,
+        )
+    return plan
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

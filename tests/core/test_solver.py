@@ -310,3 +310,29 @@ def test_safeguard_keeps_a_refit_that_lowers_the_full_objective():
     res, on = _refit_then_finalize(mlp, x, 600, SolverConfig(method="spap", refit_rounds=8))
     assert on.refit_accepted is True and on.error_refit < on.error_ls
     assert not torch.equal(on.weights.up, res.closed_form.up)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("method", ["spap-ls", "spap"])
+def test_float32_solve_matches_float64(method, bias):
+    """G and C accumulated and solved in float32 (half the m x m state): nearly the same neurons and
+    the same reconstruction error as float64, and the state really is float32."""
+    mlp = random_mlp(d=48, m=192, seed=3)
+    if bias:
+        mlp = replace(mlp, down_bias=torch.randn(48))
+    x = torch.randn(4000, 48)
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        stats = MLPStatistics(mlp.width, mlp.hidden_size, sample_positions=torch.arange(256), matrix_dtype=dtype)
+        stats.update(x, mlp)
+        assert stats.gram.dtype == stats.cross.dtype == dtype
+        cfg = SolverConfig(method=method, refit_rounds=2, solve_dtype=str(dtype).removeprefix("torch."))
+        results[dtype] = prune_mlp(mlp, stats, 64, cfg, stats.sample_inputs())
+    kept64, kept32 = (set(results[d].kept.tolist()) for d in (torch.float64, torch.float32))
+    assert len(kept64 & kept32) >= 0.97 * len(kept64), len(kept64 & kept32)
+    e64, e32 = (
+        output_error(mlp, results[torch.float64].weights, x),
+        output_error(mlp, results[torch.float32].weights, x),
+    )
+    assert e32 == pytest.approx(e64, rel=0.02), (e32, e64)
+    assert results[torch.float32].weights.down.dtype == torch.float32

@@ -14,7 +14,7 @@ from spap.cli import main
 from spap.config import CalibrationConfig, PruneConfig, RuntimeConfig
 from spap.core import SolverConfig
 from spap.core.stats import CHUNK_TOKENS
-from spap.runtime.memory import RUNTIME_GIB, SOLVER_MATRICES, predict_peak, shard_bytes
+from spap.runtime.memory import RUNTIME_GIB, SOLVER_MATRICES, predict_peak, predict_peak_of_shapes, shard_bytes
 
 from ..conftest import tiny_tokenizer
 
@@ -107,3 +107,27 @@ def test_streamed_peak_is_the_same_for_8_and_32_layers_of_one_width():
     eight, thirty_two = (predict_peak_of_shapes(shapes(n), 1024, 4096, cfg, streamed=True) for n in (8, 32))
     assert eight.peak_gib == thirty_two.peak_gib
     assert eight.prune["output shard"] == 2**26 / 2**30  # 2 x a 30 MB bf16 layer is under the 64 MiB floor
+
+
+def test_float32_solve_halves_the_solver_state():
+    path_cfg = dict(method="spap-ls")
+    shapes = {"model.layers.0.mlp.up_proj.weight": (4096, 1024)}
+    f64, f32 = (
+        predict_peak_of_shapes(shapes, 1024, 4096, _cfg(**path_cfg, solve_dtype=d), streamed=True)
+        for d in ("auto", "float32")
+    )
+    assert f32.prune["solve or statistics"] == f64.prune["solve or statistics"] / 2
+
+
+def test_a_budget_that_float64_exceeds_resolves_auto_to_float32(tmp_path):
+    path = _checkpoint(tmp_path / "m", layers=2, intermediate=2048)
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    f64, f32 = (predict_peak(path, _cfg(solve_dtype=d), streamed=False).peak_gib for d in ("auto", "float32"))
+    assert f32 < f64
+    for budget, expected in (((f64 + f32) / 2, "float32"), (f64 + 0.01, "auto")):
+        out = tmp_path / f"out-{expected}"
+        argv = ["prune", str(path), "--out", str(out), "--calib", str(calib), "--n-samples", "4", "--seq-len", "32"]
+        argv += ["--offload", "never", "--max-host-memory", str(budget), "--compute-dtype", "float32"]
+        assert main(argv) == 0
+        assert json.loads((out / "pruning.json").read_text())["config"]["solver"]["solve_dtype"] == expected

@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuadraticLS:
-    """Sufficient statistics of a least-squares fit restricted to some neurons (float64)."""
+    """Sufficient statistics of a least-squares fit restricted to some neurons: G and C in float64 or
+    float32 (the solve runs in their dtype), the sums in float64."""
 
     gram: Tensor  # (m, m)
-    cross: Tensor  # (d, m)
+    cross: Tensor  # (d, m), the dtype of gram
     z_sum: Tensor  # (m,)
     y_sum: Tensor  # (d,)
     y_sq: Tensor  # ()
@@ -71,10 +72,11 @@ class QuadraticLS:
         """The problem for z - mean(z), y - mean(y): a fit with a free intercept, intercept eliminated."""
         n = max(self.count, 1e-30)
         zm, ym = self.z_sum / n, self.y_sum / n
-        gram = torch.outer(zm, zm).mul_(-n).add_(self.gram)  # G - n zm zm^T, one m x m allocation
+        dtype = self.gram.dtype
+        gram = torch.outer(zm, zm).to(dtype).mul_(-n).add_(self.gram)  # G - n zm zm^T, one m x m allocation
         return QuadraticLS(
             gram,
-            self.cross - n * torch.outer(ym, zm),
+            self.cross - (n * torch.outer(ym, zm)).to(dtype),
             torch.zeros_like(self.z_sum),
             torch.zeros_like(self.y_sum),
             self.y_sq - n * ym @ ym,
@@ -95,7 +97,7 @@ class QuadraticLS:
         g[:m, m] = self.z_sum
         g[m, :m] = self.z_sum
         g[m, m] = self.count
-        return g, torch.cat([self.cross, self.y_sum[:, None]], dim=1)
+        return g, torch.cat([self.cross, self.y_sum[:, None].to(self.cross.dtype)], dim=1)
 
     def solve(
         self, damping: float, penalty: Tensor | None = None, fit_bias: bool = False
@@ -115,8 +117,9 @@ class QuadraticLS:
 
     def objective(self, w: Tensor, b: Tensor | None = None) -> float:
         """1/2 sum_n ||y_n - W z_n - b||^2 (no penalty terms)."""
+        w = w.to(self.gram.dtype)  # a float64 copy of a float32 G would be the m x m matrix spared
+        val = self.y_sq - 2 * (w * self.cross).sum(dtype=torch.float64) + ((w @ self.gram) * w).sum(dtype=torch.float64)
         w = w.double()
-        val = self.y_sq - 2 * (w * self.cross).sum() + ((w @ self.gram) * w).sum()
         if b is not None:
             b = b.double()
             val = val - 2 * b @ self.y_sum + 2 * b @ (w @ self.z_sum) + self.count * b @ b

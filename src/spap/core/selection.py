@@ -73,8 +73,9 @@ def compensated_importance(
     for g in range(int(groups.max()) + 1):
         idx = torch.nonzero(groups == g).flatten().to(w.device)
         wg = w[:, idx]
-        u = ((wg.T @ wg) * problem.gram[idx][:, idx]).sum().clamp_min(1e-300)
-        c = (wg * torch.linalg.solve(inv[idx][:, idx], wg.T).T).sum().clamp_min(1e-300)
+        tiny = torch.finfo(wg.dtype).tiny
+        u = ((wg.T @ wg) * problem.gram[idx][:, idx]).sum().clamp_min(tiny)
+        c = (wg * torch.linalg.solve(inv[idx][:, idx], wg.T).T).sum().clamp_min(tiny)
         out.append(u.pow(1 - exponent) * c.pow(exponent))
     return torch.stack(out), w
 
@@ -88,7 +89,7 @@ class _PenalisedSolver:
 
     so with K = L L^T and Q = L^-1 U^T (p, m):  diag(A^-1) = diag(B^-1) - sum_rows Q^2  and
     W = W_0 - (L^-1 W_0[:, S]^T)^T Q  with W_0 = C B^-1.  A round costs O(p^2 m + d p m) instead of
-    a factorisation and inverse of the m x m matrix A (float64 throughout; equal to the direct
+    a factorisation and inverse of the m x m matrix A (in G's dtype throughout; equal to the direct
     solve up to rounding)."""
 
     def __init__(self, problem: QuadraticLS, damping: float) -> None:
@@ -117,7 +118,8 @@ class _PenalisedSolver:
 
 def _neuron_importance(w: Tensor, inv_diag: Tensor, gram_diag: Tensor, exponent: float) -> Tensor:
     """||W_i||^2 G_ii^(1-t) / ([A^-1]_ii)^t."""
-    return w.pow(2).sum(0) * gram_diag.clamp_min(1e-300).pow(1 - exponent) / inv_diag.clamp_min(1e-300).pow(exponent)
+    tiny = torch.finfo(w.dtype).tiny
+    return w.pow(2).sum(0) * gram_diag.clamp_min(tiny).pow(1 - exponent) / inv_diag.clamp_min(tiny).pow(exponent)
 
 
 def penalty_select(
@@ -154,19 +156,21 @@ def penalty_select(
         # W A = C gives <W G, W> = <W, C> - sum_i (delta + pi_i) ||W_i||^2: the error in O(d m)
         col_sq = w.pow(2).sum(0)
         ridge = damping if penalty is None else damping + penalty
-        error = float(problem.y_sq - (w * problem.cross).sum() - (ridge * col_sq).sum())
+        error = float(
+            problem.y_sq - (w * problem.cross).sum(dtype=torch.float64) - (ridge * col_sq).sum(dtype=torch.float64)
+        )
         return _neuron_importance(w, inv_diag, gram_diag, cfg.score_exponent), w, error
 
     importance = importance_at(None)[0] if cfg.penalty_rounds == 0 else None
     previous, stable = None, 0
     for r in range(cfg.penalty_rounds):
-        penalty = rho * (s if column_group is None else s[column_group])
+        penalty = (rho * (s if column_group is None else s[column_group])).to(problem.gram.dtype)
         importance, w, error = importance_at(penalty)
         k_r = min(n_prune, max(1, round(n_prune * (r + 1) / ramp_rounds)))
         chosen = bottom_k(importance, k_r, blocks)
         s = (1 - cfg.momentum) * s + cfg.momentum * chosen.double()
         trace.objective.append(error / y_sq)
-        trace.penalty.append(float((penalty * w.pow(2).sum(0)).sum()) / y_sq)
+        trace.penalty.append(float((penalty * w.pow(2).sum(0)).sum(dtype=torch.float64)) / y_sq)
         trace.target_size.append(k_r)
         rho *= cfg.rho_growth
         stable = stable + 1 if previous is not None and k_r == n_prune and torch.equal(chosen, previous) else 0

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field
 from typing import Any
 
+import torch
+
 from .methods import get_method, method_names
 
 METHODS = method_names()
 
 SELECTIONS = ("penalty", "score")
 REFITS = ("alternating", "gd", "ls", "bias", "none")
+SOLVE_DTYPES = ("auto", "float64", "float32")
 
 
 def option(
@@ -70,6 +73,9 @@ class SolverConfig:
                      objective on *all* calibration tokens (the refit is monotone on its token
                      sample only); otherwise fall back to the closed-form weights.
     fit_bias:        "auto" (refit the down bias only where the model has one), "yes", "no".
+    solve_dtype:     dtype of the Gram and cross statistics and of every solve on them: "float64", or
+                     "float32" (half the m x m state); "auto": float64 unless the host-memory budget
+                     needs float32 (``runtime.memory``; resolved before the run).
     """
 
     method: str = option(
@@ -114,8 +120,18 @@ class SolverConfig:
         expert=True,
     )
 
+    solve_dtype: str = option(
+        "auto",
+        "Gram statistics and solves in float64, or float32 (half the memory); auto: float64 unless "
+        "--max-host-memory needs float32",
+        choices=SOLVE_DTYPES,
+        expert=True,
+    )
+
     def __post_init__(self) -> None:
         get_method(self.method)  # ValueError naming the choices
+        if self.solve_dtype not in SOLVE_DTYPES:
+            raise ValueError(f"unknown solve_dtype {self.solve_dtype!r}; choose one of {', '.join(SOLVE_DTYPES)}")
         if self.selection is not None and self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
         if self.refit is not None and self.refit not in REFITS:
@@ -134,6 +150,11 @@ class SolverConfig:
             raise ValueError(f"refit_min_gain must be in [0, 1), got {self.refit_min_gain}")
         if not self.refit_input_noise >= 0:  # also rejects NaN
             raise ValueError(f"refit_input_noise must be >= 0, got {self.refit_input_noise}")
+
+    @property
+    def matrix_dtype(self) -> torch.dtype:
+        """dtype of G, C and the solves ("auto" unresolved: float64)."""
+        return torch.float32 if self.solve_dtype == "float32" else torch.float64
 
     @property
     def selection_rule(self) -> str:

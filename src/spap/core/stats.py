@@ -13,7 +13,8 @@ Token weights w_n default to 1 (then mass = N); see ``PruneConfig.token_weightin
 z and y are computed in the activation dtype (the layer's compute dtype in the pipeline, as the model
 computes them); chunks are multiplied in float32 (or the input dtype if wider) and added to float64
 accumulators, so the result does not depend on how tokens are batched (up to float32 rounding inside
-a chunk).  Products of bfloat16 activations run at the CPU's bfloat16 rate with the same result.
+a chunk).  G and C may accumulate in float32 instead (half the m x m state; then chunks round too).
+Products of bfloat16 activations run at the CPU's bfloat16 rate with the same result.
 """
 
 from __future__ import annotations
@@ -46,11 +47,14 @@ class MLPStatistics:
         chunk_tokens: int = CHUNK_TOKENS,
         activation_dtype: torch.dtype = torch.float32,
         full: bool = True,
+        matrix_dtype: torch.dtype = torch.float64,
     ) -> None:
         f64: dict[str, Any] = dict(dtype=torch.float64, device=device)
+        matrices: dict[str, Any] = dict(dtype=matrix_dtype, device=device)
         self.full = full  # False: only diag(G) (``z_sq``), z_sum and the y sums; no G, no C
-        self.gram = torch.zeros(width, width, **f64) if full else torch.zeros(width, **f64)
-        self.cross = torch.zeros(hidden_size, width if full else 0, **f64)
+        # G and C in ``matrix_dtype`` (float32 halves the m x m state; ``SolverConfig.solve_dtype``)
+        self.gram = torch.zeros(width, width, **matrices) if full else torch.zeros(width, **f64)
+        self.cross = torch.zeros(hidden_size, width if full else 0, **matrices)
         self.z_sum = torch.zeros(width, **f64)
         self.y_sum = torch.zeros(hidden_size, **f64)
         self.y_sq = torch.zeros((), **f64)
@@ -223,7 +227,7 @@ def refit_token_positions(
 
 
 def add_product(acc: Tensor, a: Tensor, b: Tensor, rows: int = 1024) -> None:
-    """acc += a^T b for a (n, p), b (n, q) and a float64 acc (p, q), ``rows`` rows of the product at
-    a time: the float32 product and its float64 cast never take more than rows x q each (not p x q)."""
+    """acc += a^T b for a (n, p), b (n, q) and a float64 or float32 acc (p, q), ``rows`` rows of the
+    product at a time: the float32 product and its cast never take more than rows x q each (not p x q)."""
     for start in range(0, a.shape[1], rows):
-        acc[start : start + rows] += (a[:, start : start + rows].T @ b).double()
+        acc[start : start + rows] += (a[:, start : start + rows].T @ b).to(acc.dtype)

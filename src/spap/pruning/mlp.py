@@ -125,6 +125,7 @@ def prune_layer_mlp(
         weights_first,
         attention,
         full=cfg.solver.needs_gram or k == 0,
+        matrix_dtype=cfg.solver.matrix_dtype,
     )
     seconds["attention"] = attention.seconds
     seconds["statistics"] = time.perf_counter() - t0 - attention.seconds
@@ -155,6 +156,7 @@ def prune_layer_mlp(
             offsets_again,
             weights_again,
             attention,
+            matrix_dtype=cfg.solver.matrix_dtype,
         )
         seconds["statistics"] += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -222,6 +224,7 @@ def collect_statistics(
     weight_for: Callable[[int, Tensor], Tensor | None] | None = None,
     attention: AttentionCache | None = None,
     full: bool = True,
+    matrix_dtype: torch.dtype = torch.float64,
 ) -> MLPStatistics:
     """Run ``layer`` on all calibration inputs and accumulate statistics of its MLP inputs.
 
@@ -229,9 +232,17 @@ def collect_statistics(
     products in float32.  ``offset_for(batch, layer_output)`` may return a per-token correction added
     to the targets, ``weight_for(batch, layer_output)`` per-token weights (B, S) of the least-squares
     terms.  ``attention``: record the layer's attention outputs on the first pass, replay them after.
-    ``full`` False: diag(G) and the sums only (for score rules).
+    ``full`` False: diag(G) and the sums only (for score rules); ``matrix_dtype``: G's and C's.
     """
-    stats = MLPStatistics(features.width, features.hidden_size, device, positions, activation_dtype=dtype, full=full)
+    stats = MLPStatistics(
+        features.width,
+        features.hidden_size,
+        device,
+        positions,
+        activation_dtype=dtype,
+        full=full,
+        matrix_dtype=matrix_dtype,
+    )
     features = features.to(device, dtype)
     target = None if target is None else target.to(device, dtype)
     work = compute_copy(layer, device, dtype)

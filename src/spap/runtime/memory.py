@@ -156,7 +156,7 @@ def predict_peak_of_shapes(
 
     Activations: three n x seq_len x hidden buffers in the compute dtype (one batch when they spill),
     and one chunk of intermediate activations and outputs in float32 while statistics accumulate.
-    The solve: ``SOLVER_MATRICES`` m x m float64 matrices and the d x m cross product when the method
+    The solve: ``SOLVER_MATRICES`` m x m matrices (float64, or float32) and the d x m cross product when the method
     solves least squares, else O(m); the refit's token rows and their activations when the method refits.
     """
     from .device import resolve_device, resolve_dtype
@@ -174,7 +174,8 @@ def predict_peak_of_shapes(
     if budget is not None and activations > budget * gib / 2:  # spilled: one batch in memory
         activations = activation_bytes(min(n, cfg.runtime.batch_size), seq_len, d, dtype)
     solver = cfg.solver
-    solve = 8 * (SOLVER_MATRICES * m * m + d * m) if solver.needs_gram else 8 * 4 * m
+    matrix_bytes = solver.matrix_dtype.itemsize  # float64, or float32 with solve_dtype "float32"
+    solve = matrix_bytes * (SOLVER_MATRICES * m * m + d * m) if solver.needs_gram else 8 * 4 * m
     if solver.needs_sample:  # rows: inputs and targets (2d), gate, up and hidden activations (3m)
         solve += 4 * (2 * d + 3 * m) * (solver.refit_tokens + solver.holdout_tokens)
     chunk = 4 * CHUNK_TOKENS * (d + m)  # one chunk's float32 z and y while statistics accumulate
