@@ -111,6 +111,8 @@ RECIPES: dict[str, dict[str, list[str]]] = {
         "spap-ls-global-bias": ["--method", "spap", "--refit", "ls", "--allocation", "global", "--fit-bias", "yes"],
         # FLAP's selection and allocation, W_down refit by least squares instead of its bias compensation
         "flap-ls": ["--method", "flap", "--refit", "ls"],
+        # uniform, global and angular each measured on held-out calibration windows, the best kept
+        "spap-ls-search": ["--method", "spap", "--refit", "ls", "--allocation", "search"],
     },
 }
 BASELINES = {"wanda-sp", "fasp", "flap-uniform-ls", "cfsp-uniform", "flap", "cfsp"}

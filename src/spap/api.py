@@ -260,6 +260,7 @@ def _plan_offload(
         "--calib self": (cfg.calibration.source == "self", "it samples text from the whole model; pass a text file"),
         "--drop-layers": (cfg.drop_layers > 0, "removing layers is done in memory for now"),
         "--target-ratio": (cfg.target_ratio is not None, "the search prunes copies of the model in memory"),
+        "--allocation search": (cfg.allocation == "search", "the search prunes copies of the model in memory"),
     }
     for flag, (used, reason) in conflicts.items():
         if used:

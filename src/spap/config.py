@@ -20,7 +20,7 @@ from .core.allocation import CFSP_SLOPE
 from .core.methods import get_method
 from .core.solver_config import SolverConfig, option
 
-ALLOCATIONS = ("auto", "uniform", "structprune", "global", "angular")
+ALLOCATIONS = ("auto", "uniform", "structprune", "global", "angular", "search")
 TARGETS = ("mlp", "attn", "both")
 HEAD_UNITS = ("kv-group", "query")
 TOKEN_WEIGHTINGS = ("none", "residual")
@@ -153,8 +153,10 @@ class PruneConfig:
     allocation:     how the neuron budget is split across layers: "auto" ("global" for method
                     "flap", "angular" for "cfsp", else "uniform"), "uniform" (same sparsity in every
                     layer), "structprune" (energy softmax, see spap.core.allocation), "global"
-                    (FLAP's standardised global ranking) or "angular" (CFSP's sigmoid of each block's
-                    angular distance).
+                    (FLAP's standardised global ranking), "angular" (CFSP's sigmoid of each block's
+                    angular distance) or "search" (each of uniform, global and angular pruned with
+                    the closed-form recipe, the one with the lowest loss on held-out calibration
+                    windows kept; ``pruning.allocation_search``).
     temperature:    T of the structprune softmax (dimensionless: energies are normalised to mean 1).
     angular_slope:  slope of the "angular" allocation's sigmoid on per-token mean angular distances
                     (default: CFSP's a = 1 at its 128 x 2048 calibration tokens, see spap.core.allocation).
@@ -197,7 +199,11 @@ class PruneConfig:
         choices=HEAD_UNITS,
         expert=True,
     )
-    allocation: str = option("auto", "auto: global for flap, angular for cfsp, else uniform", choices=ALLOCATIONS)
+    allocation: str = option(
+        "auto",
+        "auto: global for flap, angular for cfsp, else uniform; search: the rule with the lowest held-out loss",
+        choices=ALLOCATIONS,
+    )
     temperature: float = option(1.0, "structprune softmax temperature T", expert=True)
     angular_slope: float = option(CFSP_SLOPE, "angular (CFSP) sigmoid slope", expert=True)
     min_sparsity: float = option(0.0, "per-layer lower bound (non-uniform allocations)", expert=True)
@@ -230,6 +236,11 @@ class PruneConfig:
             raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "search" and self.target_ratio is not None:
+            raise ValueError(
+                "allocation 'search' with target_ratio: the budget search compares its mixes at uniform widths; "
+                "pass one allocation rule (e.g. global)"
+            )
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.angular_slope <= 0:

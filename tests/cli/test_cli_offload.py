@@ -54,6 +54,8 @@ def test_auto_offloads_only_when_the_model_exceeds_the_budget(tiny_checkpoint, t
         (["--eval", "--ppl-seq-len", "32"], "spap eval"),
         (["--pad-to-uniform"], "--pad-to-uniform"),
         (["--calib", "self"], "--calib self"),
+        (["--allocation", "search"], "--allocation search"),
+        (["--target-ratio", "0.2"], "--target-ratio"),
     ],
 )
 def test_what_the_streamed_path_cannot_do_is_a_bad_argument(tiny_checkpoint, tmp_path, calib, capsys, extra, words):

@@ -131,7 +131,9 @@ def held_out_loss(model: nn.Module, ids: Tensor, batch_size: int, device: torch.
 def split_held_out(ids: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """(calibration rows, held-out rows): a random ``fraction`` of the windows (at least one) held out."""
     if ids.shape[0] < 2:
-        raise ValueError("target_ratio needs at least 2 calibration windows (one is held out)")
+        raise ValueError(
+            "a search (target_ratio, allocation 'search') needs at least 2 calibration windows (one is held out)"
+        )
     order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed))
     k = max(1, math.floor(ids.shape[0] * fraction))
     return ids[order[k:].sort().values], ids[order[:k].sort().values]

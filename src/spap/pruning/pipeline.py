@@ -27,6 +27,7 @@ from ..runtime.device import (
 from ..runtime.layerwise import Residency, ResidentLayers, capture_layer_inputs, compute_copy, run_layer
 from ..runtime.spill import activation_bytes, spilling
 from . import budget, distributed
+from .allocation_search import search_allocation
 from .context import LayerContext
 from .depth import RemovedRun, drop_layers
 from .heads import prune_layer_heads, query_heads_to_prune
@@ -122,29 +123,38 @@ def prune(
     spill = cfg.runtime.max_host_memory_gib is not None and needed > cfg.runtime.max_host_memory_gib * 2**30 / 2
     if spill:
         log.info("calibration activations (%.2f GiB) go to disk: over half of --max-host-memory", needed / 2**30)
-    frontier = None
-    if cfg.target_ratio is not None:
+    searches: dict[str, tuple[dict[str, Any], float]] = {}  # "budget" / "allocation": (record, seconds)
+    if cfg.target_ratio is not None or (cfg.allocation == "search" and n_prune is None):
         if residency is not None and not isinstance(residency, ResidentLayers):
-            raise ValueError("target_ratio needs the whole model in memory; out-of-core pruning does not search")
+            what = "target_ratio" if cfg.target_ratio is not None else "allocation 'search'"
+            raise ValueError(f"{what} needs the whole model in memory; out-of-core pruning does not search")
         started = time.perf_counter()
-        cfg, calibration_ids, frontier = _search_budget(model, tokenizer, cfg, calibration_ids)
-        search_seconds = time.perf_counter() - started
+        ids, held_out = _held_out_windows(model, tokenizer, cfg, calibration_ids)
+        if cfg.target_ratio is not None:
+            cfg, frontier = _search_budget(model, cfg, ids, held_out)
+            searches["budget"] = frontier, time.perf_counter() - started
+        else:
+            rule, record = search_allocation(model, cfg, ids, held_out)
+            log.info("allocation: %s (lowest held-out loss)", rule)
+            cfg = replace(cfg, allocation=rule)
+            searches["allocation"] = record, time.perf_counter() - started
+        calibration_ids = ids
     with spilling() if spill else nullcontext():
         report = _prune(model, tokenizer, cfg, calibration_ids, n_prune, residency or ResidentLayers(), dropped_layers)
     report.extra["activations_spilled"] = spill
-    if frontier is not None:
-        report.extra["budget"] = frontier
-        report.seconds["budget_search"] = search_seconds  # the candidates' pruning and scoring
-        report.seconds["total"] += search_seconds
+    for key, (record, seconds) in searches.items():
+        report.extra[key if key == "budget" else "allocation_search"] = record
+        report.seconds[f"{key}_search"] = seconds  # the candidates' pruning and scoring
+        report.seconds["total"] += seconds
     return report
 
 
-def _search_budget(
+def _held_out_windows(
     model: nn.Module, tokenizer: Any, cfg: PruneConfig, calibration_ids: Tensor | None
-) -> tuple[PruneConfig, Tensor, dict[str, Any]]:
-    """The config with ``sparsity`` and ``drop_layers`` that ``budget.search`` chose for
-    ``cfg.target_ratio``, the calibration windows (a quarter more are drawn and held out for the
-    search), and the frontier record."""
+) -> tuple[Tensor, Tensor]:
+    """(calibration windows, windows held out from them for a search): a quarter more windows than
+    ``cfg.calibration.n_samples`` are drawn, so the pruning itself keeps its n_samples; given
+    ``calibration_ids`` are split as they are."""
     if calibration_ids is None:
         if tokenizer is None:
             raise ValueError("pass a tokenizer or calibration_ids")
@@ -154,7 +164,14 @@ def _search_budget(
         calibration_ids = calibration_tokens(
             tokenizer, extra, model, resolve_dtype(cfg.runtime.compute_dtype, device), device
         )
-    ids, held_out = budget.split_held_out(calibration_ids, 0.2, cfg.seed)
+    return budget.split_held_out(calibration_ids, 0.2, cfg.seed)
+
+
+def _search_budget(
+    model: nn.Module, cfg: PruneConfig, ids: Tensor, held_out: Tensor
+) -> tuple[PruneConfig, dict[str, Any]]:
+    """The config with ``sparsity`` and ``drop_layers`` that ``budget.search`` chose for
+    ``cfg.target_ratio``, and the frontier record."""
     best, measured = budget.search(model, get_adapter(model), cfg, ids, held_out)
     log.info(
         "budget: removing %d layers, %d KV groups per layer and %.1f%% of MLP neurons",
@@ -162,8 +179,7 @@ def _search_budget(
         best.kv_groups_removed,
         100 * best.sparsity,
     )
-    chosen = best.config(cfg)
-    return chosen, ids, budget.frontier_record(best, measured, held_out.shape[0])
+    return best.config(cfg), budget.frontier_record(best, measured, held_out.shape[0])
 
 
 def _hidden_size(model: nn.Module) -> int:
