@@ -211,6 +211,7 @@ def run_row(spec: dict[str, Any], work: Path, log: Path, zeroshot: bool = False)
         "prune_seconds": report["seconds"]["total"],
         "row_seconds": time.perf_counter() - started,
         "peak_rss_gib": report["memory"]["peak_rss_gib"],
+        "predicted_peak_rss_gib": report.get("predicted_peak_rss_gib"),  # spap's memory model, before the run
         "stock_loadable": stock,
         "widths": report["widths"],
         "machine": machine(),
