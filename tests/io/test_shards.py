@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from spap.io.shards import INDEX_FILE, SafetensorsCheckpoint, ShardWriter
+from spap.io.shards import INDEX_FILE, SafetensorsCheckpoint, ShardWriter, all_finite
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -33,3 +33,11 @@ def test_row_blocks_that_do_not_fill_the_shape_are_refused(tmp_path):
         writer.add_rows("x", (6, 5), [torch.zeros(4, 5)])
     with pytest.raises(ValueError, match="a row block of shape"):
         writer.add_rows("y", (6, 5), [torch.zeros(6, 4)])
+
+
+@pytest.mark.parametrize("bad", [None, 0, 9, 10, 23])
+def test_all_finite_finds_a_bad_value_in_any_block(bad):
+    tensor = torch.randn(4, 6, dtype=torch.bfloat16)
+    if bad is not None:
+        tensor.view(-1)[bad] = float("nan") if bad % 2 else float("inf")
+    assert all_finite(tensor, block_elements=10) == (bad is None) == bool(torch.isfinite(tensor).all())

@@ -17,7 +17,14 @@ from ..adapters import get_adapter
 from . import remote_code
 from .atomic import atomic_directory
 from .calibration import CALIBRATION_FILE, weights_as
-from .shards import CheckpointError, SafetensorsCheckpoint, check_tensor_names, non_finite_message, verify_tensors
+from .shards import (
+    CheckpointError,
+    SafetensorsCheckpoint,
+    all_finite,
+    check_tensor_names,
+    non_finite_message,
+    verify_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +225,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     # other formats than safetensors (checked above): transformers would initialise missing ones at random
     check_tensor_names(path, sorted(info.get("missing_keys", ())), sorted(info.get("unexpected_keys", ())), [])
     for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise CheckpointError(non_finite_message(path, name))
     return model.to(device)
 

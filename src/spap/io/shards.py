@@ -36,6 +36,14 @@ def non_finite_message(directory: str | Path, name: str) -> str:
     return f"{directory}: tensor {name} holds NaN or inf values; the checkpoint is corrupt: copy it again"
 
 
+def all_finite(tensor: Tensor, block_elements: int = 1 << 22) -> bool:
+    """No NaN or inf in ``tensor``, checked ``block_elements`` at a time: ``isfinite`` of a whole
+    embedding table would allocate its temporaries at the table's size (1.4 GiB for a 151k x 1536
+    bf16 table, the peak of a streamed Qwen2.5-Coder-1.5B run)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + block_elements]).all()) for i in range(0, flat.numel(), block_elements))
+
+
 @contextmanager
 def _open(file: Path) -> Iterator[Any]:
     """``safe_open`` whose failure to read the header names the file."""
@@ -100,7 +108,7 @@ class SafetensorsCheckpoint:
             with _open(self.directory / file) as f:
                 for name in wanted:
                     out[name] = f.get_tensor(name)
-                    if out[name].is_floating_point() and not torch.isfinite(out[name]).all():
+                    if out[name].is_floating_point() and not all_finite(out[name]):
                         raise CheckpointError(non_finite_message(self.directory, name))
         return out
 

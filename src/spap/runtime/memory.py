@@ -151,11 +151,12 @@ def predict_peak_of_shapes(
       one MLP's solve + one float32 copy of the largest layer (its pruned weights while the old ones live);
     - in memory, saving: the pruned float32 model + two copies of its weights at ``save_bytes`` per
       element (the cast state dict and the serialised buffer);
-    - streamed: the embeddings (stored dtype) + two float32 copies of the largest layer + the output
-      buffer (one shard at most) + activations + one MLP's solve.
+    - streamed: the embeddings (stored dtype) + the largest layer in float32 and in the compute dtype +
+      the output buffer (one shard at most) + activations + one MLP's solve.
 
     Activations: three n x seq_len x hidden buffers in the compute dtype (one batch when they spill),
-    and one chunk of intermediate activations and outputs in float32 while statistics accumulate.
+    and one chunk (at most a batch) of intermediate activations and outputs in float32 while
+    statistics accumulate.
     The solve: ``SOLVER_MATRICES`` m x m matrices (float64, or float32) and the d x m cross product when the method
     solves least squares, else O(m); the refit's token rows and their activations when the method refits.
     """
@@ -178,7 +179,8 @@ def predict_peak_of_shapes(
     solve = matrix_bytes * (SOLVER_MATRICES * m * m + d * m) if solver.needs_gram else 8 * 4 * m
     if solver.needs_sample:  # rows: inputs and targets (2d), gate, up and hidden activations (3m)
         solve += 4 * (2 * d + 3 * m) * (solver.refit_tokens + solver.holdout_tokens)
-    chunk = 4 * CHUNK_TOKENS * (d + m)  # one chunk's float32 z and y while statistics accumulate
+    # one chunk's float32 z and y while statistics accumulate: a batch's tokens at most
+    chunk = 4 * min(CHUNK_TOKENS, min(n, cfg.runtime.batch_size) * seq_len) * (d + m)
     # the chunk is freed before the solve starts: the larger of the two counts
     shared = {"runtime": RUNTIME_GIB, "activations": activations / gib, "solve or statistics": max(chunk, solve) / gib}
     removed = cfg.sparsity * 3 * d * m * len(layer_elements) if cfg.prunes_mlp else 0  # GLU: up, gate, down
@@ -187,7 +189,9 @@ def predict_peak_of_shapes(
         largest = max(layer_elements.values(), default=0)
         # the embedding table stays in its stored dtype (taken as the save dtype); the head is not read
         embeddings = save_bytes * (outside - head) / gib
-        resident = {"weights outside the layers": embeddings, "two copies of a layer": 8 * largest / gib}
+        # the layer read in float32, and its copy in the compute dtype that runs the calibration tokens
+        layer_copies = (4 + dtype.itemsize) * largest / gib
+        resident = {"weights outside the layers": embeddings, "a layer in float32 and compute dtype": layer_copies}
         shard = shard_bytes(budget, save_bytes * largest)
         output = min(shard / gib, save_bytes * kept)  # written shard by shard
         prune = {**resident, "output shard": output, **shared}
