@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -132,3 +133,13 @@ def test_a_budget_that_float64_exceeds_resolves_auto_to_float32(tmp_path):
         argv += ["--offload", "never", "--max-host-memory", str(budget), "--compute-dtype", "float32"]
         assert main(argv) == 0
         assert json.loads((out / "pruning.json").read_text())["config"]["solver"]["solve_dtype"] == expected
+
+
+def test_a_search_counts_the_pruned_copy_of_the_model(tmp_path):
+    path = _checkpoint(tmp_path / "m", layers=2)
+    plain = predict_peak(path, _cfg(), streamed=False).prune
+    searched = predict_peak(path, replace(_cfg(), allocation="search"), streamed=False).prune
+    budgeted = predict_peak(path, replace(_cfg(), target_ratio=0.2), streamed=False).prune
+    extra = searched.pop("search: a pruned copy and its logits")
+    assert searched == plain and extra > plain["float32 weights"]
+    assert budgeted["search: a pruned copy and its logits"] == extra

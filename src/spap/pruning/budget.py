@@ -111,9 +111,15 @@ def candidates(
     return out
 
 
+HEAD_BYTES = 2**28
+"""float32 logits held at once while a candidate is scored (the output head runs on slices of positions)."""
+
+
 @torch.no_grad()
 def held_out_loss(model: nn.Module, ids: Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> float:
-    """Mean next-token negative log-likelihood of ``model`` on the windows ``ids`` (n, seq_len)."""
+    """Mean next-token negative log-likelihood of ``model`` on the windows ``ids`` (n, seq_len); the
+    logits of a batch are never all in memory (8 x 2048 x 49k float32 would be 3 GiB)."""
+    from ..evaluation.perplexity import final_hidden_states, sliced_nll
     from ..runtime.device import autocast_for
 
     model.to(device)
@@ -121,9 +127,10 @@ def held_out_loss(model: nn.Module, ids: Tensor, batch_size: int, device: torch.
     with autocast_for(model, dtype):
         for start in range(0, ids.shape[0], batch_size):
             batch = ids[start : start + batch_size].to(device)
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
-            total, count = total + float(nll), count + batch[:, 1:].numel()
+            hidden = final_hidden_states(model, batch)[:, :-1]
+            targets = batch[:, 1:].flatten()
+            total += sliced_nll(model, hidden.flatten(0, 1), targets, HEAD_BYTES)
+            count += targets.numel()
     model.to("cpu")
     return total / max(count, 1)
 

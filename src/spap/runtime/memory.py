@@ -149,6 +149,8 @@ def predict_peak_of_shapes(
 
     - in memory, pruning: the float32 model (4 bytes per stored element) + calibration activations +
       one MLP's solve + one float32 copy of the largest layer (its pruned weights while the old ones live);
+    - in memory, searching (``target_ratio``, allocation "search"): also a float32 copy of the model and
+      a slice of logits while a candidate is pruned and scored;
     - in memory, saving: the pruned float32 model + two copies of its weights at ``save_bytes`` per
       element (the cast state dict and the serialised buffer);
     - streamed: the embeddings (stored dtype) + the largest layer in float32 and in the compute dtype +
@@ -196,9 +198,12 @@ def predict_peak_of_shapes(
         output = min(shard / gib, save_bytes * kept)  # written shard by shard
         prune = {**resident, "output shard": output, **shared}
         return MemoryPlan(True, save={"runtime": RUNTIME_GIB, **resident}, prune=prune)
+    from ..pruning.budget import HEAD_BYTES
+
     weights = 4 * elements / gib
     layer_copy = 4 * max(layer_elements.values(), default=0) / gib
     save = {"runtime": RUNTIME_GIB, "pruned float32 weights": 4 * kept, "two copies to save": 2 * save_bytes * kept}
-    return MemoryPlan(
-        False, save=save, prune={"float32 weights": weights, "a layer's new weights": layer_copy, **shared}
-    )
+    prune = {"float32 weights": weights, "a layer's new weights": layer_copy, **shared}
+    if cfg.target_ratio is not None or cfg.allocation == "search":  # each candidate prunes a copy, then is scored
+        prune["search: a pruned copy and its logits"] = weights + HEAD_BYTES / gib
+    return MemoryPlan(False, save=save, prune=prune)
