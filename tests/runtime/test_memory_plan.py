@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -143,3 +144,15 @@ def test_a_search_counts_the_pruned_copy_of_the_model(tmp_path):
     extra = searched.pop("search: a pruned copy and its logits")
     assert searched == plain and extra > plain["float32 weights"]
     assert budgeted["search: a pruned copy and its logits"] == extra
+
+
+def test_loading_counts_the_checkpoint_files_beside_the_float32_model(tmp_path):
+    path = _checkpoint(tmp_path / "m", layers=2)  # saved in float32: the files are as large as the model
+    plan = predict_peak(path, _cfg(), streamed=False)
+    files = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
+    assert plan.load["checkpoint files mapped"] == files
+    assert (
+        plan.load["float32 weights"] == plan.prune["float32 weights"] == pytest.approx(files, rel=0.05)
+    )  # headers aside
+    assert plan.peak_gib >= sum(plan.load.values())
+    assert not predict_peak(path, _cfg(), streamed=True).load  # streamed runs never load the whole model

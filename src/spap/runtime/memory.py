@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,21 +100,24 @@ copies (restriction, Cholesky factor); measured 2.9 at m = 4096 (spap-ls, 30%)."
 
 @dataclass
 class MemoryPlan:
-    """Predicted peak host memory of ``spap prune`` (GiB): the larger of its phases (``prune``, and
-    ``save``: writing the weights), each the sum of its named parts."""
+    """Predicted peak host memory of ``spap prune`` (GiB): the largest of its phases (``prune``,
+    ``save``: writing the weights, and in memory ``load``: reading them), each the sum of its named parts."""
 
     streamed: bool
     save: dict[str, float]
     prune: dict[str, float]
+    load: dict[str, float] = field(default_factory=dict)
+
+    def _phases(self) -> dict[str, dict[str, float]]:
+        return {"pruning": self.prune, "saving": self.save, "loading": self.load}
 
     @property
     def peak_gib(self) -> float:
-        return max(sum(self.save.values()), sum(self.prune.values()))
+        return max(sum(phase.values()) for phase in self._phases().values())
 
     def line(self) -> str:
-        phase = max((self.save, self.prune), key=lambda p: sum(p.values()))
-        parts = " + ".join(f"{name} {gib:.2f}" for name, gib in phase.items() if gib >= 0.005)
-        name = "pruning" if phase is self.prune else "saving"
+        name, phase = max(self._phases().items(), key=lambda item: sum(item[1].values()))
+        parts = " + ".join(f"{part} {gib:.2f}" for part, gib in phase.items() if gib >= 0.005)
         return f"predicted peak host memory {self.peak_gib:.1f} GiB (while {name}: {parts})"
 
 
@@ -124,8 +127,11 @@ def predict_peak(path: str | Path, cfg: PruneConfig, streamed: bool, save_bytes:
     from transformers import AutoConfig
 
     text = AutoConfig.from_pretrained(str(path)).get_text_config()
-    shapes = SafetensorsCheckpoint(path).shapes()
-    return predict_peak_of_shapes(shapes, text.hidden_size, text.intermediate_size, cfg, streamed, save_bytes)
+    source = SafetensorsCheckpoint(path)
+    stored = sum((source.directory / file).stat().st_size for file in set(source.weight_map.values()))
+    return predict_peak_of_shapes(
+        source.shapes(), text.hidden_size, text.intermediate_size, cfg, streamed, save_bytes, stored
+    )
 
 
 def predict_peak_of_config(config: Any, cfg: PruneConfig, streamed: bool, save_bytes: int = 2) -> MemoryPlan:
@@ -142,7 +148,13 @@ def predict_peak_of_config(config: Any, cfg: PruneConfig, streamed: bool, save_b
 
 
 def predict_peak_of_shapes(
-    shapes: dict[str, tuple[int, ...]], d: int, m: int, cfg: PruneConfig, streamed: bool, save_bytes: int = 2
+    shapes: dict[str, tuple[int, ...]],
+    d: int,
+    m: int,
+    cfg: PruneConfig,
+    streamed: bool,
+    save_bytes: int = 2,
+    stored_bytes: int | None = None,
 ) -> MemoryPlan:
     """Predicted peak host memory of pruning a model whose tensors have ``shapes`` (hidden size d,
     MLP width m) with ``cfg`` (CPU solves; on a GPU the solve's share moves to the device):
@@ -151,6 +163,8 @@ def predict_peak_of_shapes(
       one MLP's solve + one float32 copy of the largest layer (its pruned weights while the old ones live);
     - in memory, searching (``target_ratio``, allocation "search"): also a float32 copy of the model and
       a slice of logits while a candidate is pruned and scored;
+    - in memory, loading: the float32 model + the checkpoint's files (``stored_bytes``, default
+      ``save_bytes`` per element), whose mapped pages stay resident while tensors are copied out;
     - in memory, saving: the pruned float32 model + two copies of its weights at ``save_bytes`` per
       element (the cast state dict and the serialised buffer);
     - streamed: the embeddings (stored dtype) + the largest layer in float32 and in the compute dtype +
@@ -206,4 +220,6 @@ def predict_peak_of_shapes(
     prune = {"float32 weights": weights, "a layer's new weights": layer_copy, **shared}
     if cfg.target_ratio is not None or cfg.allocation == "search":  # each candidate prunes a copy, then is scored
         prune["search: a pruned copy and its logits"] = weights + HEAD_BYTES / gib
-    return MemoryPlan(False, save=save, prune=prune)
+    files = (save_bytes * elements if stored_bytes is None else stored_bytes) / gib
+    load = {"runtime": RUNTIME_GIB, "float32 weights": weights, "checkpoint files mapped": files}
+    return MemoryPlan(False, save=save, prune=prune, load=load)
