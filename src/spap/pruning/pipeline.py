@@ -123,7 +123,7 @@ def prune(
     spill = cfg.runtime.max_host_memory_gib is not None and needed > cfg.runtime.max_host_memory_gib * 2**30 / 2
     if spill:
         log.info("calibration activations (%.2f GiB) go to disk: over half of --max-host-memory", needed / 2**30)
-    searches: dict[str, tuple[dict[str, Any], float]] = {}  # "budget" / "allocation": (record, seconds)
+    searched: tuple[str, str, dict[str, Any], float] | None = None  # report keys (extra, seconds), record, seconds
     if cfg.target_ratio is not None or (cfg.allocation == "search" and n_prune is None):
         if residency is not None and not isinstance(residency, ResidentLayers):
             what = "target_ratio" if cfg.target_ratio is not None else "allocation 'search'"
@@ -132,19 +132,20 @@ def prune(
         ids, held_out = _held_out_windows(model, tokenizer, cfg, calibration_ids)
         if cfg.target_ratio is not None:
             cfg, frontier = _search_budget(model, cfg, ids, held_out)
-            searches["budget"] = frontier, time.perf_counter() - started
+            searched = "budget", "budget_search", frontier, time.perf_counter() - started
         else:
             rule, record = search_allocation(model, cfg, ids, held_out)
             log.info("allocation: %s (lowest held-out loss)", rule)
             cfg = replace(cfg, allocation=rule)
-            searches["allocation"] = record, time.perf_counter() - started
+            searched = "allocation_search", "allocation_search", record, time.perf_counter() - started
         calibration_ids = ids
     with spilling() if spill else nullcontext():
         report = _prune(model, tokenizer, cfg, calibration_ids, n_prune, residency or ResidentLayers(), dropped_layers)
     report.extra["activations_spilled"] = spill
-    for key, (record, seconds) in searches.items():
-        report.extra[key if key == "budget" else "allocation_search"] = record
-        report.seconds[f"{key}_search"] = seconds  # the candidates' pruning and scoring
+    if searched is not None:
+        extra_key, seconds_key, record, seconds = searched
+        report.extra[extra_key] = record
+        report.seconds[seconds_key] = seconds  # the candidates' pruning and scoring
         report.seconds["total"] += seconds
     return report
 
