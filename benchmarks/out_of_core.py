@@ -52,17 +52,16 @@ def synthetic_checkpoint(directory: Path, layers: int, shape: dict[str, int], se
 
 def prune_job(job: dict[str, Any]) -> dict[str, Any]:
     """``spap prune`` in this (fresh) process; its wall time and peak RSS."""
-    import resource
     import time
 
     from spap.cli import main
+    from spap.runtime.device import peak_rss_gib
 
     started = time.perf_counter()
     code = main(job["argv"])
     if code != 0:
         raise RuntimeError(f"spap {shlex.join(job['argv'])} exited with {code}")
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_rss_gib": peak_kib / 2**20, "seconds": time.perf_counter() - started}
+    return {"peak_rss_gib": peak_rss_gib(), "seconds": time.perf_counter() - started}
 
 
 def eval_job(job: dict[str, Any]) -> dict[str, Any]:
