@@ -70,6 +70,11 @@ def run(
         "seconds_per_layer": sum(per_layer) / len(per_layer),
         "layer_seconds": per_layer,
         "memory": report.memory,
+        # per phase of a layer (statistics, solve, final_ls, propagate), the largest over layers: CUDA only
+        "gpu_peak_gib_by_phase": {
+            phase: max(layer.gpu_peak_gib.get(phase, 0.0) for layer in report.layers)
+            for phase in sorted({name for layer in report.layers for name in layer.gpu_peak_gib})
+        },
         "mean_layer_error": sum(r.error for r in report.layers) / len(report.layers),
     }
 

@@ -51,3 +51,28 @@ def test_self_generation_runs_on_the_gpu_and_returns_the_model_to_the_host():
     ids = self_generated(model, tokenizer, 3, 12, seed=0, batch_size=2, device=torch.device("cuda"))
     assert ids.shape == (3, 12) and ids.device.type == "cpu"
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_phase_peaks_measure_each_block_and_keep_the_run_peak():
+    from spap.runtime.device import peak_memory, phase_peak, reset_peak_memory
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    reset_peak_memory(device)
+    big = torch.empty(64 * 2**20, dtype=torch.uint8, device=device)  # 64 MiB, freed before the phases
+    del big
+    phases: dict[str, float] = {}
+    with phase_peak(device, phases, "small"):
+        small = torch.empty(8 * 2**20, dtype=torch.uint8, device=device)
+        del small
+    assert 8 / 1024 <= phases["small"] < 64 / 1024  # the 64 MiB before the phase is not its peak
+    assert peak_memory(device)["peak_gpu_gib"] >= 64 / 1024  # but still the run's
+
+
+def test_layer_reports_carry_gpu_peaks_by_phase():
+    model = tiny_model("llama")
+    cfg = fast_config(0.25, refit="ls")
+    cfg.runtime.device = "cuda"
+    report = spap.prune(model, config=cfg, calibration_ids=tiny_ids(n=8, seq_len=32))
+    for layer in report.layers:
+        assert {"statistics", "solve", "propagate"} <= set(layer.gpu_peak_gib)
+        assert max(layer.gpu_peak_gib.values()) <= report.memory["peak_gpu_gib"]

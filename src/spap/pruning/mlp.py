@@ -19,6 +19,7 @@ from ..adapters import ArchitectureAdapter
 from ..config import PruneConfig
 from ..core import MLPPruneResult, MLPStatistics, MLPWeights, SolverConfig, prune_mlp
 from ..core.solver import finalize_down, least_squares_down, resolve_fit_bias
+from ..runtime.device import phase_peak
 from ..runtime.layerwise import AttentionCache, LayerInputs, compute_copy, run_layer
 from . import distributed
 from .context import LayerContext
@@ -44,6 +45,7 @@ class LayerReport:
     refit_rounds: int | None = None  # rounds the refit ran (early stopping may end it before refit_rounds)
     refit_holdout: list[float] = field(default_factory=list)  # relative held-out error: start, then each round
     seconds: dict[str, float] = field(default_factory=dict)
+    gpu_peak_gib: dict[str, float] = field(default_factory=dict)  # per phase, as ``seconds`` (CUDA only)
     kv_groups_kept: list[int] | None = None  # attention: KV groups kept (None: heads not pruned)
     query_heads_kept: list[int] | None = None  # attention, head_unit "query": query heads kept
     heads_error: float | None = None  # relative error of the attention output after head pruning
@@ -110,58 +112,63 @@ def prune_layer_mlp(
         weights_first, weights_again = _record_then_replay(lambda _batch, out: residual_token_weights(out))
 
     seconds: dict[str, float] = {}
+    gpu: dict[str, float] = {}
     attention = AttentionCache()  # the first pass records the attention, later passes replay it
     t0 = time.perf_counter()
-    stats = collect_statistics(
-        adapter,
-        layer,
-        inputs,
-        device,
-        dtype,
-        dense,
-        None,
-        positions,
-        offsets_first,
-        weights_first,
-        attention,
-        full=cfg.solver.needs_gram or k == 0,
-        matrix_dtype=cfg.solver.matrix_dtype,
-    )
-    seconds["attention"] = attention.seconds
-    seconds["statistics"] = time.perf_counter() - t0 - attention.seconds
-    sample_x, sample_offsets, sample_weights = stats.sample_inputs(), stats.sample_offsets(), stats.sample_weights()
-    if k == 0:  # a repair only: every neuron kept, W_down to the offset targets
-        result = on_rank0(lambda: refit_down(dense, stats, cfg.solver), dense, cfg)
-    else:
-        result = on_rank0(
-            lambda: prune_mlp(
-                dense, stats, k, cfg.solver, sample_x, dtype, sample_offsets, sample_weights, holdout_mask
-            ),
-            dense,
-            cfg,
-        )
-    del stats
-    adapter.write_mlp(layer, result.weights)
-    if result.needs_final_ls:  # W_up/W_gate changed on a sample: refit W_down on all tokens
-        t0 = time.perf_counter()
+    with phase_peak(device, gpu, "statistics"):
         stats = collect_statistics(
             adapter,
             layer,
             inputs,
             device,
             dtype,
-            result.weights.to(device),
             dense,
             None,
-            offsets_again,
-            weights_again,
+            positions,
+            offsets_first,
+            weights_first,
             attention,
+            full=cfg.solver.needs_gram or k == 0,
             matrix_dtype=cfg.solver.matrix_dtype,
         )
+    seconds["attention"] = attention.seconds
+    seconds["statistics"] = time.perf_counter() - t0 - attention.seconds
+    sample_x, sample_offsets, sample_weights = stats.sample_inputs(), stats.sample_offsets(), stats.sample_weights()
+    with phase_peak(device, gpu, "solve"):
+        if k == 0:  # a repair only: every neuron kept, W_down to the offset targets
+            result = on_rank0(lambda: refit_down(dense, stats, cfg.solver), dense, cfg)
+        else:
+            result = on_rank0(
+                lambda: prune_mlp(
+                    dense, stats, k, cfg.solver, sample_x, dtype, sample_offsets, sample_weights, holdout_mask
+                ),
+                dense,
+                cfg,
+            )
+    del stats
+    adapter.write_mlp(layer, result.weights)
+    if result.needs_final_ls:  # W_up/W_gate changed on a sample: refit W_down on all tokens
+        t0 = time.perf_counter()
+        with phase_peak(device, gpu, "statistics"):
+            stats = collect_statistics(
+                adapter,
+                layer,
+                inputs,
+                device,
+                dtype,
+                result.weights.to(device),
+                dense,
+                None,
+                offsets_again,
+                weights_again,
+                attention,
+                matrix_dtype=cfg.solver.matrix_dtype,
+            )
         seconds["statistics"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         fit_bias = resolve_fit_bias(cfg.solver, dense)
-        result = on_rank0(lambda: finalize_down(result, stats, cfg.solver, fit_bias), dense, cfg, result)
+        with phase_peak(device, gpu, "final_ls"):
+            result = on_rank0(lambda: finalize_down(result, stats, cfg.solver, fit_bias), dense, cfg, result)
         if result.refit_accepted is False:
             log.info(
                 "layer %d: the refit raised the calibration error (%.4g -> %.4g); kept the closed form",
@@ -179,7 +186,7 @@ def prune_layer_mlp(
     hooks = _capture_mlp(adapter, work, captured)
     meter = _ErrorMeter(dense.to(device, dtype), captured)
     try:
-        with attention.use(adapter.attention_module(work), device):
+        with attention.use(adapter.attention_module(work), device), phase_peak(device, gpu, "propagate"):
             outputs = run_layer(work, inputs, device, dtype, on_output=meter)
     finally:
         for hook in hooks:
@@ -201,6 +208,7 @@ def prune_layer_mlp(
         refit_rounds=len(history) if result.refit_accepted is not None else None,
         refit_holdout=[round(e, 6) for e in result.refit_holdout],
         seconds={**result.seconds, **seconds},
+        gpu_peak_gib=gpu,
     )
     return report, outputs
 

@@ -8,7 +8,8 @@ import gc
 import platform
 import resource
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -56,9 +57,34 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+_EARLIER_GPU_PEAK: dict[torch.device, int] = {}
+"""Per device, the peak allocated bytes before the last ``phase_peak`` reset the CUDA counter."""
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
+        _EARLIER_GPU_PEAK.pop(device, None)
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak_bytes(device: torch.device) -> int:
+    """Peak allocated GPU bytes since ``reset_peak_memory``, across ``phase_peak``'s resets."""
+    return max(_EARLIER_GPU_PEAK.get(device, 0), torch.cuda.max_memory_allocated(device))
+
+
+@contextmanager
+def phase_peak(device: torch.device, into: dict[str, float], name: str) -> Iterator[None]:
+    """Record in ``into[name]`` the peak allocated GPU memory (GiB) while the block runs (the largest
+    over repeated blocks of one name); nothing off CUDA. The run's overall peak is kept."""
+    if device.type != "cuda":
+        yield
+        return
+    _EARLIER_GPU_PEAK[device] = gpu_peak_bytes(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield
+    finally:
+        into[name] = max(into.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
 
 
 def peak_rss_gib() -> float:
@@ -76,7 +102,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     """Peak process RSS (GiB, since process start) and, on CUDA, peak allocated GPU memory (GiB)."""
     out = {"peak_rss_gib": peak_rss_gib()}
     if device.type == "cuda":
-        out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_gpu_gib"] = gpu_peak_bytes(device) / 2**30
     return out
 
 
