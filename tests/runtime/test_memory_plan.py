@@ -148,13 +148,29 @@ def test_a_search_counts_the_pruned_copy_of_the_model(tmp_path):
     assert budgeted["search: a pruned copy and its logits"] == extra
 
 
-def test_loading_counts_the_checkpoint_files_beside_the_float32_model(tmp_path):
-    path = _checkpoint(tmp_path / "m", layers=2)  # saved in float32: the files are as large as the model
+def test_a_float32_checkpoint_is_used_in_place_and_its_pages_stay_mapped(tmp_path):
+    """transformers loads float32 tensors from the mapped files without a copy: loading adds no file
+    pages beside the model, and the pruned layers' new weights add up while the old pages stay."""
+    path = _checkpoint(tmp_path / "m", layers=2)  # saved in float32
+    cfg = replace(_cfg(), sparsity=0.25)
+    plan = predict_peak(path, cfg, streamed=False)
+    files = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
+    assert plan.load["checkpoint files mapped"] == pytest.approx(0, abs=1e-4)  # headers only
+    assert plan.load["float32 weights"] == plan.prune["float32 weights"] == pytest.approx(files, rel=0.05)
+    new_mlps = 4 * 0.75 * 3 * 32 * 64 * 2 / 2**30  # the kept neurons' up, gate and down of both layers
+    assert plan.prune["pruned layers' new weights (old pages stay mapped)"] == pytest.approx(new_mlps)
+    assert plan.save["float32 weights (mapped)"] == plan.load["float32 weights"]
+    assert plan.save["a copy to save"] > 0  # bfloat16 written
+    assert predict_peak(path, cfg, streamed=False, save_bytes=4).save["a copy to save"] == 0
+
+
+def test_a_bfloat16_checkpoint_is_converted_beside_its_mapped_files(tmp_path):
+    path = _checkpoint(tmp_path / "m", layers=2)
+    AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(path)
     plan = predict_peak(path, _cfg(), streamed=False)
     files = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**30
     assert plan.load["checkpoint files mapped"] == files
-    assert (
-        plan.load["float32 weights"] == plan.prune["float32 weights"] == pytest.approx(files, rel=0.05)
-    )  # headers aside
+    assert plan.load["float32 weights"] == pytest.approx(2 * files, rel=0.05)  # headers aside
+    assert "a layer's new weights" in plan.prune and "pruned float32 weights" in plan.save
     assert plan.peak_gib >= sum(plan.load.values())
     assert not predict_peak(path, _cfg(), streamed=True).load  # streamed runs never load the whole model

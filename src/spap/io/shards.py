@@ -129,6 +129,11 @@ class SafetensorsCheckpoint:
         """Number of floating-point tensor elements, read from the shard headers (no tensor data)."""
         return sum(math.prod(shape) for shape, dtype in self._headers().values() if dtype.startswith(("F", "BF")))
 
+    def float32_elements(self) -> int:
+        """Number of elements stored in float32 (read from the shard headers): transformers uses such
+        tensors in place from the mapped files when it loads the model in float32."""
+        return sum(math.prod(shape) for shape, dtype in self._headers().values() if dtype == "F32")
+
     def stored_dtype(self) -> torch.dtype:
         """The dtype of the first floating-point tensor (the checkpoint's storage dtype)."""
         for name in sorted(self.weight_map):

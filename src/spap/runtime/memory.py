@@ -130,7 +130,14 @@ def predict_peak(path: str | Path, cfg: PruneConfig, streamed: bool, save_bytes:
     source = SafetensorsCheckpoint(path)
     stored = sum((source.directory / file).stat().st_size for file in set(source.weight_map.values()))
     return predict_peak_of_shapes(
-        source.shapes(), text.hidden_size, text.intermediate_size, cfg, streamed, save_bytes, stored
+        source.shapes(),
+        text.hidden_size,
+        text.intermediate_size,
+        cfg,
+        streamed,
+        save_bytes,
+        stored,
+        mapped_elements=source.float32_elements(),
     )
 
 
@@ -155,18 +162,22 @@ def predict_peak_of_shapes(
     streamed: bool,
     save_bytes: int = 2,
     stored_bytes: int | None = None,
+    mapped_elements: int = 0,
 ) -> MemoryPlan:
     """Predicted peak host memory of pruning a model whose tensors have ``shapes`` (hidden size d,
     MLP width m) with ``cfg`` (CPU solves; on a GPU the solve's share moves to the device):
 
     - in memory, pruning: the float32 model (4 bytes per stored element) + calibration activations +
-      one MLP's solve + one float32 copy of the largest layer (its pruned weights while the old ones live);
+      one MLP's solve + one float32 copy of the largest layer (its pruned weights while the old ones
+      live). The ``mapped_elements`` the checkpoint stores in float32 are used in place from the mapped
+      files, whose pages stay resident until the end: there the pruned layers' new weights add up;
     - in memory, searching (``target_ratio``, allocation "search"): also a float32 copy of the model and
       a slice of logits while a candidate is pruned and scored;
-    - in memory, loading: the float32 model + the checkpoint's files (``stored_bytes``, default
-      ``save_bytes`` per element), whose mapped pages stay resident while tensors are copied out;
-    - in memory, saving: the pruned float32 model + two copies of its weights at ``save_bytes`` per
-      element (the cast state dict and the serialised buffer);
+    - in memory, loading: the float32 model + the files of the tensors converted to float32
+      (``stored_bytes``, default ``save_bytes`` per element, less the mapped float32 ones), whose mapped
+      pages stay resident while they are converted;
+    - in memory, saving: the pruned float32 model (and the mapped pages) + one copy at ``save_bytes`` per
+      element when that is not float32 (safetensors writes the tensors without another copy);
     - streamed: the embeddings (stored dtype) + the largest layer in float32 and in the compute dtype +
       the output buffer (one shard at most) + activations + one MLP's solve.
 
@@ -199,7 +210,12 @@ def predict_peak_of_shapes(
     chunk = 4 * min(CHUNK_TOKENS, min(n, cfg.runtime.batch_size) * seq_len) * (d + m)
     # the chunk is freed before the solve starts: the larger of the two counts
     shared = {"runtime": RUNTIME_GIB, "activations": activations / gib, "solve or statistics": max(chunk, solve) / gib}
-    removed = cfg.sparsity * 3 * d * m * len(layer_elements) if cfg.prunes_mlp else 0  # GLU: up, gate, down
+    layers = len(layer_elements)
+    dropped = min(cfg.drop_layers, layers)  # whole layers removed first
+    mlp = 3 * d * m * (layers - dropped)  # GLU: up, gate, down of the layers that stay
+    cuts_mlp = cfg.prunes_mlp and cfg.sparsity > 0
+    mlp_removed = cfg.sparsity * mlp if cuts_mlp else 0
+    removed = mlp_removed + dropped * sum(layer_elements.values()) / max(layers, 1)
     kept = (elements - removed) / gib
     if streamed:
         largest = max(layer_elements.values(), default=0)
@@ -215,11 +231,25 @@ def predict_peak_of_shapes(
     from ..pruning.budget import HEAD_BYTES
 
     weights = 4 * elements / gib
-    layer_copy = 4 * max(layer_elements.values(), default=0) / gib
-    save = {"runtime": RUNTIME_GIB, "pruned float32 weights": 4 * kept, "two copies to save": 2 * save_bytes * kept}
-    prune = {"float32 weights": weights, "a layer's new weights": layer_copy, **shared}
+    mapped = mapped_elements / max(elements, 1)  # the fraction used in place from the files
+    cast = save_bytes * kept if save_bytes != 4 else 0.0
+    if mapped:
+        # the replaced modules' new float32 weights: kept MLP neurons (and attention, when heads are cut)
+        # (a depth repair rewrites W_down of at most one layer per removed layer)
+        attention_kept = 1 - cfg.head_sparsity if cfg.prunes_heads else 0.0
+        attention = attention_kept * (sum(layer_elements.values()) - 3 * d * m * layers)
+        rewritten = mlp - mlp_removed if cuts_mlp else d * m * dropped * cfg.depth_repair
+        replaced = 4 * mapped * (rewritten + attention) / gib
+        new_weights = {"pruned layers' new weights (old pages stay mapped)": replaced}
+        resident = {"float32 weights (mapped)": weights, **new_weights}
+    else:
+        new_weights = {"a layer's new weights": 4 * max(layer_elements.values(), default=0) / gib}
+        resident = {"pruned float32 weights": 4 * kept}
+    save = {"runtime": RUNTIME_GIB, **resident, "a copy to save": cast}
+    prune = {"float32 weights": weights, **new_weights, **shared}
     if cfg.target_ratio is not None or cfg.allocation == "search":  # each candidate prunes a copy, then is scored
         prune["search: a pruned copy and its logits"] = weights + HEAD_BYTES / gib
-    files = (save_bytes * elements if stored_bytes is None else stored_bytes) / gib
+    stored = save_bytes * elements if stored_bytes is None else stored_bytes
+    files = max(stored - 4 * mapped_elements, 0) / gib  # the converted tensors' files
     load = {"runtime": RUNTIME_GIB, "float32 weights": weights, "checkpoint files mapped": files}
     return MemoryPlan(False, save=save, prune=prune, load=load)
