@@ -61,7 +61,7 @@ def prune_checkpoint(
     pad_to_uniform: bool = False,
     ppl: list[str] | None = None,
     ppl_seq_len: int = 2048,
-    eval_dtype: str = "bfloat16",
+    eval_dtype: str = "auto",
     record: dict[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> CheckpointResult:
@@ -74,7 +74,8 @@ def prune_checkpoint(
     save_dtype:     dtype of the written weights; "auto" keeps the input's (bfloat16 for GGUF).
     pad_to_uniform: zero-pad per-layer MLP widths to the widest (stock-loadable).
     ppl:            text files (or "bundled-heldout") to measure perplexity on before and after,
-                    at ``ppl_seq_len`` with matmuls in ``eval_dtype``; in memory only.
+                    at ``ppl_seq_len`` with matmuls in ``eval_dtype`` ("auto": bfloat16 where the device
+                    runs it fast, else float32); in memory only.
     record:         extra entries for pruning.json (the CLI stores its command line).
     echo:           where progress lines go (default: the log).
 

@@ -130,11 +130,12 @@ def _eval_offloaded(args: argparse.Namespace, whole_model_tasks: bool) -> bool:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..evaluation.speed import compare, format_comparison
     from ..io.models import load_model
-    from ..runtime.device import resolve_device
+    from ..runtime.device import dtype_name, resolve_device
 
     device = str(resolve_device(args.device))
-    dense, _, dense_path = load_model(args.dense, dtype=args.dtype, device=device)
-    pruned, _, pruned_path = load_model(args.pruned, dtype=args.dtype, device=device)
+    dtype = dtype_name(args.dtype, device)
+    dense, _, dense_path = load_model(args.dense, dtype=dtype, device=device)
+    pruned, _, pruned_path = load_model(args.pruned, dtype=dtype, device=device)
     result = compare(
         dense,
         pruned,
@@ -143,8 +144,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         decode_batch=args.decode_batch,
         new_tokens=args.new_tokens,
     )
-    result.update(dense_model=dense_path, pruned_model=pruned_path, device=device, dtype=args.dtype)
-    print(f"{dense_path} vs {pruned_path} on {device} ({args.dtype}):")
+    result.update(dense_model=dense_path, pruned_model=pruned_path, device=device, dtype=dtype)
+    print(f"{dense_path} vs {pruned_path} on {device} ({dtype}):")
     print(format_comparison(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

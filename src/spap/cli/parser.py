@@ -144,7 +144,11 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="perplexity before and after pruning")
     p.add_argument("--ppl", nargs="*", default=None, help="text files for --eval (default: bundled held-out text)")
     p.add_argument("--ppl-seq-len", type=int, default=2048, help="window length for --eval")
-    p.add_argument("--eval-dtype", default="bfloat16", help="matmul dtype for evaluation (autocast)")
+    p.add_argument(
+        "--eval-dtype",
+        default="auto",
+        help="matmul dtype for evaluation (autocast; auto: bfloat16 where the device runs it fast (CUDA, AMX / AVX512-BF16 CPUs), else float32)",
+    )
     p.add_argument(
         "--offload",
         default="auto",
@@ -168,7 +172,11 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default=None, help="checkpoint dir (default: embedded SmolLM2-135M)")
     e.add_argument("--ppl", nargs="*", default=None, help="text files (default: bundled held-out text)")
     e.add_argument("--seq-len", type=int, default=2048)
-    e.add_argument("--dtype", default="bfloat16", help="matmul dtype (autocast); float32 for exact")
+    e.add_argument(
+        "--dtype",
+        default="auto",
+        help="matmul dtype (autocast; auto: bfloat16 where the device runs it fast (CUDA, AMX / AVX512-BF16 CPUs), else float32); float32 for exact",
+    )
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument(
         "--score-from",
@@ -200,7 +208,11 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     b.add_argument("dense", help="dense checkpoint dir (or 'smollm2')")
     b.add_argument("pruned", help="pruned checkpoint dir")
     b.add_argument("--device", default="auto")
-    b.add_argument("--dtype", default="bfloat16", help="weights are cast to this dtype for the benchmark")
+    b.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights are cast to this dtype for the benchmark (auto: bfloat16 where the device runs it fast (CUDA, AMX / AVX512-BF16 CPUs), else float32)",
+    )
     b.add_argument("--prefill-batch", type=int, default=4)
     b.add_argument("--prefill-len", type=int, default=512)
     b.add_argument("--decode-batch", type=int, default=16)

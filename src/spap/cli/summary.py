@@ -11,13 +11,20 @@ measures at full size."""
 
 
 def quick_speed(dense_path: str, pruned_dir: Path, device: str) -> dict[str, Any]:
-    """Dense vs pruned prefill/decode ratios measured now, both loaded in bfloat16 from disk."""
+    """Dense vs pruned prefill/decode ratios measured now, both loaded from disk in bfloat16 where the
+    device runs it fast, else float32 (``dtype_name``)."""
     from ..evaluation.speed import compare
     from ..io.models import load_model
+    from ..runtime.device import dtype_name
 
-    dense, _, _ = load_model(dense_path, dtype="bfloat16", device=device)
-    pruned, _, _ = load_model(str(pruned_dir), dtype="bfloat16", device=device)
-    return {**compare(dense, pruned, **QUICK_SPEED), "sizes": QUICK_SPEED, "device": device}
+    dtype = dtype_name("auto", device)
+    dense, _, _ = load_model(dense_path, dtype=dtype, device=device)
+    pruned, _, _ = load_model(str(pruned_dir), dtype=dtype, device=device)
+    return {**compare(dense, pruned, **QUICK_SPEED), "sizes": QUICK_SPEED, "device": device, "dtype": dtype}
+
+
+def _short(dtype: str) -> str:
+    return {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}.get(dtype, dtype)
 
 
 def _bytes_on_disk(directory: Path) -> int:
@@ -41,7 +48,7 @@ def format_summary(
     lines.append(f"  on disk         {_bytes_on_disk(out_dir) / 2**20:.0f} MiB ({report.get('save_dtype', '')})")
     if speed is not None:
         lines.append(
-            f"  speed (pruned/dense, quick check on {speed['device']}, bf16)  prefill x{speed['prefill_speedup']:.2f}, "
+            f"  speed (pruned/dense, quick check on {speed['device']}, {_short(speed.get('dtype', 'bfloat16'))})  prefill x{speed['prefill_speedup']:.2f}, "
             f"decode x{speed['decode_speedup_batch1']:.2f}  (full benchmark: spap bench)"
         )
     lines.append(f"  prune time      {report['seconds']['total']:.0f} s")

@@ -57,6 +57,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def dtype_name(name: str, device: str | torch.device) -> str:
+    """``name`` with "auto" resolved for ``device`` (``resolve_dtype``), e.g. "bfloat16" or "float32"."""
+    return str(resolve_dtype(name, torch.device(device))).removeprefix("torch.")
+
+
 _EARLIER_GPU_PEAK: dict[torch.device, int] = {}
 """Per device, the peak allocated bytes before the last ``phase_peak`` reset the CUDA counter."""
 
