@@ -36,7 +36,7 @@ SPEED_CALIBRATION = "wikitext2-valid"  # the llama.cpp checkpoints were calibrat
 PARAMS_RECIPES = {  # the matrix's "params" track: a fraction of all parameters
     "width-ls": ("MLP width (spap-ls)", "width-{percent}p"),
     "depth-only": ("whole layers, repaired", "depth-{percent}p"),
-    "heads-mlp": ("1 KV group per layer + MLP width", None),
+    "heads-mlp": ("1 KV group per layer + MLP width", "heads-{percent}p"),
     "budget-ls": ("--target-ratio search", None),
     "budget-ls-global": ("--target-ratio search, per-layer widths", None),
 }
@@ -93,6 +93,10 @@ def _cell(
             label = label.format(layers=dense_layers - len(row["widths"]))
         if label and "{percent}" in label:
             label = label.format(percent=percent)
+        if label is None:  # a search: the speed of the recipe whose shapes it chose, if one has them
+            same = [r for name, r in found.items() if name in recipes and _shape(r) == _shape(row)]
+            twin = next((recipes[r["recipe"]][1] for r in same if recipes[r["recipe"]][1]), None)
+            label = twin.format(percent=percent) if twin and percent is not None else twin
         speed = next((s for s in speeds if s["checkpoint"] == label), None) if label else None
         rows.append(
             {
@@ -115,6 +119,11 @@ def _cell(
             }
         )
     return rows
+
+
+def _shape(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What llama.cpp's speed depends on: the MLP widths and the parameter count (layers and heads)."""
+    return tuple(row["widths"]), row["params"]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

@@ -65,6 +65,23 @@ def test_params_cells_set_each_recipe_against_width_and_their_own_baselines():
     rows = {r["recipe"]: r for r in budget_table.build(matrix, speeds)}
     assert set(rows) == {"width-ls", "budget-ls"}
     assert (rows["width-ls"]["llamacpp_decode_speedup"], rows["width-ls"]["llamacpp_prefill_speedup"]) == (1.2, 1.3)
-    assert rows["budget-ls"]["llamacpp_decode_speedup"] is None
+    # the search chose width only: the same shapes, so width's checkpoint gives its speed
+    assert rows["budget-ls"]["llamacpp_decode_speedup"] == 1.2
     assert rows["budget-ls"]["budget"] == "20% of all parameters"
     assert rows["budget-ls"]["ppl_vs_width"] == 0.95 and rows["budget-ls"]["ppl_vs_best_baseline"] == 0.76
+
+
+def test_a_search_without_a_measured_twin_has_no_speed():
+    at = dict(sparsity=0.2)
+    matrix = [
+        {**_row("width-ls", 40.0, 10, "params"), **at},
+        {**_row("budget-ls", 38.0, 8, "params"), **at},  # chose two layers: shapes of its own
+        {**_row("heads-mlp", 45.0, 10, "params"), **at, "params": 79},
+    ]
+    speeds = [
+        {"model": "m-params", "checkpoint": "width-20p", "decode_speedup": 1.2, "prefill_speedup": 1.3},
+        {"model": "m-params", "checkpoint": "heads-20p", "decode_speedup": 1.1, "prefill_speedup": 1.0},
+    ]
+    rows = {r["recipe"]: r for r in budget_table.build(matrix, speeds)}
+    assert rows["budget-ls"]["llamacpp_decode_speedup"] is None
+    assert rows["heads-mlp"]["llamacpp_decode_speedup"] == 1.1
