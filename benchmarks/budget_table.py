@@ -39,8 +39,11 @@ PARAMS_RECIPES = {  # the matrix's "params" track: a fraction of all parameters
     "heads-mlp": ("1 KV group per layer + MLP width", "heads-{percent}p"),
     "budget-ls": ("--target-ratio search", None),
     "budget-ls-global": ("--target-ratio search, per-layer widths", None),
+    "width-ls-angular": ("MLP width per layer (angular; any-width)", None),
 }
 PARAMS_BASELINES = ("fasp", "flap-uniform-ls")
+ANY_WIDTH = {"budget-ls-global": ("cfsp",), "width-ls-angular": ("cfsp",)}
+"""Per-layer-width recipes (spap.load_pretrained) also face the any-width baselines of their cell."""
 
 
 def build(matrix: list[dict[str, Any]], speeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -81,14 +84,14 @@ def _cell(
     """One row per way of spending the budget in the cell ``found`` (recipe -> matrix row), set against
     width only and the cell's best baseline, with the llama.cpp speed of its checkpoint in ``speeds``."""
     width = found.get(width_recipe)
-    present = [found[b] for b in baselines if b in found]
-    best = min(present, key=lambda r: r["ppl_2048"]) if present else None
     dense_layers = len(width["widths"]) if width else None
     rows = []
     for recipe, (spends, label) in recipes.items():
         row = found.get(recipe)
         if row is None:
             continue
+        present = [found[b] for b in (*baselines, *ANY_WIDTH.get(recipe, ())) if b in found]
+        best = min(present, key=lambda r: r["ppl_2048"]) if present else None
         if label and "{layers}" in label and dense_layers:
             label = label.format(layers=dense_layers - len(row["widths"]))
         if label and "{percent}" in label:

@@ -98,6 +98,9 @@ RECIPES: dict[str, dict[str, list[str]]] = {
         "budget-ls-global": ["--target-ratio", "{p_ratio}", "--refit", "ls", "--allocation", "global"],
         "flap-uniform-ls": ["--method", "flap", "--allocation", "uniform", "--refit", "ls", "--sparsity", "{p_mlp}"],
         "fasp": ["--method", "fasp", "--sparsity", "{p_mlp}"],
+        # any width at the same count: spap's per-layer widths, and CFSP's (its own allocation)
+        "width-ls-angular": ["--sparsity", "{p_mlp}", "--refit", "ls", "--allocation", "angular"],
+        "cfsp": ["--method", "cfsp", "--sparsity", "{p_mlp}"],
     },
     "any-width": {
         "flap": ["--method", "flap"],
@@ -314,7 +317,11 @@ def params_tables(rows: list[dict[str, Any]]) -> list[str]:
         for fraction in sorted({r["sparsity"] for r in subset}):
             cell_rows = [r for r in subset if r["sparsity"] == fraction]
             calibs = [c for c in CALIBRATIONS if any(r["calibration"] == c for r in cell_rows)]
-            lines += ["", f"## {model}, {fraction:.0%} of all parameters removed (stock but budget-ls-global)", ""]
+            lines += [
+                "",
+                f"## {model}, {fraction:.0%} of all parameters removed (stock but budget-ls-global, width-ls-angular and cfsp)",
+                "",
+            ]
             lines += ["| recipe | " + " | ".join(calibs) + " |", "|---" * (len(calibs) + 1) + "|"]
             for recipe in RECIPES["params"]:
                 values = []

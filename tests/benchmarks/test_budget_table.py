@@ -85,3 +85,16 @@ def test_a_search_without_a_measured_twin_has_no_speed():
     rows = {r["recipe"]: r for r in budget_table.build(matrix, speeds)}
     assert rows["budget-ls"]["llamacpp_decode_speedup"] is None
     assert rows["heads-mlp"]["llamacpp_decode_speedup"] == 1.1
+
+
+def test_per_layer_widths_also_face_the_any_width_baseline():
+    at = dict(sparsity=0.3)
+    matrix = [
+        {**_row("width-ls", 40.0, 10, "params"), **at},
+        {**_row("width-ls-angular", 33.0, 10, "params"), **at},
+        {**_row("fasp", 44.0, 10, "params"), **at},
+        {**_row("cfsp", 36.0, 10, "params"), **at},  # any-width: a baseline for per-layer widths only
+    ]
+    rows = {r["recipe"]: r for r in budget_table.build(matrix, [])}
+    assert rows["width-ls"]["best_baseline"] == "fasp"
+    assert rows["width-ls-angular"]["best_baseline"] == "cfsp"
