@@ -62,7 +62,8 @@ def test_the_solve_term_is_the_methods(tmp_path):
     scores_only = predict_peak(path, _cfg(method="wanda-sp"), streamed=True).prune["solve or statistics"]
     assert least_squares > SOLVER_MATRICES * 8 * 4096**2 / 2**30
     tokens = min(CHUNK_TOKENS, 4 * 32)  # one chunk of statistics: at most the batch's 4 x 32 tokens
-    assert scores_only == 4 * tokens * (32 + 4096) / 2**30  # no m x m matrix: the chunk
+    forward = 3 * 4 * 32 * 4096 * 4  # the batch's gate, up and product in the layer forward (float32)
+    assert scores_only == (4 * tokens * (32 + 4096) + forward) / 2**30  # no m x m matrix: statistics
 
 
 def test_the_prediction_bounds_a_real_run_from_above(tmp_path, tiny_checkpoint):

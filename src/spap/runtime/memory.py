@@ -181,9 +181,9 @@ def predict_peak_of_shapes(
     - streamed: the embeddings (stored dtype) + the largest layer in float32 and in the compute dtype +
       the output buffer (one shard at most) + activations + one MLP's solve.
 
-    Activations: three n x seq_len x hidden buffers in the compute dtype (one batch when they spill),
-    and one chunk (at most a batch) of intermediate activations and outputs in float32 while
-    statistics accumulate.
+    Activations: three n x seq_len x hidden buffers in the compute dtype (one batch when they spill);
+    while statistics accumulate, one chunk (at most a batch) of intermediate activations and outputs
+    in float32 and the batch's MLP intermediates in the layer forward (3 x tokens x m, compute dtype).
     The solve: ``SOLVER_MATRICES`` m x m matrices (float64, or float32) and the d x m cross product when the method
     solves least squares, else O(m); the refit's token rows and their activations when the method refits.
     """
@@ -206,10 +206,16 @@ def predict_peak_of_shapes(
     solve = matrix_bytes * (SOLVER_MATRICES * m * m + d * m) if solver.needs_gram else 8 * 4 * m
     if solver.needs_sample:  # rows: inputs and targets (2d), gate, up and hidden activations (3m)
         solve += 4 * (2 * d + 3 * m) * (solver.refit_tokens + solver.holdout_tokens)
-    # one chunk's float32 z and y while statistics accumulate: a batch's tokens at most
-    chunk = 4 * min(CHUNK_TOKENS, min(n, cfg.runtime.batch_size) * seq_len) * (d + m)
-    # the chunk is freed before the solve starts: the larger of the two counts
-    shared = {"runtime": RUNTIME_GIB, "activations": activations / gib, "solve or statistics": max(chunk, solve) / gib}
+    # while statistics accumulate: one chunk's float32 z and y (a batch's tokens at most), and the
+    # layer forward's MLP intermediates for the batch (gate, up and their product in the compute dtype)
+    batch_tokens = min(n, cfg.runtime.batch_size) * seq_len
+    statistics = 4 * min(CHUNK_TOKENS, batch_tokens) * (d + m) + 3 * batch_tokens * m * dtype.itemsize
+    # both are freed before the solve starts: the larger of the two counts
+    shared = {
+        "runtime": RUNTIME_GIB,
+        "activations": activations / gib,
+        "solve or statistics": max(statistics, solve) / gib,
+    }
     layers = len(layer_elements)
     dropped = min(cfg.drop_layers, layers)  # whole layers removed first
     mlp = 3 * d * m * (layers - dropped)  # GLU: up, gate, down of the layers that stay
