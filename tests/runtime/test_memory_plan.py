@@ -175,3 +175,20 @@ def test_a_bfloat16_checkpoint_is_converted_beside_its_mapped_files(tmp_path):
     assert "a layer's new weights" in plan.prune and "pruned float32 weights" in plan.save
     assert plan.peak_gib >= sum(plan.load.values())
     assert not predict_peak(path, _cfg(), streamed=True).load  # streamed runs never load the whole model
+
+
+def test_a_few_float32_tensors_in_a_bfloat16_checkpoint_barely_move_the_plan():
+    """Mapping is per tensor: a bfloat16 checkpoint holding its norms in float32 is planned as the
+    converted model it nearly is, not as a mapped one."""
+    shapes = {"model.embed_tokens.weight": (128, 32), "model.norm.weight": (32,)}
+    for i in range(2):
+        for name, shape in {"q_proj": (32, 32), "k_proj": (16, 32), "v_proj": (16, 32), "o_proj": (32, 32)}.items():
+            shapes[f"model.layers.{i}.self_attn.{name}.weight"] = shape
+        for name, shape in {"gate_proj": (64, 32), "up_proj": (64, 32), "down_proj": (32, 64)}.items():
+            shapes[f"model.layers.{i}.mlp.{name}.weight"] = shape
+    cfg = replace(_cfg(), sparsity=0.25)
+    converted = predict_peak_of_shapes(shapes, 32, 64, cfg, streamed=False)
+    mixed = predict_peak_of_shapes(shapes, 32, 64, cfg, streamed=False, mapped_elements=32)  # the final norm
+    assert mixed.prune["a layer's new weights"] == pytest.approx(converted.prune["a layer's new weights"], rel=0.01)
+    assert mixed.save["pruned float32 weights"] == pytest.approx(converted.save["pruned float32 weights"], rel=0.01)
+    assert mixed.peak_gib == pytest.approx(converted.peak_gib, rel=0.01)

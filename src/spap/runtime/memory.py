@@ -239,18 +239,19 @@ def predict_peak_of_shapes(
     weights = 4 * elements / gib
     mapped = mapped_elements / max(elements, 1)  # the fraction used in place from the files
     cast = save_bytes * kept if save_bytes != 4 else 0.0
-    if mapped:
-        # the replaced modules' new float32 weights: kept MLP neurons (and attention, when heads are cut)
-        # (a depth repair rewrites W_down of at most one layer per removed layer)
-        attention_kept = 1 - cfg.head_sparsity if cfg.prunes_heads else 0.0
-        attention = attention_kept * (sum(layer_elements.values()) - 3 * d * m * layers)
-        rewritten = mlp - mlp_removed if cuts_mlp else d * m * dropped * cfg.depth_repair
-        replaced = 4 * mapped * (rewritten + attention) / gib
-        new_weights = {"pruned layers' new weights (old pages stay mapped)": replaced}
-        resident = {"float32 weights (mapped)": weights, **new_weights}
-    else:
-        new_weights = {"a layer's new weights": 4 * max(layer_elements.values(), default=0) / gib}
-        resident = {"pruned float32 weights": 4 * kept}
+    # the replaced modules' new float32 weights: kept MLP neurons (and attention, when heads are cut)
+    # (a depth repair rewrites W_down of at most one layer per removed layer)
+    attention_kept = 1 - cfg.head_sparsity if cfg.prunes_heads else 0.0
+    attention = attention_kept * (sum(layer_elements.values()) - 3 * d * m * layers)
+    rewritten = mlp - mlp_removed if cuts_mlp else d * m * dropped * cfg.depth_repair
+    # converted tensors are freed as they are replaced (one layer's new weights at a time); beside
+    # the mapped ones the new weights add up, as the old pages stay resident
+    stay = "pruned layers' new weights (old pages stay mapped)"
+    accumulated = 4 * mapped * (rewritten + attention) / gib
+    new_weights = {"a layer's new weights": 4 * (1 - mapped) * max(layer_elements.values(), default=0) / gib}
+    new_weights[stay] = accumulated
+    resident = {"pruned float32 weights": 4 * (1 - mapped) * kept, "float32 weights (mapped)": mapped * weights}
+    resident[stay] = accumulated
     save = {"runtime": RUNTIME_GIB, **resident, "a copy to save": cast}
     prune = {"float32 weights": weights, **new_weights, **shared}
     if cfg.target_ratio is not None or cfg.allocation == "search":  # each candidate prunes a copy, then is scored
