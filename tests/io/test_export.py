@@ -82,6 +82,22 @@ def test_a_config_without_architectures_reaches_the_converter_with_them(tmp_path
     assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_a_heads_pruned_qwen2_reaches_the_converter_as_llama(tmp_path, converter):
+    """llama.cpp's Qwen2 graph sizes q and o ``hidden x hidden``: 7 heads of 64 in a 896-wide model
+    fail to load there, so the converter is shown LLaMA (q/k/v biases and any head count); a Qwen2 with
+    all its heads keeps its own architecture."""
+    pruned = '{"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, '
+    for name, config, expected in [
+        ("pruned", pruned + '"num_attention_heads": 7, "head_dim": 64}', ["LlamaForCausalLM"]),
+        ("implicit", pruned + '"num_attention_heads": 14}', ["Qwen2ForCausalLM"]),
+        ("dense", pruned + '"num_attention_heads": 14, "head_dim": 64}', ["Qwen2ForCausalLM"]),
+    ]:
+        out = tmp_path / f"{name}.gguf"
+        llamacpp.export_gguf(_checkpoint(tmp_path / name, config), out, converter=converter)
+        assert json.loads(out.read_text())["architectures"] == expected, name
+    assert json.loads((tmp_path / "pruned" / "config.json").read_text())["model_type"] == "qwen2"
+
+
 def test_per_layer_shapes_are_refused_with_the_way_out(tmp_path, converter, capsys):
     checkpoint = _checkpoint(tmp_path / "model")
     (checkpoint / "modeling_spap.py").write_text("")

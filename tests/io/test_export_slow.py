@@ -126,3 +126,55 @@ def test_llama_cpp_runs_a_decilm_export_with_spaps_perplexity(tmp_path):
     ours = perplexity(model, tokenizer, text.read_text(), seq_len=128, max_windows=8, score_from=64, progress=False)
     assert ours.perplexity > 50  # a random model: far from a trivial value
     assert llama_ppl == pytest.approx(ours.perplexity, rel=1e-3)
+
+
+def test_llama_cpp_runs_a_heads_pruned_qwen2(tmp_path):
+    """A Qwen2 with one of two KV groups removed (2 heads of 16 in a 64-wide model) converts as LLaMA
+    (llama.cpp's Qwen2 graph takes only heads x head_dim == hidden): the q bias is permuted with the q
+    rows into llama.cpp's rotary layout, the key length is stored, and llama.cpp loads and runs it.
+    (Exactness on a real Qwen2: docs/studies/depth-and-budget.md; a random model's perplexity is too far
+    from llama.cpp's numerics for a tight comparison.)"""
+    from gguf import GGUFReader
+    from transformers import Qwen2Config
+
+    from spap.evaluation.perplexity import perplexity
+    from spap.io.calibration import bundled_text
+
+    tokenizer = _llama2_style_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.02)
+    cfg = spap.PruneConfig(
+        target="attn", head_sparsity=0.5, runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu")
+    )
+    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    spap.prune(model, config=cfg, calibration_ids=ids)
+    pruned = spap.save_pruned(model, tmp_path / "pruned", tokenizer)
+    gguf = export_gguf(pruned, tmp_path / "gguf" / "model.gguf", "f32")
+    reader = GGUFReader(gguf)
+    assert str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8") == "llama"
+    assert int(reader.fields["llama.attention.key_length"].parts[-1][0]) == 16
+    stored = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
+    assert list(stored["blk.0.attn_q.weight"].shape) == [32, 64]  # 2 heads x 16 rows of 64
+    bias = model.model.layers[0].self_attn.q_proj.bias.detach()
+    rotary = bias.reshape(2, 2, 8).transpose(1, 2).reshape(-1)  # each head's halves interleaved
+    torch.testing.assert_close(stored["blk.0.attn_q.bias"], rotary)
+
+    bin_dir = _built_llama_cpp()
+    text = tmp_path / "text.txt"
+    text.write_text(bundled_text()[20000:40000])
+    llama_ppl = llamacpp.llama_perplexity(bin_dir, gguf, text, chunks=8, threads=2, ctx=128)
+    ours = perplexity(model, tokenizer, text.read_text(), seq_len=128, max_windows=8, score_from=64, progress=False)
+    assert llama_ppl == pytest.approx(ours.perplexity, rel=1e-2)

@@ -90,27 +90,47 @@ def _check_decilm_vocabulary(checkpoint: Path) -> None:
         )
 
 
+_LLAMA_SHAPED = ("qwen2",)
+"""Families llama.cpp loads only with ``heads x head_dim == hidden_size`` (its Qwen2 graph sizes the
+query and output projections ``hidden x hidden``) and that are LLaMA with q/k/v biases: a heads-pruned
+one is converted as LLaMA, whose graph takes any head count, the key length and those biases."""
+
+
+def _converter_config(config: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
+    """The config llama.cpp's converter should read for ``checkpoint``: ``config`` itself, with
+    ``architectures`` filled in from ``model_type`` where it is missing (which the converter needs; e.g. a
+    checkpoint converted from GGUF by spap before 2026-12-06), and a heads-pruned Qwen2 relabelled LLaMA
+    (same weights: the converter permutes q/k rows, biases included, for llama.cpp's rotary layout)."""
+    config = dict(config)
+    if not config.get("architectures"):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+        if name is None:
+            raise UsageError(f"{checkpoint}/config.json names no architectures and no known causal-LM model_type")
+        config["architectures"] = [name]
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    head_dim = config.get("head_dim") or (hidden // heads if heads and hidden else None)
+    if config.get("model_type") in _LLAMA_SHAPED and heads and head_dim and heads * head_dim != hidden:
+        config.update(model_type="llama", architectures=["LlamaForCausalLM"], head_dim=head_dim)
+    return config
+
+
 @contextmanager
-def _with_architectures(checkpoint: Path) -> Iterator[Path]:
-    """``checkpoint``, or where its config lacks ``architectures`` (which llama.cpp's converter reads;
-    e.g. a checkpoint converted from GGUF by spap before 2026-12-06) a temporary view of it: links to
-    its files and a config naming the causal-LM class of its ``model_type``. The checkpoint is not
-    modified."""
+def _converter_view(checkpoint: Path) -> Iterator[Path]:
+    """``checkpoint``, or where the converter should read another config (``_converter_config``) a
+    temporary view of it: links to its files and that config. The checkpoint is not modified."""
     config = json.loads((checkpoint / "config.json").read_text())
-    if config.get("architectures"):
+    seen = _converter_config(config, checkpoint)
+    if seen == config:
         yield checkpoint
         return
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
-    if name is None:
-        raise UsageError(f"{checkpoint}/config.json names no architectures and no known causal-LM model_type")
     with tempfile.TemporaryDirectory(prefix="spap-export-") as tmp:
         view = Path(tmp)
         for item in checkpoint.iterdir():
             if item.name != "config.json":
                 (view / item.name).symlink_to(item.resolve())
-        (view / "config.json").write_text(json.dumps({**config, "architectures": [name]}, indent=2))
+        (view / "config.json").write_text(json.dumps(seen, indent=2))
         yield view
 
 
@@ -150,7 +170,7 @@ def export_gguf(
     _mkdir(out_file.parent)
     partial = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     try:
-        with _with_architectures(checkpoint) as source:
+        with _converter_view(checkpoint) as source:
             command = [sys.executable, str(script), str(source), "--outfile", str(partial), "--outtype", outtype]
             done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0 or not partial.is_file():
