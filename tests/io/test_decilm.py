@@ -94,11 +94,49 @@ def test_every_width_round_trips_through_ffn_mult(hidden):
         assert ffn_width(ffn_mult_of(width, hidden), hidden) == width
 
 
-def test_gguf_export_of_a_decilm_checkpoint_llama_cpp_cannot_tokenise_is_refused(tmp_path):
+FAKE_DECI_CONVERTER = """
+import os, sys
+from conversion.deci import DeciModel
+args = sys.argv[1:]
+open(args[args.index("--outfile") + 1], "w").write(DeciModel.set_vocab.__name__)
+"""
+FAKE_DECI_CLASS = """
+class DeciModel:
+    def set_vocab(self): ...
+    def _set_vocab_gpt2(self): ...
+"""
+
+
+@pytest.mark.parametrize("byte_fallback", [False, True])
+def test_gguf_export_of_a_decilm_checkpoint_writes_its_tokenizers_vocabulary(tmp_path, byte_fallback):
+    """llama.cpp's DeciLM converter writes a byte-level BPE vocabulary (SmolLM2's, Qwen's) only for
+    LLaMA-3's 128,256 tokens: spap runs it with its own byte-level writer (``_set_vocab_gpt2``) for
+    other sizes; a byte-fallback tokenizer keeps the converter's DeciLM path."""
     from spap.io.llamacpp import export_gguf
 
-    _, pruned = _pruned(tmp_path, heads=False)  # a byte-level BPE tokenizer, as SmolLM2's and Qwen's
+    _, pruned = _pruned(tmp_path, heads=False)  # a byte-level BPE tokenizer
     decilm = export_decilm(pruned, tmp_path / "decilm")
-    with pytest.raises(UsageError, match="DeciLM converter takes LLaMA-3's vocabulary or a byte-fallback BPE"):
+    if byte_fallback:
+        tokenizer = json.loads((decilm / "tokenizer.json").read_text())
+        tokenizer["model"]["byte_fallback"] = True
+        (decilm / "tokenizer.json").write_text(json.dumps(tokenizer))
+    converter = tmp_path / "llama.cpp" / "convert_hf_to_gguf.py"
+    (converter.parent / "conversion").mkdir(parents=True)
+    (converter.parent / "conversion" / "__init__.py").write_text("")
+    (converter.parent / "conversion" / "deci.py").write_text(FAKE_DECI_CLASS)
+    converter.write_text(FAKE_DECI_CONVERTER)
+    out = export_gguf(decilm, tmp_path / "model.gguf", converter=converter)
+    assert out.read_text() == ("set_vocab" if byte_fallback else "_set_vocab_gpt2")
+
+
+def test_gguf_export_of_a_decilm_checkpoint_without_a_bpe_tokenizer_is_refused(tmp_path):
+    from spap.io.llamacpp import export_gguf
+
+    _, pruned = _pruned(tmp_path, heads=False)
+    decilm = export_decilm(pruned, tmp_path / "decilm")
+    tokenizer = json.loads((decilm / "tokenizer.json").read_text())
+    tokenizer["model"]["type"] = "WordPiece"
+    (decilm / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(UsageError, match="DeciLM converter takes a BPE tokenizer"):
         export_gguf(decilm, tmp_path / "model.gguf", converter=tmp_path / "unused.py")
     assert not (tmp_path / "model.gguf").exists()

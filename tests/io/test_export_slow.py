@@ -178,3 +178,50 @@ def test_llama_cpp_runs_a_heads_pruned_qwen2(tmp_path):
     llama_ppl = llamacpp.llama_perplexity(bin_dir, gguf, text, chunks=8, threads=2, ctx=128)
     ours = perplexity(model, tokenizer, text.read_text(), seq_len=128, max_windows=8, score_from=64, progress=False)
     assert llama_ppl == pytest.approx(ours.perplexity, rel=1e-2)
+
+
+def test_per_layer_widths_with_smollm2s_tokenizer_reach_llama_cpp(tmp_path):
+    """A byte-level BPE vocabulary (SmolLM2's 49,152 tokens), which llama.cpp's DeciLM converter writes
+    only for LLaMA-3's size, goes through spap's converter shim: the GGUF is deci with every layer's
+    width and SmolLM2's tokenizer, and llama.cpp's perplexity equals spap's."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from spap.evaluation.perplexity import perplexity
+    from spap.io.calibration import bundled_text
+    from spap.io.decilm import export_decilm
+    from spap.io.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=1024,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cfg = spap.PruneConfig(runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"))
+    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    widths = [768, 512, 1024]
+    spap.prune(model, config=cfg, calibration_ids=ids, n_prune=[1024 - w for w in widths])
+    pruned = spap.save_pruned(model, tmp_path / "pruned", tokenizer)
+    gguf = export_gguf(export_decilm(pruned, tmp_path / "decilm"), tmp_path / "gguf" / "model.gguf", "f32")
+    reader = GGUFReader(gguf)
+    field = reader.fields
+    assert str(bytes(field["general.architecture"].parts[-1]), "utf-8") == "deci"
+    assert str(bytes(field["tokenizer.ggml.model"].parts[-1]), "utf-8") == "gpt2"
+    assert len(field["tokenizer.ggml.tokens"].data) == len(tokenizer)
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    assert [shapes[f"blk.{i}.ffn_up.weight"][1] for i in range(3)] == widths
+
+    bin_dir = _built_llama_cpp()
+    text = tmp_path / "text.txt"
+    text.write_text(bundled_text()[20000:40000])
+    llama_ppl = llamacpp.llama_perplexity(bin_dir, gguf, text, chunks=4, threads=2, ctx=128)
+    ours = perplexity(model, tokenizer, text.read_text(), seq_len=128, max_windows=4, score_from=64, progress=False)
+    assert llama_ppl == pytest.approx(ours.perplexity, rel=1e-2)

@@ -74,20 +74,23 @@ def converter_path(version: str = LLAMA_CPP_PYTHON) -> Path:
     return script
 
 
-def _check_decilm_vocabulary(checkpoint: Path) -> None:
-    """llama.cpp's DeciLM converter (``conversion/deci.py``) takes LLaMA-3's 128,256-token vocabulary or
-    a byte-fallback (LLaMA-2 style) BPE tokenizer; refuse others before the converter fails on them."""
+def _needs_byte_level_vocab(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is DeciLM with a byte-level BPE tokenizer, whose vocabulary llama.cpp's
+    DeciLM converter (``conversion/deci.py``) writes for LLaMA-3's 128,256 tokens only: it is converted
+    through ``llamacpp_shim``. Other tokenizers than BPE (with or without byte fallback) are refused
+    before the converter fails on them."""
     config = json.loads((checkpoint / "config.json").read_text())
     if config.get("model_type") != "nemotron-nas" or config.get("vocab_size") == 128256:
-        return
+        return False
     tokenizer = checkpoint / "tokenizer.json"
     model = json.loads(tokenizer.read_text()).get("model", {}) if tokenizer.is_file() else {}
-    if model.get("type") != "BPE" or not model.get("byte_fallback", False):
+    if model.get("type") != "BPE":
         raise UsageError(
-            f"llama.cpp's DeciLM converter takes LLaMA-3's vocabulary or a byte-fallback BPE tokenizer, and "
-            f"{checkpoint}'s is neither ({config.get('vocab_size')} tokens); serve this export with vLLM, or export "
-            "a stock-shaped checkpoint (--pad-to-uniform) to GGUF"
+            f"llama.cpp's DeciLM converter takes a BPE tokenizer (tokenizer.json), and {checkpoint} has "
+            f"none ({config.get('vocab_size')} tokens); serve this export with vLLM, or export a "
+            "stock-shaped checkpoint (--pad-to-uniform) to GGUF"
         )
+    return not model.get("byte_fallback", False)
 
 
 _LLAMA_SHAPED = ("qwen2",)
@@ -157,7 +160,7 @@ def export_gguf(
             f"{checkpoint} has per-layer shapes, which llama.cpp holds only as DeciLM: run `spap export "
             f"{checkpoint} --format decilm` and export that, or prune with --pad-to-uniform"
         )
-    _check_decilm_vocabulary(checkpoint)
+    byte_level = _needs_byte_level_vocab(checkpoint)
     if outtype not in OUTTYPES:
         raise UsageError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     if out_file.exists() and not overwrite:
@@ -171,7 +174,8 @@ def export_gguf(
     partial = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     try:
         with _converter_view(checkpoint) as source:
-            command = [sys.executable, str(script), str(source), "--outfile", str(partial), "--outtype", outtype]
+            shim = ["-m", "spap.io.llamacpp_shim"] if byte_level else []
+            command = [sys.executable, *shim, str(script), str(source), "--outfile", str(partial), "--outtype", outtype]
             done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0 or not partial.is_file():
             lines = [line for line in done.stderr.strip().splitlines() if line.strip()] or ["no output file"]
