@@ -107,6 +107,33 @@ class DeciModel:
 """
 
 
+def test_gguf_export_of_per_layer_shapes_shows_the_converter_decilm(tmp_path, capsys):
+    """``spap export DIR`` of a per-layer checkpoint: the converter reads the DeciLM config beside
+    links to the checkpoint's weights (nothing copied, the checkpoint untouched); shapes DeciLM cannot
+    hold are refused naming the way out."""
+    from spap.io.llamacpp import export_gguf
+
+    from ..cli.test_cli_failures import _one_error_line
+    from .test_export import FAKE_CONVERTER
+
+    converter = tmp_path / "convert_hf_to_gguf.py"
+    converter.write_text(FAKE_CONVERTER)
+    _, pruned = _pruned(tmp_path, heads=False)
+    before = (pruned / "config.json").read_text()
+    tokenizer = json.loads((pruned / "tokenizer.json").read_text())
+    tokenizer["model"]["byte_fallback"] = True  # the converter's own DeciLM vocabulary path
+    (pruned / "tokenizer.json").write_text(json.dumps(tokenizer))
+    seen = json.loads(export_gguf(pruned, tmp_path / "model.gguf", converter=converter).read_text())
+    assert seen["architectures"] == ["DeciLMForCausalLM"] and "model.safetensors" in seen["files"]
+    assert (pruned / "config.json").read_text() == before
+
+    _, odd = _pruned(tmp_path / "odd", widths=[700, 512, 1024], heads=False)
+    assert main(["export", str(odd), "--converter", str(converter)]) == 2
+    error = _one_error_line(capsys.readouterr().err)
+    assert "--width-multiple 256" in error and "--pad-to-uniform" in error
+    assert not list(odd.glob("*.gguf"))
+
+
 @pytest.mark.parametrize("byte_fallback", [False, True])
 def test_gguf_export_of_a_decilm_checkpoint_writes_its_tokenizers_vocabulary(tmp_path, byte_fallback):
     """llama.cpp's DeciLM converter writes a byte-level BPE vocabulary (SmolLM2's, Qwen's) only for

@@ -98,13 +98,6 @@ def test_a_heads_pruned_qwen2_reaches_the_converter_as_llama(tmp_path, converter
     assert json.loads((tmp_path / "pruned" / "config.json").read_text())["model_type"] == "qwen2"
 
 
-def test_per_layer_shapes_are_refused_with_the_way_out(tmp_path, converter, capsys):
-    checkpoint = _checkpoint(tmp_path / "model")
-    (checkpoint / "modeling_spap.py").write_text("")
-    assert main(["export", str(checkpoint), "--converter", str(converter)]) == 2
-    assert "--pad-to-uniform" in _one_error_line(capsys.readouterr().err)
-
-
 def test_the_converter_is_fetched_once_from_the_sdist(tmp_path, monkeypatch):
     monkeypatch.setenv("SPAP_CACHE", str(tmp_path / "cache"))
     calls = []

@@ -165,7 +165,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"model-{args.outtype}.gguf"
     written = export_gguf(args.checkpoint, out, args.outtype, args.converter, args.overwrite)
-    print(f"wrote {written} ({written.stat().st_size / 2**20:.0f} MiB); llama.cpp: llama-cli -m {written}")
+    shapes = " (per-layer shapes, as DeciLM)" if (Path(args.checkpoint) / "modeling_spap.py").exists() else ""
+    print(f"wrote {written} ({written.stat().st_size / 2**20:.0f} MiB){shapes}; llama.cpp: llama-cli -m {written}")
     return 0
 
 

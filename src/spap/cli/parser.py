@@ -224,7 +224,7 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
         "--format",
         default="gguf",
         choices=["gguf", "decilm"],
-        help="gguf: llama.cpp, through its own converter (stock shapes or a DeciLM export); decilm: DeciLM / "
+        help="gguf: llama.cpp, through its own converter (per-layer shapes as its DeciLM architecture); decilm: DeciLM / "
         "Nemotron-NAS, per-layer MLP widths (multiples of 256) and KV groups, as vLLM and llama.cpp run it",
     )
     x.add_argument("--outtype", default="bf16", choices=["f32", "f16", "bf16", "q8_0", "auto"], help="GGUF only")

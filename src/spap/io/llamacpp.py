@@ -74,12 +74,11 @@ def converter_path(version: str = LLAMA_CPP_PYTHON) -> Path:
     return script
 
 
-def _needs_byte_level_vocab(checkpoint: Path) -> bool:
-    """Whether ``checkpoint`` is DeciLM with a byte-level BPE tokenizer, whose vocabulary llama.cpp's
-    DeciLM converter (``conversion/deci.py``) writes for LLaMA-3's 128,256 tokens only: it is converted
-    through ``llamacpp_shim``. Other tokenizers than BPE (with or without byte fallback) are refused
-    before the converter fails on them."""
-    config = json.loads((checkpoint / "config.json").read_text())
+def _needs_byte_level_vocab(config: dict[str, Any], checkpoint: Path) -> bool:
+    """Whether ``checkpoint``, converted with ``config``, is DeciLM with a byte-level BPE tokenizer,
+    whose vocabulary llama.cpp's DeciLM converter (``conversion/deci.py``) writes for LLaMA-3's 128,256
+    tokens only: it is converted through ``llamacpp_shim``. Other tokenizers than BPE (with or without
+    byte fallback) are refused before the converter fails on them."""
     if config.get("model_type") != "nemotron-nas" or config.get("vocab_size") == 128256:
         return False
     tokenizer = checkpoint / "tokenizer.json"
@@ -103,7 +102,19 @@ def _converter_config(config: dict[str, Any], checkpoint: Path) -> dict[str, Any
     """The config llama.cpp's converter should read for ``checkpoint``: ``config`` itself, with
     ``architectures`` filled in from ``model_type`` where it is missing (which the converter needs; e.g. a
     checkpoint converted from GGUF by spap before 2026-12-06), and a heads-pruned Qwen2 relabelled LLaMA
-    (same weights: the converter permutes q/k rows, biases included, for llama.cpp's rotary layout)."""
+    (same weights: the converter permutes q/k rows, biases included, for llama.cpp's rotary layout).
+    Per-layer shapes (spap's ``modeling_spap.py`` checkpoints) are shown as DeciLM, which llama.cpp
+    runs as its ``deci`` architecture."""
+    if (checkpoint / "modeling_spap.py").exists():
+        from .decilm import decilm_config
+
+        try:
+            return {k: v for k, v in decilm_config(checkpoint).items() if k != "auto_map"}
+        except UsageError as exc:
+            raise UsageError(
+                f"{checkpoint} has per-layer shapes, which llama.cpp holds only as DeciLM: {exc}; "
+                "or prune with --pad-to-uniform"
+            ) from None
     config = dict(config)
     if not config.get("architectures"):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -120,11 +131,9 @@ def _converter_config(config: dict[str, Any], checkpoint: Path) -> dict[str, Any
 
 
 @contextmanager
-def _converter_view(checkpoint: Path) -> Iterator[Path]:
-    """``checkpoint``, or where the converter should read another config (``_converter_config``) a
-    temporary view of it: links to its files and that config. The checkpoint is not modified."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    seen = _converter_config(config, checkpoint)
+def _converter_view(checkpoint: Path, config: dict[str, Any], seen: dict[str, Any]) -> Iterator[Path]:
+    """``checkpoint``, or where the converter should read ``seen`` instead of its ``config`` a temporary
+    view of it: links to its files and that config. The checkpoint is not modified."""
     if seen == config:
         yield checkpoint
         return
@@ -149,18 +158,15 @@ def export_gguf(
     converter: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Convert the stock checkpoint directory ``checkpoint`` to the GGUF file ``out_file`` with
-    llama.cpp's converter. Bad arguments raise ``UsageError`` before any work; a failed conversion
-    leaves no file."""
+    """Convert the checkpoint directory ``checkpoint`` to the GGUF file ``out_file`` with llama.cpp's
+    converter (per-layer shapes as DeciLM: MLP widths in multiples of 256, whole KV groups). Bad
+    arguments raise ``UsageError`` before any work; a failed conversion leaves no file."""
     checkpoint, out_file = Path(checkpoint), Path(out_file)
     if not (checkpoint / "config.json").is_file():
         raise UsageError(f"{checkpoint} is not a checkpoint directory (no config.json)")
-    if (checkpoint / "modeling_spap.py").exists():
-        raise UsageError(
-            f"{checkpoint} has per-layer shapes, which llama.cpp holds only as DeciLM: run `spap export "
-            f"{checkpoint} --format decilm` and export that, or prune with --pad-to-uniform"
-        )
-    byte_level = _needs_byte_level_vocab(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    seen = _converter_config(config, checkpoint)
+    byte_level = _needs_byte_level_vocab(seen, checkpoint)
     if outtype not in OUTTYPES:
         raise UsageError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     if out_file.exists() and not overwrite:
@@ -173,7 +179,7 @@ def export_gguf(
     _mkdir(out_file.parent)
     partial = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     try:
-        with _converter_view(checkpoint) as source:
+        with _converter_view(checkpoint, config, seen) as source:
             shim = ["-m", "spap.io.llamacpp_shim"] if byte_level else []
             command = [sys.executable, *shim, str(script), str(source), "--outfile", str(partial), "--outtype", outtype]
             done = subprocess.run(command, capture_output=True, text=True)
