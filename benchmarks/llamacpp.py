@@ -105,9 +105,11 @@ def parse_perplexity(output: str, chunks: int) -> float | None:
 
 def llama_perplexity(bin_dir: Path, gguf_file: Path, text: Path, chunks: int, threads: int, ctx: int = CTX) -> float:
     """llama.cpp's perplexity of ``gguf_file`` on the first ``chunks`` windows of ``ctx`` tokens of ``text``
-    (it scores the second half of each); run again, up to three times, when its log lost the estimate."""
+    (it scores the second half of each); run again, up to ten times, when its log lost the estimate (a
+    run of a tiny model exits before llama.cpp's logging thread writes its last lines about half the
+    time on 2 cores: llama.cpp#22142)."""
     command = [str(bin_dir / "llama-perplexity"), "-m", str(gguf_file), "-f", str(text), "-c", str(ctx)]
-    for _ in range(3):
+    for _ in range(10):
         done = subprocess.run([*command, "--chunks", str(chunks), "-t", str(threads)], capture_output=True, text=True)
         if done.returncode != 0:
             break

@@ -57,29 +57,32 @@ def _llama2_style_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def _decilm_gguf(tmp_path, widths: list[int]):
-    """A random 3-layer LLaMA with a LLaMA-2-style tokenizer, pruned to MLP ``widths`` (of 1024), exported
-    as DeciLM and converted by llama.cpp's converter: (the pruned model, the f32 GGUF)."""
+def _tiny_model(config_class, tokenizer, **overrides):
+    """A random 3-layer model of ``config_class`` (64 wide, 4 heads in 2 KV groups) for ``tokenizer``."""
+    settings = dict(hidden_size=64, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=4)
+    settings.update(num_key_value_heads=2, max_position_embeddings=256, **overrides)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config_class(vocab_size=len(tokenizer), **settings)).eval()
+
+
+def _pruned_and_saved(model, tokenizer, path, n_prune=None, **settings):
+    """``model`` pruned in place on random calibration ids (``settings``: PruneConfig fields) and saved."""
+    cfg = spap.PruneConfig(**settings, runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"))
+    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+    spap.prune(model, config=cfg, calibration_ids=ids, n_prune=n_prune)
+    return spap.save_pruned(model, path, tokenizer)
+
+
+def _decilm_gguf(tmp_path, widths: list[int], tokenizer=None, **overrides):
+    """A random 3-layer LLaMA with ``tokenizer`` (default: LLaMA-2-style), pruned to MLP ``widths`` (of
+    1024), exported as DeciLM and converted by llama.cpp's converter: (the pruned model, the f32 GGUF)."""
     from transformers import LlamaConfig
 
     from spap.io.decilm import export_decilm
 
-    tokenizer = _llama2_style_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=1024,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    cfg = spap.PruneConfig(runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"))
-    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
-    spap.prune(model, config=cfg, calibration_ids=ids, n_prune=[1024 - w for w in widths])
-    pruned = spap.save_pruned(model, tmp_path / "pruned", tokenizer)
+    tokenizer = tokenizer or _llama2_style_tokenizer()
+    model = _tiny_model(LlamaConfig, tokenizer, **overrides)
+    pruned = _pruned_and_saved(model, tokenizer, tmp_path / "pruned", n_prune=[1024 - w for w in widths])
     return model, export_gguf(export_decilm(pruned, tmp_path / "decilm"), tmp_path / "gguf" / "model.gguf", "f32")
 
 
@@ -110,22 +113,31 @@ def _built_llama_cpp():
     return bin_dir
 
 
-def test_llama_cpp_runs_a_decilm_export_with_spaps_perplexity(tmp_path):
-    """The real client: llama.cpp (built from the llama-cpp-python sdist) evaluates a per-layer-width
-    DeciLM export of a tiny random model, and its perplexity (second half of each window, llama.cpp's
-    convention) equals spap's on the same windows."""
+def _perplexities(tmp_path, model, tokenizer, gguf, windows: int = 8) -> tuple[float, float]:
+    """(llama.cpp's, spap's) perplexity of ``gguf`` / ``model`` on the same ``windows`` windows of 128
+    tokens of the bundled text, scoring each window's second half (llama.cpp's convention)."""
     from spap.evaluation.perplexity import perplexity
     from spap.io.calibration import bundled_text
 
     bin_dir = _built_llama_cpp()
-    model, gguf = _decilm_gguf(tmp_path, [768, 512, 1024])
-    tokenizer = _llama2_style_tokenizer()
     text = tmp_path / "text.txt"
     text.write_text(bundled_text()[20000:40000])
-    llama_ppl = llamacpp.llama_perplexity(bin_dir, gguf, text, chunks=8, threads=2, ctx=128)
-    ours = perplexity(model, tokenizer, text.read_text(), seq_len=128, max_windows=8, score_from=64, progress=False)
-    assert ours.perplexity > 50  # a random model: far from a trivial value
-    assert llama_ppl == pytest.approx(ours.perplexity, rel=1e-3)
+    llama_ppl = llamacpp.llama_perplexity(bin_dir, gguf, text, chunks=windows, threads=2, ctx=128)
+    ours = perplexity(
+        model, tokenizer, text.read_text(), seq_len=128, max_windows=windows, score_from=64, progress=False
+    )
+    return llama_ppl, ours.perplexity
+
+
+def test_llama_cpp_runs_a_decilm_export_with_spaps_perplexity(tmp_path):
+    """The real client: llama.cpp (built from the llama-cpp-python sdist) evaluates a per-layer-width
+    DeciLM export of a tiny random model, and its perplexity (second half of each window, llama.cpp's
+    convention) equals spap's on the same windows."""
+    _built_llama_cpp()
+    model, gguf = _decilm_gguf(tmp_path, [768, 512, 1024])
+    llama_ppl, ours = _perplexities(tmp_path, model, _llama2_style_tokenizer(), gguf)
+    assert ours > 50  # a random model: far from a trivial value
+    assert llama_ppl == pytest.approx(ours, rel=1e-3)
 
 
 def test_llama_cpp_runs_a_heads_pruned_qwen2(tmp_path):
@@ -137,31 +149,13 @@ def test_llama_cpp_runs_a_heads_pruned_qwen2(tmp_path):
     from gguf import GGUFReader
     from transformers import Qwen2Config
 
-    from spap.evaluation.perplexity import perplexity
-    from spap.io.calibration import bundled_text
-
     tokenizer = _llama2_style_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = _tiny_model(Qwen2Config, tokenizer, intermediate_size=256)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("proj.bias"):
                 p.normal_(0, 0.02)
-    cfg = spap.PruneConfig(
-        target="attn", head_sparsity=0.5, runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu")
-    )
-    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
-    spap.prune(model, config=cfg, calibration_ids=ids)
-    pruned = spap.save_pruned(model, tmp_path / "pruned", tokenizer)
+    pruned = _pruned_and_saved(model, tokenizer, tmp_path / "pruned", target="attn", head_sparsity=0.5)
     gguf = export_gguf(pruned, tmp_path / "gguf" / "model.gguf", "f32")
     reader = GGUFReader(gguf)
     assert str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8") == "llama"
@@ -172,12 +166,8 @@ def test_llama_cpp_runs_a_heads_pruned_qwen2(tmp_path):
     rotary = bias.reshape(2, 2, 8).transpose(1, 2).reshape(-1)  # each head's halves interleaved
     torch.testing.assert_close(stored["blk.0.attn_q.bias"], rotary)
 
-    bin_dir = _built_llama_cpp()
-    text = tmp_path / "text.txt"
-    text.write_text(bundled_text()[20000:40000])
-    llama_ppl = llamacpp.llama_perplexity(bin_dir, gguf, text, chunks=8, threads=2, ctx=128)
-    ours = perplexity(model, tokenizer, text.read_text(), seq_len=128, max_windows=8, score_from=64, progress=False)
-    assert llama_ppl == pytest.approx(ours.perplexity, rel=1e-2)
+    llama_ppl, ours = _perplexities(tmp_path, model, tokenizer, gguf)
+    assert llama_ppl == pytest.approx(ours, rel=1e-2)
 
 
 def test_per_layer_widths_with_smollm2s_tokenizer_reach_llama_cpp(tmp_path):
@@ -185,32 +175,13 @@ def test_per_layer_widths_with_smollm2s_tokenizer_reach_llama_cpp(tmp_path):
     only for LLaMA-3's size, goes through spap's converter shim: the GGUF is deci with every layer's
     width and SmolLM2's tokenizer, and llama.cpp's perplexity equals spap's."""
     from gguf import GGUFReader
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer
 
-    from spap.evaluation.perplexity import perplexity
-    from spap.io.calibration import bundled_text
-    from spap.io.decilm import export_decilm
     from spap.io.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(None))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=1024,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    cfg = spap.PruneConfig(runtime=spap.RuntimeConfig(compute_dtype="float32", device="cpu"))
-    ids = torch.randint(0, len(tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
     widths = [768, 512, 1024]
-    spap.prune(model, config=cfg, calibration_ids=ids, n_prune=[1024 - w for w in widths])
-    pruned = spap.save_pruned(model, tmp_path / "pruned", tokenizer)
-    gguf = export_gguf(export_decilm(pruned, tmp_path / "decilm"), tmp_path / "gguf" / "model.gguf", "f32")
+    model, gguf = _decilm_gguf(tmp_path, widths, tokenizer, tie_word_embeddings=True)
     reader = GGUFReader(gguf)
     field = reader.fields
     assert str(bytes(field["general.architecture"].parts[-1]), "utf-8") == "deci"
@@ -219,9 +190,5 @@ def test_per_layer_widths_with_smollm2s_tokenizer_reach_llama_cpp(tmp_path):
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
     assert [shapes[f"blk.{i}.ffn_up.weight"][1] for i in range(3)] == widths
 
-    bin_dir = _built_llama_cpp()
-    text = tmp_path / "text.txt"
-    text.write_text(bundled_text()[20000:40000])
-    llama_ppl = llamacpp.llama_perplexity(bin_dir, gguf, text, chunks=4, threads=2, ctx=128)
-    ours = perplexity(model, tokenizer, text.read_text(), seq_len=128, max_windows=4, score_from=64, progress=False)
-    assert llama_ppl == pytest.approx(ours.perplexity, rel=1e-2)
+    llama_ppl, ours = _perplexities(tmp_path, model, tokenizer, gguf, windows=4)
+    assert llama_ppl == pytest.approx(ours, rel=1e-2)
