@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,13 @@ def _bytes_on_disk(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
+def _heads_resized_qwen2(out_dir: Path) -> bool:
+    from ..io.llamacpp import heads_resized_qwen2
+
+    config = out_dir / "config.json"
+    return config.is_file() and heads_resized_qwen2(json.loads(config.read_text()))
+
+
 def format_summary(
     out_dir: Path, report: dict[str, Any], metrics: dict[str, Any], speed: dict[str, Any] | None, stock: bool
 ) -> str:
@@ -54,7 +62,10 @@ def format_summary(
     lines.append(f"  prune time      {report['seconds']['total']:.0f} s")
     lines.append(f"  checkpoint      {out_dir}")
     if stock:
-        lines.append(f'  load            AutoModelForCausalLM.from_pretrained("{out_dir}")  (stock transformers, vLLM)')
+        vllm = "vLLM" if not _heads_resized_qwen2(out_dir) else f"vLLM: spap export {out_dir} --format decilm"
+        lines.append(
+            f'  load            AutoModelForCausalLM.from_pretrained("{out_dir}")  (stock transformers, {vllm})'
+        )
     else:
         lines.append(
             f'  load            spap.load_pretrained("{out_dir}")  (per-layer shapes; or trust_remote_code=True)'

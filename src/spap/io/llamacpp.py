@@ -92,10 +92,15 @@ def _needs_byte_level_vocab(config: dict[str, Any], checkpoint: Path) -> bool:
     return not model.get("byte_fallback", False)
 
 
-_LLAMA_SHAPED = ("qwen2",)
-"""Families llama.cpp loads only with ``heads x head_dim == hidden_size`` (its Qwen2 graph sizes the
-query and output projections ``hidden x hidden``) and that are LLaMA with q/k/v biases: a heads-pruned
-one is converted as LLaMA, whose graph takes any head count, the key length and those biases."""
+def heads_resized_qwen2(config: dict[str, Any]) -> bool:
+    """Whether ``config`` is a Qwen2 whose attention width (heads x head_dim) differs from hidden_size,
+    as after head pruning. llama.cpp's Qwen2 graph sizes the query and output projections hidden x
+    hidden, and vLLM's Qwen2 derives head_dim as hidden / heads: neither runs it as Qwen2. It is LLaMA
+    with q/k/v biases, which both run with any head count (GGUF export: as LLaMA; vLLM: DeciLM)."""
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    if config.get("model_type") != "qwen2" or not heads or not hidden:
+        return False
+    return (config.get("head_dim") or hidden // heads) * heads != hidden
 
 
 def _converter_config(config: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
@@ -123,9 +128,8 @@ def _converter_config(config: dict[str, Any], checkpoint: Path) -> dict[str, Any
         if name is None:
             raise UsageError(f"{checkpoint}/config.json names no architectures and no known causal-LM model_type")
         config["architectures"] = [name]
-    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
-    head_dim = config.get("head_dim") or (hidden // heads if heads and hidden else None)
-    if config.get("model_type") in _LLAMA_SHAPED and heads and head_dim and heads * head_dim != hidden:
+    if heads_resized_qwen2(config):
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         config.update(model_type="llama", architectures=["LlamaForCausalLM"], head_dim=head_dim)
     return config
 
