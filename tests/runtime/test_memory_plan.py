@@ -16,7 +16,8 @@ from spap.cli import main
 from spap.config import CalibrationConfig, PruneConfig, RuntimeConfig
 from spap.core import SolverConfig
 from spap.core.stats import CHUNK_TOKENS
-from spap.runtime.memory import RUNTIME_GIB, SOLVER_MATRICES, predict_peak, predict_peak_of_shapes, shard_bytes
+from spap.runtime.device_memory import solver_matrices
+from spap.runtime.memory import RUNTIME_GIB, predict_peak, predict_peak_of_shapes, shard_bytes
 
 from ..conftest import tiny_tokenizer
 
@@ -60,7 +61,7 @@ def test_the_solve_term_is_the_methods(tmp_path):
     path = _checkpoint(tmp_path / "wide", 2, intermediate=4096)  # m x m float64 matrices dominate
     least_squares = predict_peak(path, _cfg(method="spap-ls"), streamed=True).prune["solve or statistics"]
     scores_only = predict_peak(path, _cfg(method="wanda-sp"), streamed=True).prune["solve or statistics"]
-    assert least_squares > SOLVER_MATRICES * 8 * 4096**2 / 2**30
+    assert least_squares > solver_matrices(0.3, "penalty") * 8 * 4096**2 / 2**30
     tokens = min(CHUNK_TOKENS, 4 * 32)  # one chunk of statistics: at most the batch's 4 x 32 tokens
     forward = 3 * 4 * 32 * 4096 * 4  # the batch's gate, up and product in the layer forward (float32)
     assert scores_only == (4 * tokens * (32 + 4096) + forward) / 2**30  # no m x m matrix: statistics

@@ -107,13 +107,16 @@ class _PenalisedSolver:
         support = None if penalty is None else torch.nonzero(penalty > 0).flatten()
         if penalty is None or support is None or support.numel() == 0:
             return self.w0, self.b_inv_diag
+        # at the round's peak G, B^-1, U^T, L and Q: (2 + 2 s + s^2) m^2 for p = s m (no p x m temporaries)
         u_t = self.b_inv[support]  # (p, m) = U^T (B^-1 is symmetric)
-        k = torch.diag(1.0 / penalty[support]) + u_t[:, support]
+        k = u_t[:, support]
+        k.diagonal().add_(1.0 / penalty[support])
         chol = torch.linalg.cholesky(k)
+        del k
         q = torch.linalg.solve_triangular(chol, u_t, upper=False)
-        del u_t  # (p, m) float64: one less at the round's peak
+        del u_t
         r = torch.linalg.solve_triangular(chol, self.w0[:, support].T, upper=False)
-        return self.w0 - r.T @ q, self.b_inv_diag - q.pow(2).sum(0)
+        return self.w0 - r.T @ q, self.b_inv_diag - torch.linalg.vector_norm(q, dim=0).square()
 
 
 def _neuron_importance(w: Tensor, inv_diag: Tensor, gram_diag: Tensor, exponent: float) -> Tensor:

@@ -45,7 +45,8 @@ class LayerReport:
     refit_rounds: int | None = None  # rounds the refit ran (early stopping may end it before refit_rounds)
     refit_holdout: list[float] = field(default_factory=list)  # relative held-out error: start, then each round
     seconds: dict[str, float] = field(default_factory=dict)
-    gpu_peak_gib: dict[str, float] = field(default_factory=dict)  # per phase, as ``seconds`` (CUDA only)
+    # per phase, as ``seconds``: peak allocated GPU memory (CUDA), or tensor bytes under a TensorMeter
+    gpu_peak_gib: dict[str, float] = field(default_factory=dict)
     kv_groups_kept: list[int] | None = None  # attention: KV groups kept (None: heads not pruned)
     query_heads_kept: list[int] | None = None  # attention, head_unit "query": query heads kept
     heads_error: float | None = None  # relative error of the attention output after head pruning

@@ -57,6 +57,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def gpu_memory_gib(name: str) -> float | None:
+    """Total memory (GiB) of the CUDA device ``name`` resolves to; None off CUDA."""
+    device = resolve_device(name)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
 def dtype_name(name: str, device: str | torch.device) -> str:
     """``name`` with "auto" resolved for ``device`` (``resolve_dtype``), e.g. "bfloat16" or "float32"."""
     return str(resolve_dtype(name, torch.device(device))).removeprefix("torch.")
@@ -80,9 +88,19 @@ def gpu_peak_bytes(device: torch.device) -> int:
 @contextmanager
 def phase_peak(device: torch.device, into: dict[str, float], name: str) -> Iterator[None]:
     """Record in ``into[name]`` the peak allocated GPU memory (GiB) while the block runs (the largest
-    over repeated blocks of one name); nothing off CUDA. The run's overall peak is kept."""
+    over repeated blocks of one name). Off CUDA, under a ``TensorMeter`` (``tensor_meter.metering``),
+    the most tensor bytes alive at once instead (what a GPU would hold); else nothing. The run's
+    overall peak is kept."""
     if device.type != "cuda":
-        yield
+        from .tensor_meter import active_meter
+
+        meter = active_meter()
+        if meter is None:
+            yield
+            return
+        with meter.phase(name):
+            yield
+        into[name] = meter.phases[name] / 2**30
         return
     _EARLIER_GPU_PEAK[device] = gpu_peak_bytes(device)
     torch.cuda.reset_peak_memory_stats(device)

@@ -10,6 +10,7 @@ from typing import Any
 from ..config import OFFLOAD_MODES, PruneConfig
 from ..core.stats import CHUNK_TOKENS
 from ..io.shards import SafetensorsCheckpoint
+from .device_memory import DevicePlan, predict_device_peak, solver_matrices
 
 
 def default_host_budget_gib() -> float:
@@ -93,9 +94,6 @@ RUNTIME_GIB = 0.48
 the tokenizer, calibration tokens and the layer forward's transients. Measured on CPU (Xeon, glibc's
 mmap threshold fixed): 0.33 GiB before the first weight, 0.37-0.39 while pruning, and 0.1 more at the
 peak of a layer's solve than the named terms account for."""
-SOLVER_MATRICES = 3
-"""m x m float64 matrices the least-squares solve holds at once: the Gram matrix and two working
-copies (restriction, Cholesky factor); measured 2.9 at m = 4096 (spap-ls, 30%)."""
 
 
 @dataclass
@@ -107,6 +105,7 @@ class MemoryPlan:
     save: dict[str, float]
     prune: dict[str, float]
     load: dict[str, float] = field(default_factory=dict)
+    device: DevicePlan | None = None  # the accelerator's peak, when the layers compute on one
 
     def _phases(self) -> dict[str, dict[str, float]]:
         return {"pruning": self.prune, "saving": self.save, "loading": self.load}
@@ -118,7 +117,8 @@ class MemoryPlan:
     def line(self) -> str:
         name, phase = max(self._phases().items(), key=lambda item: sum(item[1].values()))
         parts = " + ".join(f"{part} {gib:.2f}" for part, gib in phase.items() if gib >= 0.005)
-        return f"predicted peak host memory {self.peak_gib:.1f} GiB (while {name}: {parts})"
+        host = f"predicted peak host memory {self.peak_gib:.1f} GiB (while {name}: {parts})"
+        return host if self.device is None else f"{host}; {self.device.line()}"
 
 
 def predict_peak(path: str | Path, cfg: PruneConfig, streamed: bool, save_bytes: int = 2) -> MemoryPlan:
@@ -184,8 +184,8 @@ def predict_peak_of_shapes(
     Activations: three n x seq_len x hidden buffers in the compute dtype (one batch when they spill);
     while statistics accumulate, one chunk (at most a batch) of intermediate activations and outputs
     in float32 and the batch's MLP intermediates in the layer forward (3 x tokens x m, compute dtype).
-    The solve: ``SOLVER_MATRICES`` m x m matrices (float64, or float32) and the d x m cross product when the method
-    solves least squares, else O(m); the refit's token rows and their activations when the method refits.
+    The solve: ``solver_matrices`` m x m matrices (float64, or float32) and the d x m cross product when the method
+    solves least squares, else W_down and |W_down| in float64 and O(m); the refit's token rows and their activations when the method refits.
     """
     from .device import resolve_device, resolve_dtype
     from .spill import activation_bytes
@@ -195,7 +195,13 @@ def predict_peak_of_shapes(
     elements = sum(math.prod(shape) for shape in shapes.values())
     outside = elements - sum(layer_elements.values())
     head = sum(math.prod(shape) for name, shape in shapes.items() if name.split(".")[0] == "lm_head")
-    dtype = resolve_dtype(cfg.runtime.compute_dtype, resolve_device(cfg.runtime.device))
+    device = resolve_device(cfg.runtime.device)
+    dtype = resolve_dtype(cfg.runtime.compute_dtype, device)
+    largest = max(layer_elements.values(), default=0)
+    on_device = None
+    if device.type == "cuda":  # the weights outside the layers move to the device at their host dtype
+        outside_bytes = save_bytes if streamed else 4
+        on_device = predict_device_peak(d, m, largest, outside, cfg, dtype, outside_bytes)
     n, seq_len = cfg.calibration.n_samples, cfg.calibration.seq_len
     activations = activation_bytes(n, seq_len, d, dtype)
     budget = cfg.runtime.max_host_memory_gib
@@ -203,7 +209,8 @@ def predict_peak_of_shapes(
         activations = activation_bytes(min(n, cfg.runtime.batch_size), seq_len, d, dtype)
     solver = cfg.solver
     matrix_bytes = solver.matrix_dtype.itemsize  # float64, or float32 with solve_dtype "float32"
-    solve = matrix_bytes * (SOLVER_MATRICES * m * m + d * m) if solver.needs_gram else 8 * 4 * m
+    matrices = solver_matrices(cfg.sparsity, solver.selection_rule)
+    solve = matrix_bytes * (matrices * m * m + d * m) if solver.needs_gram else 8 * (2 * d * m + 4 * m)
     if solver.needs_sample:  # rows: inputs and targets (2d), gate, up and hidden activations (3m)
         solve += 4 * (2 * d + 3 * m) * (solver.refit_tokens + solver.holdout_tokens)
     # while statistics accumulate: one chunk's float32 z and y (a batch's tokens at most), and the
@@ -224,7 +231,6 @@ def predict_peak_of_shapes(
     removed = mlp_removed + dropped * sum(layer_elements.values()) / max(layers, 1)
     kept = (elements - removed) / gib
     if streamed:
-        largest = max(layer_elements.values(), default=0)
         # the embedding table stays in its stored dtype (taken as the save dtype); the head is not read
         embeddings = save_bytes * (outside - head) / gib
         # the layer read in float32, and its copy in the compute dtype that runs the calibration tokens
@@ -233,7 +239,7 @@ def predict_peak_of_shapes(
         shard = shard_bytes(budget, save_bytes * largest)
         output = min(shard / gib, save_bytes * kept)  # written shard by shard
         prune = {**resident, "output shard": output, **shared}
-        return MemoryPlan(True, save={"runtime": RUNTIME_GIB, **resident}, prune=prune)
+        return MemoryPlan(True, save={"runtime": RUNTIME_GIB, **resident}, prune=prune, device=on_device)
     from ..pruning.budget import HEAD_BYTES
 
     weights = 4 * elements / gib
@@ -248,7 +254,7 @@ def predict_peak_of_shapes(
     # the mapped ones the new weights add up, as the old pages stay resident
     stay = "pruned layers' new weights (old pages stay mapped)"
     accumulated = 4 * mapped * (rewritten + attention) / gib
-    new_weights = {"a layer's new weights": 4 * (1 - mapped) * max(layer_elements.values(), default=0) / gib}
+    new_weights = {"a layer's new weights": 4 * (1 - mapped) * largest / gib}
     new_weights[stay] = accumulated
     resident = {"pruned float32 weights": 4 * (1 - mapped) * kept, "float32 weights (mapped)": mapped * weights}
     resident[stay] = accumulated
@@ -259,4 +265,4 @@ def predict_peak_of_shapes(
     stored = save_bytes * elements if stored_bytes is None else stored_bytes
     files = max(stored - 4 * mapped_elements, 0) / gib  # the converted tensors' files
     load = {"runtime": RUNTIME_GIB, "float32 weights": weights, "checkpoint files mapped": files}
-    return MemoryPlan(False, save=save, prune=prune, load=load)
+    return MemoryPlan(False, save=save, prune=prune, load=load, device=on_device)
