@@ -69,7 +69,8 @@ def predict_device_peak(
     - statistics: the layer in the compute dtype + the dense MLP in float32 (and in the compute dtype)
       + G (m x m) and C (d x m) + the larger of the batch's forward (attention: ``ATTENTION_BUFFERS``
       x T x d; MLP: its input, residual and norm, 3 x T x d, a float32 norm temporary, and gate, up and
-      product, 3 x T x m) and the update (the captured z, x, y, the layer's output, a float32 chunk and a product block);
+      product, 3 x T x m) and the update (the captured z, x, y, the layer's output, a float32 chunk of
+      z and y, and the largest of diag(G)'s product, ||y||^2's float64 operands and a product block);
     - solve: the dense MLP in float32 + ``solver_matrices`` m x m + four d x m (C, W_0, W and its
       update), or for score rules W_down and |W_down| in float64 + the refit's token rows (inputs,
       targets, gate, up, hidden) when it refits;
@@ -93,7 +94,8 @@ def predict_device_peak(
     solver = cfg.solver
     full = solver.needs_gram
     update = b * tokens * (m + 3 * d) + (4 * chunk * (m + d) if b != 4 else 0)
-    update += min(PRODUCT_ROWS, m) * m * (4 + q) if full else 0
+    # then one at a time: diag(G)'s float32 product, sum ||y||^2's float64 operands and product, a block
+    update += max(4 * chunk * m, 24 * chunk * d, min(PRODUCT_ROWS, m) * m * (4 + q) if full else 0)
     if solver.needs_sample:  # after the refit, the second pass recomputes the dense targets per chunk
         update += 3 * chunk * m * b
     statistics_terms = {
