@@ -13,7 +13,7 @@ import spap
 from spap.config import CalibrationConfig, PruneConfig, RuntimeConfig
 from spap.core import SolverConfig
 from spap.runtime.device_memory import kept_on_host, predict_device_peak, solver_matrices
-from spap.runtime.memory import MemoryPlan, elements_per_layer
+from spap.runtime.memory import MemoryPlan, elements_per_layer, predict_peak_of_shapes
 from spap.runtime.tensor_meter import TensorMeter, metering
 
 KIB = 1024
@@ -132,3 +132,26 @@ def test_auto_solves_in_float32_when_the_float64_plan_exceeds_the_gpu(monkeypatc
         float64 = _plans(PruneConfig()).device
         assert float64 is not None and plan.device.peak_gib < gpu_gib < float64.peak_gib
         assert "exceeds the GPU's memory" in caplog.text
+
+
+def test_a_cuda_run_plans_the_device_and_a_cpu_run_does_not(monkeypatch):
+    from spap.runtime import device
+
+    shapes = {
+        "model.embed_tokens.weight": (1000, 256),
+        "model.layers.0.self_attn.q_proj.weight": (256, 256),
+        "model.layers.0.mlp.up_proj.weight": (1024, 256),
+        "model.layers.0.mlp.gate_proj.weight": (1024, 256),
+        "model.layers.0.mlp.down_proj.weight": (256, 1024),
+    }
+    assert (
+        predict_peak_of_shapes(shapes, 256, 1024, PruneConfig(runtime=RuntimeConfig(device="cpu")), False).device
+        is None
+    )
+    monkeypatch.setattr(device, "resolve_device", lambda _name="auto": torch.device("cuda", 0))
+    plan = predict_peak_of_shapes(shapes, 256, 1024, PruneConfig(runtime=RuntimeConfig(device="cuda")), False)
+    assert plan.device is not None
+    layer = 256 * 256 + 3 * 256 * 1024
+    expected = predict_device_peak(256, 1024, layer, 1000 * 256, PruneConfig(), torch.bfloat16, outside_bytes=4)
+    assert plan.device.phases == expected.phases  # bfloat16 compute on CUDA; the float32 weights outside
+    assert "predicted peak GPU memory" in plan.line()
