@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import spap
 from spap.config import CalibrationConfig, PruneConfig, RuntimeConfig
 from spap.core import SolverConfig
-from spap.runtime.device_memory import kept_on_host, predict_device_peak, solver_matrices
+from spap.runtime.device_memory import KERNEL_COPY, kept_on_host, predict_device_peak, solver_matrices
 from spap.runtime.memory import MemoryPlan, elements_per_layer, predict_peak_of_shapes
 from spap.runtime.tensor_meter import TensorMeter, metering
 
@@ -93,12 +93,12 @@ def test_the_device_plan_bounds_each_phase_of_a_metered_run(hidden, width, spars
     on_host = kept_on_host(cfg, hidden, report.widths[0], hidden // 4, getattr(torch, dtype), torch.bfloat16)
     measured = {phase: gib - on_host.get(phase, 0.0) for phase, gib in measured.items()}
     pairs = {"statistics": "statistics", "solve": "solving", "final_ls": "solving", "propagate": "propagating"}
-    for phase, gib in measured.items():
-        predicted = plan.phase_gib(pairs[phase])
+    for phase, gib in measured.items():  # the meter cannot see what CUDA kernels allocate inside an op
+        predicted = plan.phase_gib(pairs[phase]) - plan.phases[pairs[phase]].get(KERNEL_COPY, 0.0)
         assert gib <= predicted, (phase, gib, plan.phases[pairs[phase]])
     # tight where the solve dominates: the m x m terms are counted, not padded
     if method != "wanda-sp":
-        assert measured["solve"] >= 0.75 * plan.phase_gib("solving")
+        assert measured["solve"] >= 0.75 * (plan.phase_gib("solving") - plan.phases["solving"][KERNEL_COPY])
 
 
 def test_the_plan_line_names_the_gpu_peak_when_there_is_one():
@@ -108,6 +108,7 @@ def test_the_plan_line_names_the_gpu_peak_when_there_is_one():
     assert "; predicted peak GPU memory " in line and "(while solving: " in line
     # LLaMA-3.1-8B shapes, 128 x 2048 tokens, bfloat16: the solve's three 14,336^2 float64 matrices lead
     assert 5.5 < plan.phase_gib("solving") == plan.peak_gib < 9
+    assert plan.phases["solving"][KERNEL_COPY] == 8 * 14336**2 / 2**30  # one float64 m x m on CUDA
 
 
 def _plans(cfg: PruneConfig) -> MemoryPlan:

@@ -22,6 +22,12 @@ ATTENTION_BUFFERS = 7
 its norm, queries, keys and values (grouped keys and values expanded to all heads) and the output."""
 
 
+KERNEL_COPY = "cuSOLVER's copy of the factor"
+"""The plan's part that torch's CUDA kernels allocate inside one operation (no ``TensorMeter`` sees
+it): ``cholesky_inverse`` on CUDA clones its m x m factor before solving against the identity
+(ATen's ``_cholesky_inverse_cusolver_potrs_based``), one m x m matrix beside the three of the CPU."""
+
+
 @dataclass
 class DevicePlan:
     """Predicted peak allocated device memory (GiB): the largest of its phases, each a sum of parts."""
@@ -72,7 +78,7 @@ def predict_device_peak(
       product, 3 x T x m) and the update (the captured z, x, y, the layer's output, a float32 chunk of
       z and y, and the largest of diag(G)'s product, ||y||^2's float64 operands and a product block);
     - solve: the dense MLP in float32 + ``solver_matrices`` m x m + four d x m (C, W_0, W and its
-      update), or for score rules W_down and |W_down| in float64 + the refit's token rows (inputs,
+      update) + ``KERNEL_COPY`` where the inverse's moment (4 m x m) is the larger, or for score rules W_down and |W_down| in float64 + the refit's token rows (inputs,
       targets, gate, up, hidden) when it refits;
     - propagate: the pruned layer + the dense MLP (float32, compute dtype) + the solve's pruned MLP
       (float32, counted at full width) + the larger of the forward
@@ -105,8 +111,14 @@ def predict_device_peak(
         "a batch's forward or update": max(forward, update) / gib,
     }
     if full:
-        matrices = solver_matrices(cfg.sparsity, solver.selection_rule) * m * m + 4 * d * m
-        solve_terms = {"dense MLP (float32)": 4 * mlp / gib, "solve": q * matrices / gib}
+        matrices = solver_matrices(cfg.sparsity, solver.selection_rule)
+        # the inverse's moment (G, the factor, B^-1 and the kernel's copy) against the penalty rounds'
+        kernel_copy = max(0.0, 4 - matrices)
+        solve_terms = {
+            "dense MLP (float32)": 4 * mlp / gib,
+            "solve": q * (matrices * m * m + 4 * d * m) / gib,
+            KERNEL_COPY: q * kernel_copy * m * m / gib,
+        }
     else:  # scores: float64 vectors, W_down and |W_down| in float64
         solve_terms = {"dense MLP (float32)": 4 * mlp / gib, "solve": 8 * (2 * d * m + 4 * m) / gib}
     if solver.needs_sample:
