@@ -24,6 +24,7 @@ import torch
 from .config import OFFLOAD_MODES, PruneConfig
 from .errors import UsageError
 from .pruning.pipeline import PruneReport
+from .runtime.device import resolve_device
 from .runtime.memory import MemoryPlan
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,10 @@ def prune_checkpoint(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UsageError(f"{out} exists and is not an empty directory; pass --overwrite to replace it")
     cfg, source, streamed, dtype, plan = _prepare(model, config, offload, save_dtype, ppl, ppl_seq_len, pad_to_uniform)
+    try:  # planned even where the device is missing (--dry-run); run only where it is here
+        resolve_device(cfg.runtime.device)
+    except RuntimeError as exc:
+        raise UsageError(f"{exc} (spap prune --dry-run plans such a run)") from exc
     if plan is not None:
         say(plan.line())
     writes = distributed.rank() == 0

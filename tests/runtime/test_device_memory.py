@@ -135,9 +135,7 @@ def test_auto_solves_in_float32_when_the_float64_plan_exceeds_the_gpu(monkeypatc
         assert "exceeds the GPU's memory" in caplog.text
 
 
-def test_a_cuda_run_plans_the_device_and_a_cpu_run_does_not(monkeypatch):
-    from spap.runtime import device
-
+def test_a_cuda_run_plans_the_device_and_a_cpu_run_does_not():
     shapes = {
         "model.embed_tokens.weight": (1000, 256),
         "model.layers.0.self_attn.q_proj.weight": (256, 256),
@@ -149,10 +147,32 @@ def test_a_cuda_run_plans_the_device_and_a_cpu_run_does_not(monkeypatch):
         predict_peak_of_shapes(shapes, 256, 1024, PruneConfig(runtime=RuntimeConfig(device="cpu")), False).device
         is None
     )
-    monkeypatch.setattr(device, "resolve_device", lambda _name="auto": torch.device("cuda", 0))
+    # planned without a GPU here: the plan of the run that --device cuda would be
     plan = predict_peak_of_shapes(shapes, 256, 1024, PruneConfig(runtime=RuntimeConfig(device="cuda")), False)
     assert plan.device is not None
     layer = 256 * 256 + 3 * 256 * 1024
     expected = predict_device_peak(256, 1024, layer, 1000 * 256, PruneConfig(), torch.bfloat16, outside_bytes=4)
-    assert plan.device.phases == expected.phases  # bfloat16 compute on CUDA; the float32 weights outside
+    assert plan.device.phases == expected.phases  # 2-byte compute on CUDA; the float32 weights outside
     assert "predicted peak GPU memory" in plan.line()
+
+
+def test_dry_run_plans_a_gpu_run_on_a_machine_without_one(tiny_checkpoint, capsys):
+    from spap.cli import main
+
+    argv = ["prune", str(tiny_checkpoint), "--dry-run", "--seq-len", "64"]
+    assert main([*argv, "--device", "cuda"]) == 0
+    line = capsys.readouterr().out
+    assert "predicted peak host memory" in line and "; predicted peak GPU memory " in line
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert "GPU" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_run_on_a_missing_gpu_fails_in_one_line_before_work(tiny_checkpoint, tmp_path, capsys):
+    from spap.cli import main
+
+    out = tmp_path / "out"
+    argv = ["prune", str(tiny_checkpoint), "--out", str(out), "--seq-len", "64", "--device", "cuda"]
+    assert main(argv) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not out.exists()

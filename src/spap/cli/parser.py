@@ -129,7 +129,7 @@ def build_parser(show_all: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="check the arguments, decide --offload and print the predicted peak host memory; load nothing",
+        help="check the arguments, decide --offload and print the predicted peak host (and GPU) memory; load nothing",
     )
     p.add_argument(
         "--save-dtype",

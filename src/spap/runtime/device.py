@@ -57,12 +57,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def planned_device(name: str = "auto") -> torch.device:
+    """The device a run with ``--device name`` would compute on, for planning: as ``resolve_device``,
+    except that a named device need not be here (``spap prune --dry-run --device cuda`` on a laptop)."""
+    return resolve_device(name) if name == "auto" else torch.device(name)
+
+
 def gpu_memory_gib(name: str) -> float | None:
-    """Total memory (GiB) of the CUDA device ``name`` resolves to; None off CUDA."""
-    device = resolve_device(name)
-    if device.type != "cuda":
+    """Total memory (GiB) of the CUDA device ``name`` resolves to; None off CUDA or without one here."""
+    if planned_device(name).type != "cuda" or not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(device).total_memory / 2**30
+    return torch.cuda.get_device_properties(resolve_device(name)).total_memory / 2**30
 
 
 def dtype_name(name: str, device: str | torch.device) -> str:

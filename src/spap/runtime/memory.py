@@ -187,7 +187,7 @@ def predict_peak_of_shapes(
     The solve: ``solver_matrices`` m x m matrices (float64, or float32) and the d x m cross product when the method
     solves least squares, else W_down and |W_down| in float64 and O(m); the refit's token rows and their activations when the method refits.
     """
-    from .device import resolve_device, resolve_dtype
+    from .device import planned_device, resolve_dtype
     from .spill import activation_bytes
 
     gib = 2**30
@@ -195,7 +195,7 @@ def predict_peak_of_shapes(
     elements = sum(math.prod(shape) for shape in shapes.values())
     outside = elements - sum(layer_elements.values())
     head = sum(math.prod(shape) for name, shape in shapes.items() if name.split(".")[0] == "lm_head")
-    device = resolve_device(cfg.runtime.device)
+    device = planned_device(cfg.runtime.device)
     dtype = resolve_dtype(cfg.runtime.compute_dtype, device)
     largest = max(layer_elements.values(), default=0)
     on_device = None
