@@ -78,12 +78,16 @@ def predict_device_peak(
       product, 3 x T x m) and the update (the captured z, x, y, the layer's output, a float32 chunk of
       z and y, and the largest of diag(G)'s product, ||y||^2's float64 operands and a product block);
     - solve: the dense MLP in float32 + ``solver_matrices`` m x m + four d x m (C, W_0, W and its
-      update) + ``KERNEL_COPY`` where the inverse's moment (4 m x m) is the larger, or for score rules W_down and |W_down| in float64 + the refit's token rows (inputs,
-      targets, gate, up, hidden) when it refits;
+      update) + ``KERNEL_COPY`` where the inverse's moment (4 m x m) is the larger, or for score rules
+      W_down and |W_down| in float64; + the refit's token rows (inputs, targets, gate, up, hidden)
+      when it refits;
     - propagate: the pruned layer + the dense MLP (float32, compute dtype) + the solve's pruned MLP
-      (float32, counted at full width) + the larger of the forward
-      and the error measurement (the dense MLP's gate, up and product, 3 x T x m, beside the captured
-      z, at most T x m, and four T x d: input, output, captured x and y).
+      (float32, counted at full width) + the larger of the forward and the error measurement (the
+      dense MLP's gate, up and product, 3 x T x m, beside the captured z, at most T x m, and four
+      T x d: input, output, captured x and y).
+
+    Not planned: attention-head pruning's own statistics (``--target attn|both``), the dense probe of
+    global allocations and the searches (in-memory runs only).
     """
     gib = 2**30
     b = dtype.itemsize
