@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -180,6 +180,8 @@ def prune_layer_mlp(
         adapter.write_mlp(layer, result.weights)
         del stats
         seconds["final_ls"] = time.perf_counter() - t0
+    # the layer holds the new weights: free the solve's copies (device memory) before propagating
+    result = replace(result, weights=result.weights.to("meta"), closed_form=None)
 
     t0 = time.perf_counter()
     work = compute_copy(layer, device, dtype)

@@ -81,10 +81,9 @@ def predict_device_peak(
       update) + ``KERNEL_COPY`` where the inverse's moment (4 m x m) is the larger, or for score rules
       W_down and |W_down| in float64; + the refit's token rows (inputs, targets, gate, up, hidden)
       when it refits;
-    - propagate: the pruned layer + the dense MLP (float32, compute dtype) + the solve's pruned MLP
-      (float32, counted at full width) + the larger of the forward and the error measurement (the
-      dense MLP's gate, up and product, 3 x T x m, beside the captured z, at most T x m, and four
-      T x d: input, output, captured x and y).
+    - propagate: the pruned layer + the dense MLP (float32, compute dtype) + the larger of the
+      forward and the error measurement (the dense MLP's gate, up and product, 3 x T x m, beside the
+      captured z, at most T x m, and four T x d: input, output, captured x and y).
 
     Not planned: attention-head pruning's own statistics (``--target attn|both``), the dense probe of
     global allocations and the searches (in-memory runs only).
@@ -132,7 +131,6 @@ def predict_device_peak(
     propagate = {
         **layer,
         **dense,
-        "pruned MLP (float32)": 4 * mlp / gib,
         "a batch's forward or error measurement": max(forward, measure) / gib,
     }
     capture = {
