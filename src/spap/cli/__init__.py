@@ -153,6 +153,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..io.checkpoint import REMOTE_CODE_FILE
     from ..io.llamacpp import export_gguf
 
     if args.format == "decilm":
@@ -165,7 +166,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out) if args.out else Path(args.checkpoint) / f"model-{args.outtype}.gguf"
     written = export_gguf(args.checkpoint, out, args.outtype, args.converter, args.overwrite)
-    shapes = " (per-layer shapes, as DeciLM)" if (Path(args.checkpoint) / "modeling_spap.py").exists() else ""
+    shapes = " (per-layer shapes, as DeciLM)" if (Path(args.checkpoint) / REMOTE_CODE_FILE).exists() else ""
     print(f"wrote {written} ({written.stat().st_size / 2**20:.0f} MiB){shapes}; llama.cpp: llama-cli -m {written}")
     return 0
 

@@ -100,7 +100,12 @@ def heads_resized_qwen2(config: dict[str, Any]) -> bool:
     heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
     if config.get("model_type") != "qwen2" or not heads or not hidden:
         return False
-    return (config.get("head_dim") or hidden // heads) * heads != hidden
+    return _head_dim(config) * heads != hidden
+
+
+def _head_dim(config: dict[str, Any]) -> int:
+    """The attention head size ``config`` states, else hidden_size / num_attention_heads (transformers' rule)."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
 def _converter_config(config: dict[str, Any], checkpoint: Path) -> dict[str, Any]:
@@ -108,9 +113,11 @@ def _converter_config(config: dict[str, Any], checkpoint: Path) -> dict[str, Any
     ``architectures`` filled in from ``model_type`` where it is missing (which the converter needs; e.g. a
     checkpoint converted from GGUF by spap before 2026-12-06), and a heads-pruned Qwen2 relabelled LLaMA
     (same weights: the converter permutes q/k rows, biases included, for llama.cpp's rotary layout).
-    Per-layer shapes (spap's ``modeling_spap.py`` checkpoints) are shown as DeciLM, which llama.cpp
+    Per-layer shapes (spap's checkpoints with ``REMOTE_CODE_FILE``) are shown as DeciLM, which llama.cpp
     runs as its ``deci`` architecture."""
-    if (checkpoint / "modeling_spap.py").exists():
+    from .checkpoint import REMOTE_CODE_FILE
+
+    if (checkpoint / REMOTE_CODE_FILE).exists():
         from .decilm import decilm_config
 
         try:
@@ -129,8 +136,7 @@ def _converter_config(config: dict[str, Any], checkpoint: Path) -> dict[str, Any
             raise UsageError(f"{checkpoint}/config.json names no architectures and no known causal-LM model_type")
         config["architectures"] = [name]
     if heads_resized_qwen2(config):
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        config.update(model_type="llama", architectures=["LlamaForCausalLM"], head_dim=head_dim)
+        config.update(model_type="llama", architectures=["LlamaForCausalLM"], head_dim=_head_dim(config))
     return config
 
 
