@@ -28,6 +28,18 @@ it): ``cholesky_inverse`` on CUDA clones its m x m factor before solving against
 (ATen's ``_cholesky_inverse_cusolver_potrs_based``), one m x m matrix beside the three of the CPU."""
 
 
+def peak_gib(phases: dict[str, dict[str, float]]) -> float:
+    """The largest phase's total (GiB) of a plan whose phases are sums of named parts."""
+    return max(sum(parts.values()) for parts in phases.values())
+
+
+def peak_line(what: str, phases: dict[str, dict[str, float]]) -> str:
+    """ "predicted peak {what} memory X GiB (while PHASE: part a + part b ...)" of the largest phase."""
+    name, parts = max(phases.items(), key=lambda item: sum(item[1].values()))
+    shown = " + ".join(f"{part} {gib:.2f}" for part, gib in parts.items() if gib >= 0.005)
+    return f"predicted peak {what} memory {peak_gib(phases):.1f} GiB (while {name}: {shown})"
+
+
 @dataclass
 class DevicePlan:
     """Predicted peak allocated device memory (GiB): the largest of its phases, each a sum of parts."""
@@ -36,15 +48,13 @@ class DevicePlan:
 
     @property
     def peak_gib(self) -> float:
-        return max(sum(parts.values()) for parts in self.phases.values())
+        return peak_gib(self.phases)
 
     def phase_gib(self, name: str) -> float:
         return sum(self.phases[name].values())
 
     def line(self) -> str:
-        name, parts = max(self.phases.items(), key=lambda item: sum(item[1].values()))
-        shown = " + ".join(f"{part} {gib:.2f}" for part, gib in parts.items() if gib >= 0.005)
-        return f"predicted peak GPU memory {self.peak_gib:.1f} GiB (while {name}: {shown})"
+        return peak_line("GPU", self.phases)
 
 
 def solver_matrices(sparsity: float, selection: str) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 from ..config import OFFLOAD_MODES, PruneConfig
 from ..core.stats import CHUNK_TOKENS
 from ..io.shards import SafetensorsCheckpoint
-from .device_memory import DevicePlan, predict_device_peak, solver_matrices
+from .device_memory import DevicePlan, peak_gib, peak_line, predict_device_peak, solver_matrices
 
 
 def default_host_budget_gib() -> float:
@@ -112,12 +112,10 @@ class MemoryPlan:
 
     @property
     def peak_gib(self) -> float:
-        return max(sum(phase.values()) for phase in self._phases().values())
+        return peak_gib(self._phases())
 
     def line(self) -> str:
-        name, phase = max(self._phases().items(), key=lambda item: sum(item[1].values()))
-        parts = " + ".join(f"{part} {gib:.2f}" for part, gib in phase.items() if gib >= 0.005)
-        host = f"predicted peak host memory {self.peak_gib:.1f} GiB (while {name}: {parts})"
+        host = peak_line("host", self._phases())
         return host if self.device is None else f"{host}; {self.device.line()}"
 
 
@@ -184,8 +182,9 @@ def predict_peak_of_shapes(
     Activations: three n x seq_len x hidden buffers in the compute dtype (one batch when they spill);
     while statistics accumulate, one chunk (at most a batch) of intermediate activations and outputs
     in float32 and the batch's MLP intermediates in the layer forward (3 x tokens x m, compute dtype).
-    The solve: ``solver_matrices`` m x m matrices (float64, or float32) and the d x m cross product when the method
-    solves least squares, else W_down and |W_down| in float64 and O(m); the refit's token rows and their activations when the method refits.
+    The solve: ``solver_matrices`` m x m matrices (float64, or float32) and the d x m cross product when
+    the method solves least squares, else W_down and |W_down| in float64 and O(m); the refit's token
+    rows and their activations when the method refits.
     """
     from .device import planned_device, resolve_dtype
     from .spill import activation_bytes
