@@ -47,7 +47,7 @@ def run(
     import spap
     from spap.config import CalibrationConfig, PruneConfig, RuntimeConfig
     from spap.core import SolverConfig
-    from spap.runtime.device_memory import KERNEL_COPY, kept_on_host, predict_device_peak
+    from spap.runtime.device_memory import kept_on_host, predict_device_peak
     from spap.runtime.memory import elements_per_layer
     from spap.runtime.tensor_meter import metering
 
@@ -116,9 +116,7 @@ def run(
         "metered_on_host_gib": on_host,  # taken off the metered phases (see above)
         "predicted_gpu_gib_by_phase": {phase: plan.phase_gib(phase) for phase in plan.phases},
         # the same without what CUDA kernels allocate inside an operation: what the meter can see
-        "predicted_tensors_gib_by_phase": {
-            phase: plan.phase_gib(phase) - parts.get(KERNEL_COPY, 0.0) for phase, parts in plan.phases.items()
-        },
+        "predicted_tensors_gib_by_phase": {phase: plan.tensor_gib(phase) for phase in plan.phases},
         "predicted_gpu_gib": plan.peak_gib,
         "mean_layer_error": sum(r.error for r in report.layers) / len(report.layers),
     }

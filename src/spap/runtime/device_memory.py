@@ -53,6 +53,10 @@ class DevicePlan:
     def phase_gib(self, name: str) -> float:
         return sum(self.phases[name].values())
 
+    def tensor_gib(self, name: str) -> float:
+        """The phase without what CUDA kernels allocate inside an operation: what a TensorMeter sees."""
+        return self.phase_gib(name) - self.phases[name].get(KERNEL_COPY, 0.0)
+
     def line(self) -> str:
         return peak_line("GPU", self.phases)
 
